@@ -1,0 +1,392 @@
+//! One actor per configured agent. Its mailbox *is* the agent's queue: a task reaches it as a
+//! [`RunTask`] message only once the task is on disk, and each message is handled atomically, so
+//! ticks never overlap and run in the order the store accepted them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tracing::Instrument;
+
+use crate::events::TaskEvents;
+use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus, TickInput, TickOutput};
+use crate::runner::{Runner, RunnerError, RunnerSpec};
+use crate::store::{write_async, AgentState, IdempotencyKey, Store, StoreError, Write, Written};
+
+/// An agent's configuration, as the actors need it (the config layer builds it from TOML).
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    /// `namespace/name`.
+    pub id: AgentId,
+    /// What a tick executes.
+    pub runner: RunnerSpec,
+    /// A tick running longer fails and its runner is killed.
+    pub tick_timeout: Duration,
+    /// How many tasks may wait (or run) at once before triggers get 429.
+    pub mailbox: usize,
+    /// Fixed environment for the runner.
+    pub env: BTreeMap<String, String>,
+    /// Variable names a caller may set per request.
+    pub allow_env: BTreeSet<String>,
+}
+
+/// The bound on an agent's queue. actix's own bounded mailbox gives every `Addr` clone an extra
+/// slot, so with one clone per request it would not bound anything; this counter is exact and
+/// is reserved *before* anything is stored, so a refused trigger leaves no trace.
+#[derive(Debug)]
+pub struct Mailbox {
+    queued: AtomicUsize,
+    capacity: usize,
+}
+
+impl Mailbox {
+    /// An empty mailbox holding at most `capacity` tasks.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            queued: AtomicUsize::new(0),
+            capacity,
+        }
+    }
+
+    /// Takes a slot if one is free.
+    pub fn try_reserve(&self) -> bool {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < self.capacity).then_some(q + 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes a slot even past capacity: recovered tasks were accepted already and must run.
+    pub fn force_reserve(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Frees a slot when a task leaves the queue (finished, or was not stored after all).
+    pub fn release(&self) {
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_sub(1));
+    }
+
+    /// Tasks waiting or running now; reported by `/ready` and the admin API.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// The configured bound.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// Runs the next task of the agent. Sent only once the task is durable, always with `do_send`,
+/// which queues past actix's mailbox capacity: the real bound is [`Mailbox`], and a task that
+/// is already stored must never be refused.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RunTask(pub Task);
+
+/// Emitted after every tick: the seam for the circuit breaker and metrics.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct TickOutcome {
+    /// Which agent ticked.
+    pub agent: AgentId,
+    /// Which task the tick served.
+    pub task_id: TaskId,
+    /// Whether the task ended in SUCCESS.
+    pub success: bool,
+    /// How long the runner took.
+    pub duration: Duration,
+}
+
+/// What a submission came to, when it did not fail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submitted {
+    /// Stored and queued; the 202 may be sent.
+    Accepted(Task),
+    /// The idempotency key was used before with the same body.
+    Duplicate(TaskId),
+    /// The idempotency key was used before with a different body.
+    Conflict(TaskId),
+}
+
+/// Why a submission was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubmitError {
+    /// The agent's queue is at capacity; nothing was stored.
+    #[error("the agent's mailbox is full")]
+    MailboxFull,
+    /// The store could not make the task durable; nothing was queued.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Everything the HTTP edge and the registry need to talk to one agent. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentHandle {
+    /// The agent's configuration.
+    pub spec: Arc<AgentSpec>,
+    /// The agent actor.
+    pub addr: Addr<Agent>,
+    /// The agent's queue bound and depth.
+    pub mailbox: Arc<Mailbox>,
+    /// Tick counter shared with the actor, for listings that must not wait behind a tick.
+    pub ticks: Arc<AtomicUsize>,
+    store: Arc<dyn Store>,
+}
+
+impl AgentHandle {
+    /// Accepts a task: reserves a mailbox slot, makes the task durable (sharing a flush with
+    /// concurrent submissions), then hands it to the agent. The hand-off happens on the store's
+    /// writer thread in store order, so it does not depend on the caller still waiting: a client
+    /// that hangs up never loses or cancels its task.
+    pub async fn submit(
+        &self,
+        task: Task,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<Submitted, SubmitError> {
+        if !self.mailbox.try_reserve() {
+            return Err(SubmitError::MailboxFull);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let addr = self.addr.clone();
+        let mailbox = self.mailbox.clone();
+        self.store.write(
+            Write::Submit { task, idempotency },
+            Box::new(move |res| {
+                let reply = match res {
+                    Ok(Written::Accepted(task)) => {
+                        addr.do_send(RunTask(task.clone()));
+                        Ok(Submitted::Accepted(task))
+                    }
+                    Ok(Written::Duplicate(id)) => {
+                        mailbox.release();
+                        Ok(Submitted::Duplicate(id))
+                    }
+                    Ok(Written::Conflict(id)) => {
+                        mailbox.release();
+                        Ok(Submitted::Conflict(id))
+                    }
+                    Ok(Written::Done) => {
+                        mailbox.release();
+                        Err(SubmitError::Store(StoreError::Backend(
+                            "store answered a submission as a plain write".into(),
+                        )))
+                    }
+                    Err(e) => {
+                        mailbox.release();
+                        Err(SubmitError::Store(e))
+                    }
+                };
+                let _ = tx.send(reply);
+            }),
+        );
+        rx.await
+            .unwrap_or(Err(SubmitError::Store(StoreError::Closed)))
+    }
+
+    /// Re-queues tasks found in the store at start-up, in their stored order. A task that was
+    /// STARTED when the process died runs again; its `attempt` goes up when it starts.
+    pub fn recover(&self, tasks: Vec<Task>) {
+        for task in tasks {
+            self.mailbox.force_reserve();
+            self.addr.do_send(RunTask(task));
+        }
+    }
+}
+
+/// Shared services an agent needs besides its own spec and state.
+#[derive(Clone)]
+pub struct AgentDeps {
+    /// Where tasks and memory live.
+    pub store: Arc<dyn Store>,
+    /// Where task status changes are announced.
+    pub events: Arc<TaskEvents>,
+    /// Who hears about every tick's outcome (the breaker), if anyone.
+    pub outcomes: Option<Recipient<TickOutcome>>,
+}
+
+/// The agent actor. Its state (memory and tick counter) is loaded before it starts and written
+/// atomically with each task's completion.
+pub struct Agent {
+    spec: Arc<AgentSpec>,
+    runner: Rc<Runner>,
+    state: AgentState,
+    mailbox: Arc<Mailbox>,
+    ticks: Arc<AtomicUsize>,
+    deps: AgentDeps,
+}
+
+/// Starts an agent under a supervisor on `arbiter` and returns its handle.
+pub fn start(
+    spec: AgentSpec,
+    state: AgentState,
+    deps: AgentDeps,
+    arbiter: &ArbiterHandle,
+) -> AgentHandle {
+    let spec = Arc::new(spec);
+    let mailbox = Arc::new(Mailbox::new(spec.mailbox));
+    let ticks = Arc::new(AtomicUsize::new(state.ticks as usize));
+    let store = deps.store.clone();
+    let addr = {
+        let spec = spec.clone();
+        let mailbox = mailbox.clone();
+        let ticks = ticks.clone();
+        Supervisor::start_in_arbiter(arbiter, move |_| Agent {
+            runner: Rc::new(Runner::new(&spec.runner, &spec.id, &spec.env)),
+            spec,
+            state,
+            mailbox,
+            ticks,
+            deps,
+        })
+    };
+    AgentHandle {
+        spec,
+        addr,
+        mailbox,
+        ticks,
+        store,
+    }
+}
+
+impl Actor for Agent {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        let runner = self.runner.clone();
+        actix::spawn(async move { runner.shutdown().await });
+    }
+}
+
+impl Supervised for Agent {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        tracing::warn!(agent = %self.spec.id, "agent actor restarting; its queue is kept");
+    }
+}
+
+impl Handler<RunTask> for Agent {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, RunTask(mut task): RunTask, _ctx: &mut Self::Context) -> Self::Result {
+        task.status = TaskStatus::Started;
+        task.attempt += 1;
+        task.tick = self.state.ticks + 1;
+        task.started_at = Some(now_ms());
+        task.finished_at = None;
+        let mut env = self.spec.env.clone();
+        env.extend(task.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let input = TickInput {
+            agent: self.spec.id.to_string(),
+            task_id: task.id.to_string(),
+            tick: task.tick,
+            attempt: task.attempt,
+            title: task.title.clone(),
+            inputs: task.inputs.clone(),
+            source: task.source.clone(),
+            env,
+            memory: self.state.memory.clone(),
+        };
+        let span = tracing::info_span!("tick", agent = %self.spec.id, task_id = %task.id, tick = task.tick);
+        let store = self.deps.store.clone();
+        let events = self.deps.events.clone();
+        let runner = self.runner.clone();
+        let timeout = self.spec.tick_timeout;
+        let run = async move {
+            match write_async(store.as_ref(), Write::Start(task.clone())).await {
+                Ok(_) => events.publish(&task),
+                Err(e) => tracing::error!(error = %e, "could not record the tick's start"),
+            }
+            let started = Instant::now();
+            let result = runner.tick(&input, timeout).await;
+            (task, result, started.elapsed())
+        }
+        .instrument(span.clone());
+        AtomicResponse::new(Box::pin(run.into_actor(self).then(
+            move |(task, result, elapsed), agent, _ctx| {
+                let _entered = span.enter();
+                agent.finish(task, result, elapsed)
+            },
+        )))
+    }
+}
+
+impl Agent {
+    /// Records a tick's outcome: task record, memory and tick counter in one durable write, then
+    /// the announcement to waiters, then the mailbox slot is freed.
+    fn finish(
+        &mut self,
+        mut task: Task,
+        result: Result<TickOutput, RunnerError>,
+        elapsed: Duration,
+    ) -> impl ActorFuture<Self, Output = ()> {
+        task.finished_at = Some(now_ms());
+        match result {
+            Ok(out) => {
+                task.status = TaskStatus::Success;
+                task.response = out.response.clone();
+                task.result = serde_json::to_value(&out).ok();
+                if let Some(memory) = out.memory {
+                    self.state.memory = memory;
+                }
+                tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "tick succeeded");
+            }
+            Err(e) => {
+                task.status = TaskStatus::Failure;
+                task.error = Some(e.to_string());
+                tracing::warn!(elapsed_ms = elapsed.as_millis() as u64, error = %e, "tick failed");
+            }
+        }
+        self.state.ticks = task.tick;
+        self.ticks.store(task.tick as usize, Ordering::Release);
+        if let Some(outcomes) = &self.deps.outcomes {
+            outcomes.do_send(TickOutcome {
+                agent: self.spec.id.clone(),
+                task_id: task.id,
+                success: task.status == TaskStatus::Success,
+                duration: elapsed,
+            });
+        }
+        let store = self.deps.store.clone();
+        let events = self.deps.events.clone();
+        let mailbox = self.mailbox.clone();
+        let write = Write::Complete {
+            task: task.clone(),
+            state: self.state.clone(),
+        };
+        async move {
+            match write_async(store.as_ref(), write).await {
+                Ok(_) => events.publish(&task),
+                Err(e) => tracing::error!(error = %e, "could not record the tick's outcome"),
+            }
+            mailbox.release();
+        }
+        .into_actor(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mailbox_refuses_past_capacity_and_frees_on_release() {
+        let m = Mailbox::new(2);
+        assert!(m.try_reserve());
+        assert!(m.try_reserve());
+        assert!(!m.try_reserve());
+        m.release();
+        assert!(m.try_reserve());
+        m.force_reserve();
+        assert_eq!(m.queued(), 3);
+        for _ in 0..5 {
+            m.release();
+        }
+        assert_eq!(m.queued(), 0);
+    }
+}

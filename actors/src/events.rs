@@ -1,0 +1,120 @@
+//! Task status changes, fanned out to whoever waits on them: sync triggers and SSE streams.
+//!
+//! A small broadcast channel per watched task delivers every change in order (an SSE client must
+//! see STARTED even when the tick is quick). Entries exist only while someone watches; a publisher
+//! never creates one, so tasks nobody waits on cost nothing here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+use crate::model::{Task, TaskId};
+
+/// A task changes state three times per attempt; this leaves room for a slow reader.
+const EVENTS_PER_TASK: usize = 16;
+
+/// The hub shared by agents (publishers) and the HTTP edge (subscribers).
+#[derive(Default)]
+pub struct TaskEvents {
+    watched: Mutex<HashMap<TaskId, broadcast::Sender<Task>>>,
+}
+
+/// A live subscription; dropping it unregisters the task when it was the last watcher.
+pub struct Subscription {
+    hub: Arc<TaskEvents>,
+    id: TaskId,
+    rx: broadcast::Receiver<Task>,
+}
+
+impl TaskEvents {
+    /// Starts watching `id`. Subscribe *before* reading the stored state: a change published in
+    /// between is then seen by the subscription, so no update is ever missed.
+    pub fn subscribe(self: &Arc<Self>, id: TaskId) -> Subscription {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = watched
+            .entry(id)
+            .or_insert_with(|| broadcast::channel(EVENTS_PER_TASK).0)
+            .subscribe();
+        Subscription {
+            hub: self.clone(),
+            id,
+            rx,
+        }
+    }
+
+    /// Announces a task's new state, after it is durable.
+    pub fn publish(&self, task: &Task) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = watched.get(&task.id) {
+            let _ = tx.send(task.clone());
+            if task.status.is_terminal() {
+                watched.remove(&task.id);
+            }
+        }
+    }
+
+    /// How many tasks are being watched; for tests and metrics.
+    pub fn watched(&self) -> usize {
+        self.watched.lock().map(|w| w.len()).unwrap_or(0)
+    }
+}
+
+impl Subscription {
+    /// Waits for the next published state. `None` once the task reached a terminal state and
+    /// every state before it has been returned.
+    pub async fn next(&mut self) -> Option<Task> {
+        loop {
+            match self.rx.recv().await {
+                Ok(task) => return Some(task),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut watched = self.hub.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = watched.get(&self.id) {
+            // Our receiver is still alive here, so "only us" means a count of one.
+            if tx.receiver_count() <= 1 {
+                watched.remove(&self.id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Source, TaskStatus};
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn subscriber_sees_updates_then_end_and_hub_forgets_the_task() {
+        let hub = Arc::new(TaskEvents::default());
+        let mut task = Task::new("a".parse().unwrap(), serde_json::json!(null), Source::default());
+        let mut sub = hub.subscribe(task.id);
+        task.status = TaskStatus::Started;
+        hub.publish(&task);
+        assert_eq!(sub.next().await.unwrap().status, TaskStatus::Started);
+        task.status = TaskStatus::Success;
+        hub.publish(&task);
+        assert_eq!(sub.next().await.unwrap().status, TaskStatus::Success);
+        assert!(sub.next().await.is_none());
+        assert_eq!(hub.watched(), 0);
+    }
+
+    #[test]
+    fn dropping_the_last_subscription_unregisters() {
+        let hub = Arc::new(TaskEvents::default());
+        let id = TaskId::random();
+        let a = hub.subscribe(id);
+        let b = hub.subscribe(id);
+        drop(a);
+        assert_eq!(hub.watched(), 1);
+        drop(b);
+        assert_eq!(hub.watched(), 0);
+    }
+}

@@ -1,0 +1,11 @@
+//! tickgate's domain, free of HTTP: agents as supervised actors, the token registry, the
+//! runners that execute ticks, and the durable store. The `tickgate` binary wraps it in an
+//! HTTP edge; anything here can be driven directly from tests or another front end.
+
+pub mod agent;
+pub mod events;
+pub mod model;
+pub mod registry;
+pub mod runner;
+pub mod store;
+pub mod token;

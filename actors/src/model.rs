@@ -1,0 +1,392 @@
+//! The few types that travel through the whole system: who an agent is, what a task is, and what
+//! goes into and comes out of a tick. Keeping them in one module means the HTTP edge, the store and
+//! the runners all agree on field names, which are tickgate's public API (SPEC sections 1, 3, 4).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `namespace/name`, both DNS labels. The id is the stable key for memory, queues and tokens, so it
+/// is validated once at parse time and never re-checked downstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AgentId {
+    namespace: String,
+    name: String,
+}
+
+/// Why a string is not an acceptable agent id; shown to operators in config errors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AgentIdError(String);
+
+impl AgentId {
+    /// Builds an id from its two parts, checking both are DNS labels.
+    pub fn new(namespace: &str, name: &str) -> Result<Self, AgentIdError> {
+        check_label("namespace", namespace)?;
+        check_label("name", name)?;
+        Ok(Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The namespace part, used in the `/webhooks/{namespace}/{agent}/{token}` route.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The name part.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+fn check_label(what: &str, s: &str) -> Result<(), AgentIdError> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentIdError(format!(
+            "agent {what} {s:?} is not a DNS label (1-63 of a-z, 0-9, '-', not starting or ending with '-')"
+        )))
+    }
+}
+
+impl FromStr for AgentId {
+    type Err = AgentIdError;
+
+    /// Accepts `namespace/name` or a bare `name` in the `default` namespace.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) => Self::new(ns, name),
+            None => Self::new("default", s),
+        }
+    }
+}
+
+impl TryFrom<String> for AgentId {
+    type Error = AgentIdError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<AgentId> for String {
+    fn from(id: AgentId) -> String {
+        id.to_string()
+    }
+}
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// 128 random bits rendered as a UUID string. Random rather than sequential so that task ids leak
+/// nothing about traffic volume and cannot be guessed to poll someone else's results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TaskId(uuid::Uuid);
+
+impl TaskId {
+    /// A fresh id from the OS CSPRNG.
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 16];
+        getrandom::getrandom(&mut bytes).expect("the OS random source is unavailable");
+        Self(uuid::Builder::from_random_bytes(bytes).into_uuid())
+    }
+
+    /// The 16 raw bytes, used as the store key.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+
+    /// Rebuilds an id from a store key.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(uuid::Uuid::from_bytes(bytes))
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::parse_str(s).map(Self)
+    }
+}
+
+impl TryFrom<String> for TaskId {
+    type Error = uuid::Error;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<TaskId> for String {
+    fn from(id: TaskId) -> String {
+        id.to_string()
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+/// The task life cycle of SPEC section 1. Only `SUCCESS` and `FAILURE` are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskStatus {
+    /// Accepted and on disk, waiting in the agent's queue.
+    Pending,
+    /// Its tick is running (or was running when the process died).
+    Started,
+    /// The tick finished and reported success.
+    Success,
+    /// The tick failed, timed out, or produced unusable output.
+    Failure,
+}
+
+impl TaskStatus {
+    /// Whether nothing will change this task any more; waiters and SSE streams stop here.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskStatus::Success | TaskStatus::Failure)
+    }
+
+    /// The `phase` field that DocsGPT-style clients poll instead of `status`.
+    pub fn phase(self) -> &'static str {
+        match self {
+            TaskStatus::Pending | TaskStatus::Started => "Running",
+            TaskStatus::Success => "Complete",
+            TaskStatus::Failure => "Error",
+        }
+    }
+}
+
+/// Where a trigger came from, as the runner sees it. Headers are kept so that a runner can read
+/// provider event types itself; tickgate strips credentials before they get here.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// HTTP method of the trigger (`POST`, or `GET` for query-string triggers).
+    pub method: String,
+    /// The client address after trusted-proxy resolution.
+    pub remote_ip: String,
+    /// The provider's event type, when one is known (for example `X-GitHub-Event`).
+    pub event: Option<String>,
+    /// Request headers with lower-case names, minus credentials.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// One accepted trigger and, once it ran, its outcome. This is the stored record and, rendered by
+/// the HTTP layer, the task resource callers poll.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Random id, the handle callers poll with.
+    pub id: TaskId,
+    /// The agent whose mailbox holds this task.
+    pub agent: AgentId,
+    /// Where in its life cycle the task is.
+    pub status: TaskStatus,
+    /// Queue position: tasks of one agent tick in increasing `seq` order, across restarts too.
+    pub seq: u64,
+    /// The agent's tick number this task ran as; 0 until it starts.
+    pub tick: u64,
+    /// How many times its tick has been started; above 1 after a crash interrupted a tick.
+    pub attempt: u32,
+    /// Optional human label from the caller or derived from the provider payload.
+    pub title: Option<String>,
+    /// The payload, exactly as the tick will see it.
+    pub inputs: Value,
+    /// Request metadata for the tick.
+    pub source: Source,
+    /// Caller environment overrides that passed `allow_env`.
+    pub env: BTreeMap<String, String>,
+    /// Acceptance time, milliseconds since the Unix epoch.
+    pub created_at: u64,
+    /// When its latest attempt started, if it did.
+    pub started_at: Option<u64>,
+    /// When it reached a terminal status.
+    pub finished_at: Option<u64>,
+    /// `response` from the tick output, copied out for callers that only want the answer.
+    pub response: Option<Value>,
+    /// The full tick output.
+    pub result: Option<Value>,
+    /// Why the task failed.
+    pub error: Option<String>,
+    /// The idempotency key it was accepted under, so the purge can drop the key with the task.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+impl Task {
+    /// A new PENDING task; `seq` is assigned by the store when it is accepted.
+    pub fn new(agent: AgentId, inputs: Value, source: Source) -> Self {
+        Self {
+            id: TaskId::random(),
+            agent,
+            status: TaskStatus::Pending,
+            seq: 0,
+            tick: 0,
+            attempt: 0,
+            title: None,
+            inputs,
+            source,
+            env: BTreeMap::new(),
+            created_at: now_ms(),
+            started_at: None,
+            finished_at: None,
+            response: None,
+            result: None,
+            error: None,
+            idempotency_key: None,
+        }
+    }
+}
+
+/// The JSON object a runner receives for one tick (SPEC section 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TickInput {
+    /// `namespace/name` of the agent.
+    pub agent: String,
+    /// The task this tick serves.
+    pub task_id: String,
+    /// The agent's tick counter for this run, starting at 1.
+    pub tick: u64,
+    /// 1 normally, higher when a crash interrupted an earlier attempt of the same task.
+    pub attempt: u32,
+    /// The task's title, if any.
+    pub title: Option<String>,
+    /// The trigger payload.
+    pub inputs: Value,
+    /// Where the trigger came from.
+    pub source: Source,
+    /// The agent's fixed environment plus allowed caller overrides.
+    pub env: BTreeMap<String, String>,
+    /// The agent's memory as the previous tick left it.
+    pub memory: Value,
+}
+
+/// What a runner returns; every field is optional so that a minimal program can answer `{}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TickOutput {
+    /// The answer for the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<Value>,
+    /// `"ok"` or `"error"`; `"error"` fails the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// How many steps the agent took, for observability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    /// Approvals the agent is waiting on, passed through to the caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_approvals: Option<Vec<Value>>,
+    /// When present, replaces the agent's memory atomically with the task's completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Value>,
+    /// Fields tickgate does not know, kept so that `result` shows the runner's whole output.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl TickOutput {
+    /// Parses runner output, which must be one JSON object; anything else is a runner failure
+    /// described in words an operator can act on.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            format!(
+                "runner output is not JSON ({e}); it started with {:?}",
+                preview(bytes)
+            )
+        })?;
+        if !value.is_object() {
+            return Err(format!(
+                "runner output must be a JSON object, got {}",
+                json_kind(&value)
+            ));
+        }
+        let out: TickOutput = serde_json::from_value(value)
+            .map_err(|e| format!("runner output has a field of the wrong type: {e}"))?;
+        if let Some(memory) = &out.memory {
+            if !memory.is_object() {
+                return Err("runner output `memory` must be a JSON object".to_string());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Short printable preview of bytes for error messages.
+pub fn preview(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&bytes[..bytes.len().min(60)]);
+    s.into_owned()
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch; the unit of every stored timestamp.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+/// Renders a stored timestamp as RFC 3339, the format of every time in the HTTP API.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_id_defaults_namespace_and_rejects_bad_labels() {
+        assert_eq!("echo".parse::<AgentId>().unwrap().to_string(), "default/echo");
+        assert_eq!("gh/ci".parse::<AgentId>().unwrap().namespace(), "gh");
+        assert!("Bad/ci".parse::<AgentId>().is_err());
+        assert!("a/b/c".parse::<AgentId>().is_err());
+        assert!("-x".parse::<AgentId>().is_err());
+        assert!("".parse::<AgentId>().is_err());
+    }
+
+    #[test]
+    fn task_id_round_trips_as_uuid() {
+        let id = TaskId::random();
+        let s = id.to_string();
+        assert_eq!(s.len(), 36);
+        assert_eq!(s.parse::<TaskId>().unwrap(), id);
+        assert_ne!(TaskId::random(), id);
+    }
+
+    #[test]
+    fn tick_output_parse_rejects_non_objects() {
+        assert!(TickOutput::parse(b"[1]").is_err());
+        assert!(TickOutput::parse(b"garbage").is_err());
+        assert!(TickOutput::parse(b"{\"memory\":3}").is_err());
+        let out = TickOutput::parse(b"{\"response\":1,\"x\":2}").unwrap();
+        assert_eq!(out.response, Some(Value::from(1)));
+        assert_eq!(out.extra.get("x"), Some(&Value::from(2)));
+    }
+}

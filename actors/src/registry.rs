@@ -1,0 +1,231 @@
+//! Maps webhook tokens to agents. The registry actor owns the digest → agent map, so lookups,
+//! rotations and listings are serialized through one mailbox and never race each other.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use subtle::ConstantTimeEq;
+
+use crate::agent::AgentHandle;
+use crate::model::AgentId;
+use crate::store::{write_async, write_blocking, Store, StoreError, Write};
+use crate::token;
+
+/// Why a token could not be resolved on the `{namespace}/{agent}/{token}` route.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// No such agent (404).
+    #[error("unknown agent")]
+    UnknownAgent,
+    /// The agent exists but the token is not its token (401).
+    #[error("wrong token for this agent")]
+    WrongToken,
+}
+
+/// Why a rotation did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RotateError {
+    /// No such agent.
+    #[error("unknown agent {0}")]
+    UnknownAgent(AgentId),
+    /// The token comes from `token_env`; rotating it means changing that variable.
+    #[error("the token of {0} is pinned by token_env; change the variable to rotate it")]
+    Pinned(AgentId),
+    /// The new token could not be stored; the old one still works.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A token created during start-up, to be printed once.
+pub struct NewToken {
+    /// Whose token.
+    pub agent: AgentId,
+    /// The token itself; shown once and then forgotten.
+    pub token: String,
+}
+
+/// Decides each agent's token digest at start-up: the pinned one from `token_env`, else the
+/// stored one, else a fresh token that is stored and returned so that it can be printed once.
+pub fn bootstrap_tokens(
+    store: &dyn Store,
+    agents: &[AgentId],
+    pinned: &BTreeMap<AgentId, String>,
+) -> Result<(HashMap<AgentId, [u8; 32]>, Vec<NewToken>), StoreError> {
+    let mut digests = HashMap::new();
+    let mut created = Vec::new();
+    for agent in agents {
+        let digest = if let Some(token) = pinned.get(agent) {
+            token::digest(token)
+        } else if let Some(stored) = store.token_digest(agent)? {
+            stored
+        } else {
+            let token = token::generate();
+            let digest = token::digest(&token);
+            write_blocking(
+                store,
+                Write::SetToken {
+                    agent: agent.clone(),
+                    digest,
+                },
+            )?;
+            created.push(NewToken {
+                agent: agent.clone(),
+                token,
+            });
+            digest
+        };
+        digests.insert(agent.clone(), digest);
+    }
+    Ok((digests, created))
+}
+
+/// Rotates a token directly on a store no server holds (the CLI's offline path).
+pub fn rotate_offline(store: &dyn Store, agent: &AgentId) -> Result<String, StoreError> {
+    let token = token::generate();
+    write_blocking(
+        store,
+        Write::SetToken {
+            agent: agent.clone(),
+            digest: token::digest(&token),
+        },
+    )?;
+    Ok(token)
+}
+
+/// The registry actor.
+pub struct Registry {
+    by_digest: HashMap<[u8; 32], AgentId>,
+    digests: HashMap<AgentId, [u8; 32]>,
+    agents: BTreeMap<AgentId, AgentHandle>,
+    pinned: HashSet<AgentId>,
+    store: Arc<dyn Store>,
+}
+
+impl Registry {
+    /// Builds the registry from the agents and the digests [`bootstrap_tokens`] settled on.
+    pub fn new(
+        agents: Vec<AgentHandle>,
+        digests: HashMap<AgentId, [u8; 32]>,
+        pinned: HashSet<AgentId>,
+        store: Arc<dyn Store>,
+    ) -> Self {
+        Self {
+            by_digest: digests.iter().map(|(a, d)| (*d, a.clone())).collect(),
+            digests,
+            agents: agents.into_iter().map(|h| (h.spec.id.clone(), h)).collect(),
+            pinned,
+            store,
+        }
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+}
+
+/// Finds the agent a token belongs to (the `/webhooks/{token}` form).
+#[derive(Message)]
+#[rtype(result = "Option<AgentHandle>")]
+pub struct Resolve(pub [u8; 32]);
+
+impl Handler<Resolve> for Registry {
+    type Result = Option<AgentHandle>;
+    fn handle(&mut self, Resolve(digest): Resolve, _: &mut Context<Self>) -> Self::Result {
+        let agent = self.by_digest.get(&digest)?;
+        self.agents.get(agent).cloned()
+    }
+}
+
+/// Checks a token against one named agent (the `/webhooks/{namespace}/{agent}/{token}` form),
+/// telling an unknown agent (404) from a wrong token (401).
+#[derive(Message)]
+#[rtype(result = "Result<AgentHandle, ResolveError>")]
+pub struct ResolveFor {
+    /// The agent named in the path.
+    pub agent: AgentId,
+    /// Digest of the token in the path.
+    pub digest: [u8; 32],
+}
+
+impl Handler<ResolveFor> for Registry {
+    type Result = Result<AgentHandle, ResolveError>;
+    fn handle(&mut self, msg: ResolveFor, _: &mut Context<Self>) -> Self::Result {
+        let handle = self
+            .agents
+            .get(&msg.agent)
+            .ok_or(ResolveError::UnknownAgent)?;
+        let expected = self.digests.get(&msg.agent).ok_or(ResolveError::WrongToken)?;
+        if bool::from(expected.ct_eq(&msg.digest)) {
+            Ok(handle.clone())
+        } else {
+            Err(ResolveError::WrongToken)
+        }
+    }
+}
+
+/// Looks an agent up by id, for admin and readiness routes.
+#[derive(Message)]
+#[rtype(result = "Option<AgentHandle>")]
+pub struct Find(pub AgentId);
+
+impl Handler<Find> for Registry {
+    type Result = Option<AgentHandle>;
+    fn handle(&mut self, Find(id): Find, _: &mut Context<Self>) -> Self::Result {
+        self.agents.get(&id).cloned()
+    }
+}
+
+/// Every agent, in id order.
+#[derive(Message)]
+#[rtype(result = "Vec<AgentHandle>")]
+pub struct List;
+
+impl Handler<List> for Registry {
+    type Result = Vec<AgentHandle>;
+    fn handle(&mut self, _: List, _: &mut Context<Self>) -> Self::Result {
+        self.agents.values().cloned().collect()
+    }
+}
+
+/// Replaces an agent's token; the old one stops working as soon as the new one is durable.
+/// Answers with the new token, which the caller shows once.
+#[derive(Message)]
+#[rtype(result = "Result<String, RotateError>")]
+pub struct Rotate(pub AgentId);
+
+impl Handler<Rotate> for Registry {
+    type Result = AtomicResponse<Self, Result<String, RotateError>>;
+
+    fn handle(&mut self, Rotate(agent): Rotate, _: &mut Context<Self>) -> Self::Result {
+        if !self.agents.contains_key(&agent) {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(
+                RotateError::UnknownAgent(agent),
+            ))));
+        }
+        if self.pinned.contains(&agent) {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(RotateError::Pinned(
+                agent,
+            )))));
+        }
+        let token = token::generate();
+        let digest = token::digest(&token);
+        let store = self.store.clone();
+        let write = Write::SetToken {
+            agent: agent.clone(),
+            digest,
+        };
+        AtomicResponse::new(Box::pin(
+            async move { write_async(store.as_ref(), write).await }
+                .into_actor(self)
+                .map(move |res, registry, _| {
+                    res?;
+                    if let Some(old) = registry.digests.insert(agent.clone(), digest) {
+                        registry.by_digest.remove(&old);
+                    }
+                    registry.by_digest.insert(digest, agent);
+                    Ok(token)
+                }),
+        ))
+    }
+}

@@ -1,0 +1,676 @@
+//! The `command` runner in oneshot mode, plus the process plumbing it shares with the persistent
+//! mode: process groups, capped reads, and stderr logging.
+//!
+//! Every process tickgate starts gets its own process group, so that killing the group takes
+//! whatever the program forked (a shell script's `sleep`, a language server) down with it. A tick
+//! owns its group: when the tick ends, times out or is dropped, nothing it started keeps running.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+use super::{tick_env, CommandSpec, RunnerError};
+use crate::model::{TickInput, TickOutput};
+
+/// Largest tick output accepted, in bytes; a runner printing more is broken, and reading on would
+/// only let it exhaust tickgate's memory.
+pub(super) const MAX_OUTPUT: usize = 16 << 20;
+const MAX_STDERR_LINE: usize = 4096;
+const STDERR_TAIL: usize = 500;
+/// How long to wait for a killed process to be reaped before leaving it to tokio's orphan reaper.
+pub(super) const REAP_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs a `command` runner's program afresh for every tick, so that ticks share no process state
+/// and a tick that crashes or wedges cannot affect the next one.
+pub struct Oneshot {
+    spec: CommandSpec,
+}
+
+impl Oneshot {
+    /// Keeps the spec; nothing is started until a tick needs it.
+    pub fn new(spec: CommandSpec) -> Self {
+        Self { spec }
+    }
+
+    /// Runs the program once for `input`. Whether it succeeds, fails, times out or the returned
+    /// future is dropped, every process of the tick's group is dead afterwards.
+    pub async fn tick(
+        &self,
+        input: &TickInput,
+        timeout: Duration,
+    ) -> Result<TickOutput, RunnerError> {
+        let payload = encode_input(input)?;
+        let mut command = Command::new(&self.spec.program);
+        command
+            .args(&self.spec.args)
+            .env_clear()
+            .envs(tick_env(input));
+        let (mut child, mut group) = spawn_in_group(&mut command, &self.spec.program)?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let pgid = group.pgid;
+
+        let run = async {
+            let feed = async {
+                if let Some(mut stdin) = stdin {
+                    // The program may legitimately ignore its input and exit; its exit status
+                    // and output decide the tick, not whether it read stdin.
+                    let _ = stdin.write_all(&payload).await;
+                }
+                Ok::<_, Failure>(())
+            };
+            let collect = async {
+                match stdout {
+                    Some(out) => read_capped(out, MAX_OUTPUT).await,
+                    None => Ok(Vec::new()),
+                }
+            };
+            let drain = async {
+                let mut tail = StderrTail::default();
+                if let Some(err) = stderr {
+                    pump_stderr(err, &input.agent, |bytes| tail.push(bytes)).await;
+                }
+                Ok(tail)
+            };
+            let exit = async {
+                let status = child.wait().await.map_err(|e| Failure::Io("wait for", e))?;
+                // Stragglers still holding stdout would otherwise keep the read open until the
+                // timeout. The group id cannot have been reused while any of them lives.
+                kill_group(pgid);
+                Ok(status)
+            };
+            tokio::try_join!(feed, collect, drain, exit)
+        };
+
+        let outcome = tokio::time::timeout(timeout, run).await;
+        let (stdout, tail, status) = match outcome {
+            Ok(Ok(((), stdout, tail, status))) => (stdout, tail, status),
+            Ok(Err(failure)) => {
+                stop(&mut child, &mut group).await;
+                return Err(failure.into());
+            }
+            Err(_) => {
+                stop(&mut child, &mut group).await;
+                return Err(RunnerError::Timeout(timeout));
+            }
+        };
+        group.disarm();
+        if !status.success() {
+            return Err(RunnerError::Exit(format!(
+                "{}; stderr: {}",
+                describe_exit(status),
+                tail.text()
+            )));
+        }
+        TickOutput::parse(&stdout).map_err(RunnerError::BadOutput)
+    }
+}
+
+/// Why a tick's I/O with its process ended early.
+enum Failure {
+    TooBig,
+    Io(&'static str, io::Error),
+}
+
+impl From<Failure> for RunnerError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::TooBig => RunnerError::BadOutput(format!(
+                "runner output exceeds the {} MiB limit",
+                MAX_OUTPUT >> 20
+            )),
+            Failure::Io(what, e) => RunnerError::Exit(format!("could not {what} the runner: {e}")),
+        }
+    }
+}
+
+/// The tick input as the bytes a runner reads.
+pub(super) fn encode_input(input: &TickInput) -> Result<Vec<u8>, RunnerError> {
+    serde_json::to_vec(input)
+        .map_err(|e| RunnerError::Spawn(format!("the tick input could not be encoded: {e}")))
+}
+
+/// Starts `command` with piped stdio as the leader of a new process group, returning the guard
+/// that kills that group unless disarmed.
+pub(super) fn spawn_in_group(
+    command: &mut Command,
+    program: &Path,
+) -> Result<(Child, ProcessGroup), RunnerError> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(RunnerError::Spawn(format!(
+            "{}: no tokio runtime to supervise the process",
+            program.display()
+        )));
+    }
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = command
+        .spawn()
+        .map_err(|e| RunnerError::Spawn(format!("{}: {e}", program.display())))?;
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .filter(|&id| id > 1);
+    Ok((child, ProcessGroup { pgid }))
+}
+
+/// Kills a runner's process group when dropped, so that a cancelled tick future or a discarded
+/// persistent process never leaves grandchildren behind. `kill_on_drop` alone only reaches the
+/// group leader.
+pub(super) struct ProcessGroup {
+    pgid: Option<i32>,
+}
+
+impl ProcessGroup {
+    /// Sends SIGKILL to every process of the group.
+    pub(super) fn kill(&self) {
+        kill_group(self.pgid);
+    }
+
+    /// Stops the guard from killing on drop, once the leader has been reaped and the group
+    /// handled; killing later could hit a reused group id.
+    pub(super) fn disarm(&mut self) {
+        self.pgid = None;
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn kill_group(pgid: Option<i32>) {
+    // 0 and 1 would mean tickgate's own group and every process, never a runner's group.
+    if let Some(pgid) = pgid.filter(|&id| id > 1) {
+        // SAFETY: kill(2) has no memory-safety preconditions; ESRCH just means all are gone.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Kills the whole group, reaps the leader (bounded by [`REAP_GRACE`]) and disarms the guard.
+pub(super) async fn stop(child: &mut Child, group: &mut ProcessGroup) {
+    group.kill();
+    let _ = tokio::time::timeout(REAP_GRACE, child.wait()).await;
+    group.disarm();
+}
+
+/// How a process ended, in the words of a task's `error`.
+pub(super) fn describe_exit(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => format!("ended with {status}"),
+    }
+}
+
+async fn read_capped<R: AsyncRead + Unpin>(reader: R, cap: usize) -> Result<Vec<u8>, Failure> {
+    let mut out = Vec::new();
+    let limit = u64::try_from(cap).unwrap_or(u64::MAX).saturating_add(1);
+    reader
+        .take(limit)
+        .read_to_end(&mut out)
+        .await
+        .map_err(|e| Failure::Io("read the output of", e))?;
+    if out.len() > cap {
+        return Err(Failure::TooBig);
+    }
+    Ok(out)
+}
+
+/// Logs a runner's stderr line by line until it closes, handing every raw chunk to `on_bytes`
+/// as well so callers can keep a tail for error messages.
+pub(super) async fn pump_stderr<R: AsyncRead + Unpin>(
+    mut reader: R,
+    agent: &str,
+    mut on_bytes: impl FnMut(&[u8]),
+) {
+    let mut lines = LineSplitter::default();
+    let mut log = |line: &str| tracing::info!(target: "tickgate::runner", agent = %agent, "{line}");
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        on_bytes(&buf[..n]);
+        lines.feed(&buf[..n], &mut log);
+    }
+    lines.finish(&mut log);
+}
+
+/// Cuts a byte stream into lines of at most [`MAX_STDERR_LINE`] bytes, so that a runner writing
+/// megabytes without a newline cannot make one log record (or tickgate's memory) explode.
+#[derive(Default)]
+struct LineSplitter {
+    line: Vec<u8>,
+    truncated: bool,
+}
+
+impl LineSplitter {
+    fn feed(&mut self, mut bytes: &[u8], emit: &mut impl FnMut(&str)) {
+        while !bytes.is_empty() {
+            let (chunk, rest, complete) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
+                None => (bytes, &bytes[bytes.len()..], false),
+            };
+            let room = MAX_STDERR_LINE - self.line.len();
+            if chunk.len() > room {
+                self.line.extend_from_slice(&chunk[..room]);
+                self.truncated = true;
+            } else {
+                self.line.extend_from_slice(chunk);
+            }
+            if complete {
+                self.flush(emit);
+            }
+            bytes = rest;
+        }
+    }
+
+    fn finish(&mut self, emit: &mut impl FnMut(&str)) {
+        self.flush(emit);
+    }
+
+    fn flush(&mut self, emit: &mut impl FnMut(&str)) {
+        let text = String::from_utf8_lossy(&self.line);
+        let text = text.trim_end_matches('\r');
+        if self.truncated {
+            emit(&format!("{text} [line truncated]"));
+        } else if !text.is_empty() {
+            emit(text);
+        }
+        self.line.clear();
+        self.truncated = false;
+    }
+}
+
+/// The last few hundred bytes of a runner's stderr, which usually hold the reason it failed.
+#[derive(Default)]
+pub(super) struct StderrTail {
+    bytes: VecDeque<u8>,
+    cut: bool,
+}
+
+impl StderrTail {
+    /// Appends output, forgetting everything but the last [`STDERR_TAIL`] bytes.
+    pub(super) fn push(&mut self, bytes: &[u8]) {
+        let keep = &bytes[bytes.len().saturating_sub(STDERR_TAIL)..];
+        if keep.len() < bytes.len() {
+            self.bytes.clear();
+            self.cut = true;
+        }
+        self.bytes.extend(keep);
+        let excess = self.bytes.len().saturating_sub(STDERR_TAIL);
+        if excess > 0 {
+            self.bytes.drain(..excess);
+            self.cut = true;
+        }
+    }
+
+    /// The tail as text for an error message.
+    pub(super) fn text(&self) -> String {
+        let (front, back) = self.bytes.as_slices();
+        let joined = [front, back].concat();
+        let text = String::from_utf8_lossy(&joined);
+        let text = text.trim();
+        match (text.is_empty(), self.cut) {
+            (true, _) => "(empty)".to_string(),
+            (false, true) => format!("…{text}"),
+            (false, false) => text.to_string(),
+        }
+    }
+}
+
+/// Helpers shared by the runner tests: scripts on disk, tick inputs, and condition waits.
+#[cfg(test)]
+pub(super) mod test_support {
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::Once;
+    use std::time::{Duration, Instant};
+
+    use serde_json::{json, Value};
+
+    use crate::model::{Source, TickInput};
+
+    /// A variable present in the test process that no runner may see.
+    pub const SECRET_VAR: &str = "TICKGATE_TEST_SECRET";
+
+    /// Puts [`SECRET_VAR`] into the test process environment, once.
+    pub fn set_secret() {
+        static SET: Once = Once::new();
+        SET.call_once(|| std::env::set_var(SECRET_VAR, "must-not-leak"));
+    }
+
+    /// Writes an executable `#!/bin/sh` script. The file is written by a separate `sh` process:
+    /// a write descriptor held in this process could be inherited by a concurrent test's fork and
+    /// make executing the script fail with ETXTBSY.
+    pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        let text = format!("#!/bin/sh\n{body}\n");
+        let status = std::process::Command::new("/bin/sh")
+            .args(["-c", "printf '%s' \"$2\" > \"$1\"", "sh"])
+            .arg(&path)
+            .arg(&text)
+            .status()
+            .expect("run sh to write the script");
+        assert!(status.success(), "writing {path:?} failed");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("make the script executable");
+        path
+    }
+
+    /// A tick input carrying `inputs` and one agent variable, `AGENT_VAR=from-agent`.
+    pub fn input(inputs: Value) -> TickInput {
+        TickInput {
+            agent: "test/runner".to_string(),
+            task_id: "5f0c7d9e-0000-4000-8000-000000000001".to_string(),
+            tick: 7,
+            attempt: 1,
+            title: None,
+            inputs,
+            source: Source::default(),
+            env: BTreeMap::from([("AGENT_VAR".to_string(), "from-agent".to_string())]),
+            memory: json!({}),
+        }
+    }
+
+    /// Polls `cond` until it holds or `limit` passes; returns whether it held.
+    pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if cond() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether `pid` no longer runs. A zombie counts as gone: it has died, and whether it is
+    /// reaped depends on its parent (possibly this machine's init), not on the runner.
+    pub fn process_gone(pid: i32) -> bool {
+        // SAFETY: signal 0 only checks for existence.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            return true;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        match stat.rfind(')') {
+            Some(i) => stat[i + 1..].trim_start().starts_with('Z'),
+            None => true,
+        }
+    }
+
+    /// Reads the pid a script wrote to `path`.
+    pub fn read_pid(path: &Path) -> i32 {
+        let text = std::fs::read_to_string(path).expect("pid file");
+        text.trim().parse().expect("pid in pid file")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use serde_json::json;
+
+    use super::test_support::{input, process_gone, read_pid, script, set_secret, wait_until};
+    use super::*;
+    use crate::runner::CommandMode;
+
+    fn oneshot(program: PathBuf, args: &[&str]) -> Oneshot {
+        Oneshot::new(CommandSpec {
+            program,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            mode: CommandMode::Oneshot,
+        })
+    }
+
+    #[actix_rt::test]
+    async fn answers_from_stdin_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(
+            dir.path(),
+            "count.sh",
+            r#"n=$(wc -c | tr -d ' ')
+printf '{"response":{"bytes":%s,"task":"%s","tick":"%s","arg":"%s"}}' "$n" "$TICKGATE_TASK_ID" "$TICKGATE_TICK" "$1""#,
+        );
+        let tick = input(json!({"hello": "world"}));
+        let expected = serde_json::to_vec(&tick).unwrap().len();
+        let out = oneshot(prog, &["first arg"])
+            .tick(&tick, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            out.response,
+            Some(json!({"bytes": expected, "task": tick.task_id, "tick": "7", "arg": "first arg"}))
+        );
+    }
+
+    #[actix_rt::test]
+    async fn environment_is_clean() {
+        set_secret();
+        assert!(std::env::var_os(test_support::SECRET_VAR).is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(
+            dir.path(),
+            "env.sh",
+            r#"cat >/dev/null
+printf '{"response":{"secret":"%s","task":"%s","agent_var":"%s","agent":"%s"}}' "${TICKGATE_TEST_SECRET:-absent}" "${TICKGATE_TASK_ID:-}" "${AGENT_VAR:-}" "${TICKGATE_AGENT:-}""#,
+        );
+        let tick = input(json!(null));
+        let out = oneshot(prog, &[])
+            .tick(&tick, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            out.response,
+            Some(json!({
+                "secret": "absent",
+                "task": tick.task_id,
+                "agent_var": "from-agent",
+                "agent": "test/runner",
+            }))
+        );
+    }
+
+    #[actix_rt::test]
+    async fn nonzero_exit_reports_status_and_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(
+            dir.path(),
+            "fail.sh",
+            "echo 'the model quota is exhausted' >&2\nexit 3",
+        );
+        let err = oneshot(prog, &[])
+            .tick(&input(json!({})), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        let RunnerError::Exit(msg) = err else {
+            panic!("expected Exit, got {err:?}");
+        };
+        assert!(msg.contains("exited with status 3"), "{msg}");
+        assert!(msg.contains("the model quota is exhausted"), "{msg}");
+    }
+
+    #[actix_rt::test]
+    async fn death_by_signal_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(dir.path(), "suicide.sh", "kill -9 $$");
+        let err = oneshot(prog, &[])
+            .tick(&input(json!({})), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        let RunnerError::Exit(msg) = err else {
+            panic!("expected Exit, got {err:?}");
+        };
+        assert!(msg.contains("killed by signal 9"), "{msg}");
+    }
+
+    #[actix_rt::test]
+    async fn garbage_output_is_bad_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(dir.path(), "garbage.sh", "echo 'this is not json'");
+        let err = oneshot(prog, &[])
+            .tick(&input(json!({})), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RunnerError::BadOutput(_)), "{err:?}");
+    }
+
+    #[actix_rt::test]
+    async fn oversized_output_is_bad_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(
+            dir.path(),
+            "flood.sh",
+            "dd if=/dev/zero bs=1048576 count=17 2>/dev/null",
+        );
+        let err = oneshot(prog, &[])
+            .tick(&input(json!({})), Duration::from_secs(20))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RunnerError::BadOutput(m) if m.contains("16 MiB")),
+            "{err:?}"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn program_ignoring_a_large_input_still_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(dir.path(), "deaf.sh", "printf '{\"response\":1}'");
+        let big = "x".repeat(1 << 20);
+        let out = oneshot(prog, &[])
+            .tick(&input(json!({ "big": big })), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(out.response, Some(json!(1)));
+    }
+
+    #[actix_rt::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("sleep.pid");
+        let prog = script(
+            dir.path(),
+            "hang.sh",
+            "sleep 30 &\necho $! > \"$1.tmp\" && mv \"$1.tmp\" \"$1\"\nwait",
+        );
+        let limit = Duration::from_millis(1500);
+        let started = Instant::now();
+        let err = oneshot(prog, &[pidfile.to_str().unwrap()])
+            .tick(&input(json!({})), limit)
+            .await
+            .unwrap_err();
+        assert_eq!(err, RunnerError::Timeout(limit));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let sleeper = read_pid(&pidfile);
+        assert!(
+            wait_until(Duration::from_secs(5), || process_gone(sleeper)).await,
+            "the script's sleep {sleeper} survived the timeout"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn dropping_the_tick_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("sleep.pid");
+        let prog = script(
+            dir.path(),
+            "hang.sh",
+            "sleep 30 &\necho $! > \"$1.tmp\" && mv \"$1.tmp\" \"$1\"\nwait",
+        );
+        let runner = oneshot(prog, &[pidfile.to_str().unwrap()]);
+        let tick_input = input(json!({}));
+        let mut tick = Box::pin(runner.tick(&tick_input, Duration::from_secs(30)));
+        let started = tokio::select! {
+            out = &mut tick => panic!("the tick ended on its own: {out:?}"),
+            seen = wait_until(Duration::from_secs(10), || pidfile.exists()) => seen,
+        };
+        assert!(started, "the script never wrote its pid file");
+        drop(tick);
+        let sleeper = read_pid(&pidfile);
+        assert!(
+            wait_until(Duration::from_secs(5), || process_gone(sleeper)).await,
+            "the script's sleep {sleeper} survived the dropped tick"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn missing_or_unexecutable_program_is_spawn_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("does-not-exist");
+        let err = oneshot(missing.clone(), &[])
+            .tick(&input(json!({})), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RunnerError::Spawn(m) if m.contains(missing.to_str().unwrap())),
+            "{err:?}"
+        );
+
+        let plain = dir.path().join("plain.txt");
+        std::fs::write(&plain, "not a program").unwrap();
+        let err = oneshot(plain, &[])
+            .tick(&input(json!({})), Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RunnerError::Spawn(m) if m.contains("ermission denied")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn stderr_lines_are_split_and_capped() {
+        let mut splitter = LineSplitter::default();
+        let mut seen = Vec::new();
+        let mut emit = |line: &str| seen.push(line.to_string());
+        splitter.feed(b"first\r\nsec", &mut emit);
+        splitter.feed(b"ond\n\n", &mut emit);
+        splitter.feed(&vec![b'a'; MAX_STDERR_LINE + 10], &mut emit);
+        splitter.feed(b"aaa\nlast", &mut emit);
+        splitter.finish(&mut emit);
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert_eq!(seen[0], "first");
+        assert_eq!(seen[1], "second");
+        assert!(seen[2].ends_with(" [line truncated]"));
+        assert_eq!(seen[2].len(), MAX_STDERR_LINE + " [line truncated]".len());
+        assert_eq!(seen[3], "last");
+    }
+
+    #[test]
+    fn stderr_tail_keeps_the_end() {
+        let mut tail = StderrTail::default();
+        assert_eq!(tail.text(), "(empty)");
+        tail.push(b"early noise\n");
+        assert_eq!(tail.text(), "early noise");
+        tail.push(&vec![b'x'; STDERR_TAIL]);
+        tail.push(b"\nthe real reason\n");
+        let text = tail.text();
+        assert!(
+            text.starts_with('…') && text.ends_with("the real reason"),
+            "{text}"
+        );
+        assert!(!text.contains("early"));
+    }
+}

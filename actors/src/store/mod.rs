@@ -1,0 +1,157 @@
+//! Durable state behind a small trait, so that actors and the HTTP edge never see sled and another
+//! backend can be added without touching them.
+//!
+//! Writes are requests to a single writer that batches them (group commit): every write made while
+//! the previous flush ran lands in the next one, and each caller is answered only once its write
+//! is on disk. Reads are plain blocking calls, meant to be run off the actix arbiters.
+
+pub mod sled;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::{AgentId, Task, TaskId};
+
+/// A store failure. Callers turn it into 503s and an unready `/ready`; it is never a panic.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The backend refused an operation (disk full, I/O error, corruption).
+    #[error("store failure: {0}")]
+    Backend(String),
+    /// The writer thread is gone, which only happens during shutdown.
+    #[error("store is closed")]
+    Closed,
+    /// The store directory is held by another process.
+    #[error("store {path} is locked by another process (is a tickgate server running?)")]
+    Locked {
+        /// The directory that could not be locked.
+        path: String,
+    },
+}
+
+/// The idempotency key of a submission, with a digest of the body it came with so that a reused
+/// key with a different body can be refused instead of silently answered with the old task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// The caller's key or the provider's delivery id.
+    pub key: String,
+    /// SHA-256 of the raw request body.
+    pub body_sha256: [u8; 32],
+}
+
+/// One durable write. Each is applied atomically with everything else in its batch.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A new task: checked against its idempotency key, given its queue position, stored PENDING.
+    Submit {
+        /// The task to accept.
+        task: Task,
+        /// Deduplication key, if the caller or provider sent one.
+        idempotency: Option<IdempotencyKey>,
+    },
+    /// A task's tick is starting; stored before the runner runs so a crash shows as `attempt` + 1.
+    Start(Task),
+    /// A task finished: its record, its removal from the queue and the agent's new memory and
+    /// tick counter land together.
+    Complete {
+        /// The finished task.
+        task: Task,
+        /// The agent's state after the tick.
+        state: AgentState,
+    },
+    /// An agent's webhook token changed: the old digest stops resolving in the same write.
+    SetToken {
+        /// Whose token.
+        agent: AgentId,
+        /// SHA-256 of the new token.
+        digest: [u8; 32],
+    },
+}
+
+/// What a write achieved, beyond being on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Written {
+    /// The submitted task was accepted; `seq` is now set.
+    Accepted(Task),
+    /// The idempotency key was seen before with the same body: nothing was written.
+    Duplicate(TaskId),
+    /// The idempotency key was seen before with a different body: nothing was written.
+    Conflict(TaskId),
+    /// Any other write is done.
+    Done,
+}
+
+/// Called on the writer thread once a write is durable (or failed). It must be quick and must not
+/// block: it typically sends on a channel or to an actor mailbox.
+pub type OnWritten = Box<dyn FnOnce(Result<Written, StoreError>) + Send>;
+
+/// What an agent keeps between ticks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// The JSON object the next tick receives as `memory`.
+    pub memory: Value,
+    /// How many ticks the agent has run; the next tick is `ticks + 1`.
+    pub ticks: u64,
+}
+
+/// Counts returned by a retention purge, for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    /// Finished task records removed.
+    pub tasks: usize,
+}
+
+/// The persistence the rest of tickgate relies on.
+pub trait Store: Send + Sync + 'static {
+    /// Queues a durable write; `done` runs once it is on disk. Writes are applied in the order
+    /// they are queued, which is what makes acceptance order the tick order.
+    fn write(&self, write: Write, done: OnWritten);
+
+    /// Reads one task.
+    fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError>;
+
+    /// An agent's memory and tick counter; defaults for an agent that never ticked.
+    fn agent_state(&self, agent: &AgentId) -> Result<AgentState, StoreError>;
+
+    /// Tasks still in an agent's queue (PENDING, or STARTED when a crash interrupted them), in
+    /// acceptance order.
+    fn queued(&self, agent: &AgentId) -> Result<Vec<Task>, StoreError>;
+
+    /// The digest of an agent's current webhook token, if it has one.
+    fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError>;
+
+    /// Removes finished tasks (and their idempotency keys) that finished more than `older_than` ago.
+    fn purge(&self, older_than: Duration) -> Result<Purged, StoreError>;
+
+    /// Whether the last write succeeded; feeds readiness.
+    fn healthy(&self) -> bool;
+
+    /// Flushes everything and waits for it; used on shutdown.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Waits for a write from async code. The future is `Send` so it can be awaited anywhere.
+pub async fn write_async(store: &dyn Store, write: Write) -> Result<Written, StoreError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    store.write(
+        write,
+        Box::new(move |res| {
+            let _ = tx.send(res);
+        }),
+    );
+    rx.await.unwrap_or(Err(StoreError::Closed))
+}
+
+/// Waits for a write from blocking code (start-up, the CLI); never call it on an async runtime.
+pub fn write_blocking(store: &dyn Store, write: Write) -> Result<Written, StoreError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.write(
+        write,
+        Box::new(move |res| {
+            let _ = tx.send(res);
+        }),
+    );
+    rx.recv().unwrap_or(Err(StoreError::Closed))
+}

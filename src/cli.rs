@@ -1,0 +1,136 @@
+//! The command line: `serve` (the default), `check`, and `token rotate`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tickgate_actors::model::AgentId;
+use tickgate_actors::registry::rotate_offline;
+use tickgate_actors::store::sled::SledStore;
+use tickgate_actors::store::StoreError;
+
+use crate::config::{Config, Settings};
+
+/// tickgate: webhooks in, serialized durable agent ticks out.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    /// Config file [default: config/tickgate.toml, else the embedded default].
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Serve,
+    /// Validate the config (secrets included) and exit non-zero with the problem.
+    Check,
+    /// Manage webhook tokens.
+    Token {
+        /// Token action.
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+/// Token subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Issue a new token for NAMESPACE/AGENT; the old one stops working.
+    Rotate {
+        /// The agent, as namespace/name.
+        agent: String,
+    },
+}
+
+/// Loads and validates the config the command line points at.
+pub fn settings(cli: &Cli) -> Result<Settings, String> {
+    let (config, source) = Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
+    config
+        .validate(source, &|name| std::env::var(name).ok())
+        .map_err(|e| e.to_string())
+}
+
+/// `tickgate token rotate`: directly on the store when no server holds it, else through the
+/// running server's admin API.
+pub fn rotate(settings: &Settings, agent: &str) -> Result<String, String> {
+    let agent: AgentId = agent.parse().map_err(|e| format!("{e}"))?;
+    let setup = settings
+        .agents
+        .iter()
+        .find(|a| a.spec.id == agent)
+        .ok_or_else(|| format!("no agent {agent} in {}", settings.source_name))?;
+    if setup.pinned_token.is_some() {
+        return Err(format!(
+            "the token of {agent} is pinned by webhook.token_env; change that variable instead"
+        ));
+    }
+    let base = settings
+        .config
+        .server
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", settings.listen));
+    match SledStore::open(&settings.config.store.path) {
+        Ok(store) => {
+            let token = rotate_offline(store.as_ref(), &agent).map_err(|e| e.to_string())?;
+            store.close().map_err(|e| e.to_string())?;
+            Ok(format!("webhook for {agent}: POST {base}/webhooks/{token}"))
+        }
+        Err(StoreError::Locked { path }) => rotate_online(settings, &agent, &path),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn rotate_online(settings: &Settings, agent: &AgentId, path: &str) -> Result<String, String> {
+    let Some(admin) = &settings.admin_token else {
+        return Err(format!(
+            "the store {path} is locked by a running tickgate; set {} to its admin token to rotate through its admin API",
+            settings.config.admin.token_env
+        ));
+    };
+    let mut addr = settings.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::IpAddr::from([127, 0, 0, 1]));
+    }
+    let url = format!(
+        "http://{addr}/admin/agents/{}/{}/token",
+        agent.namespace(),
+        agent.name()
+    );
+    let admin = admin.clone();
+    let answer: Result<serde_json::Value, String> = actix_rt::System::new().block_on(async move {
+        let resp = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(admin)
+            .send()
+            .await
+            .map_err(|e| format!("the store is locked and the admin API at {url} did not answer: {e}"))?;
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            let msg = body["error"]["message"].as_str().unwrap_or("request failed");
+            return Err(format!("the admin API refused: {status}: {msg}"));
+        }
+        Ok(body)
+    });
+    let body = answer?;
+    let url = body["webhook_url"].as_str().unwrap_or_default();
+    Ok(format!("webhook for {agent}: POST {url}"))
+}

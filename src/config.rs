@@ -1,0 +1,565 @@
+//! The TOML configuration: plain serde structs with defaults, environment overrides for scalar
+//! server settings, and one validation pass whose errors name the file, the key and the problem.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Deserializer};
+use tickgate_actors::agent::AgentSpec;
+use tickgate_actors::model::AgentId;
+use tickgate_actors::runner::{CommandMode, RunnerSpec};
+use tickgate_actors::token::MIN_PINNED_LEN;
+
+use crate::ingress::client_ip::parse_cidrs;
+use crate::ingress::signature::{SignatureConfig, Verifier};
+
+/// The default config file, relative to the working directory.
+pub const DEFAULT_PATH: &str = "config/tickgate.toml";
+
+/// The default config compiled into the binary, used when `config/tickgate.toml` is absent, so
+/// that the service starts on a fresh machine with no set-up.
+pub const EMBEDDED: &str = include_str!("../config/tickgate.toml");
+
+/// A config problem, worded for the operator: where (file and key) and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct ConfigError {
+    /// The file the problem is in (or "embedded default config").
+    pub source_name: String,
+    /// What is wrong, starting with the offending key.
+    pub message: String,
+}
+
+/// A duration written as `"30s"`, `"5m"`, `"7d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        humantime::format_duration(self.0).fmt(f)
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// `[store]`
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// `[admin]`
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// `[[agent]]` tables.
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<AgentConfig>,
+}
+
+/// `[server]`: how the HTTP edge listens and what it accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to bind; port 0 picks a free port (handy in tests).
+    pub listen: String,
+    /// Base of printed webhook URLs and `poll_url`s; defaults to `http://<bound address>`.
+    pub public_url: Option<String>,
+    /// CIDRs of reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
+    /// Larger request bodies get 413 before they are read.
+    pub max_body_bytes: usize,
+    /// Upper bound for a synchronous trigger's wait.
+    pub max_wait: Dur,
+    /// How long SIGTERM lets running ticks finish.
+    pub shutdown_grace: Dur,
+    /// HTTP worker threads; defaults to the number of CPUs.
+    pub workers: Option<usize>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            public_url: None,
+            trusted_proxies: Vec::new(),
+            max_body_bytes: 1024 * 1024,
+            max_wait: Dur(Duration::from_secs(600)),
+            shutdown_grace: Dur(Duration::from_secs(30)),
+            workers: None,
+        }
+    }
+}
+
+/// `[store]`: where durable state lives and for how long finished work is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The sled directory.
+    pub path: PathBuf,
+    /// Finished tasks and their idempotency keys are purged after this.
+    pub task_retention: Dur,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data"),
+            task_retention: Dur(Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
+}
+
+/// `[admin]`: the admin API is enabled only when its token variable is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Name of the environment variable holding the admin bearer token.
+    pub token_env: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            token_env: "TICKGATE_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+/// One `[[agent]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// DNS label.
+    pub name: String,
+    /// DNS label; `default` when omitted.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// What a tick runs.
+    pub runner: RunnerSpec,
+    /// Ticks running longer fail and their runner is killed.
+    #[serde(default = "default_tick_timeout")]
+    pub tick_timeout: Dur,
+    /// Queue bound; triggers beyond it get 429.
+    #[serde(default = "default_mailbox")]
+    pub mailbox: usize,
+    /// Fixed runner environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Variables a caller may set per request.
+    #[serde(default)]
+    pub allow_env: Vec<String>,
+    /// Circuit breaker thresholds.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    /// Ingress rules.
+    #[serde(default)]
+    pub webhook: WebhookConfig,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+fn default_tick_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+
+fn default_mailbox() -> usize {
+    64
+}
+
+/// `breaker = { failures = 5, open_for = "30s" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub failures: u32,
+    /// How long it stays open before one trial tick is let through.
+    pub open_for: Dur,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            open_for: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `[agent.webhook]`: who may trigger the agent and how.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Variable pinning the token (>= 32 characters) instead of generating one.
+    pub token_env: Option<String>,
+    /// Source addresses allowed to trigger; empty allows all.
+    pub allow_cidrs: Vec<String>,
+    /// Provider signature scheme and secrets.
+    pub signature: Option<SignatureConfig>,
+    /// Token bucket for this agent's triggers.
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Whether GET with a query string triggers a tick.
+    pub allow_get: bool,
+}
+
+/// `rate_limit = { per_second = 10, burst = 20 }`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained triggers per second.
+    pub per_second: f64,
+    /// Triggers allowed at once after a quiet period.
+    pub burst: u32,
+}
+
+/// Server-level settings overridable from the environment as `TICKGATE_<SECTION>_<KEY>`.
+/// Limited to scalars so that an override can never restructure agents.
+const ENV_OVERRIDES: [(&str, &str); 9] = [
+    ("server", "listen"),
+    ("server", "public_url"),
+    ("server", "max_body_bytes"),
+    ("server", "max_wait"),
+    ("server", "shutdown_grace"),
+    ("server", "workers"),
+    ("store", "path"),
+    ("store", "task_retention"),
+    ("admin", "token_env"),
+];
+
+/// An agent ready to start: the actors' spec plus the ingress rules the edge enforces.
+pub struct AgentSetup {
+    /// What the agent actor needs.
+    pub spec: AgentSpec,
+    /// The token from `token_env`, if pinned. Never logged.
+    pub pinned_token: Option<String>,
+    /// Allowed source networks; empty allows all.
+    pub allow_cidrs: Vec<IpNetwork>,
+    /// Signature verification, if configured.
+    pub signature: Option<Verifier>,
+    /// The custom signature header of an `hmac-sha256` scheme, kept out of the tick's `source`.
+    pub signature_header: Option<String>,
+    /// Per-agent rate limit.
+    pub rate_limit: Option<RateLimitConfig>,
+    /// GET with a query string triggers.
+    pub allow_get: bool,
+    /// Breaker thresholds.
+    pub breaker: BreakerConfig,
+}
+
+/// A validated configuration with secrets resolved.
+pub struct Settings {
+    /// The parsed file (with overrides applied).
+    pub config: Config,
+    /// Where it came from, for messages.
+    pub source_name: String,
+    /// `server.listen`, parsed.
+    pub listen: SocketAddr,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<IpNetwork>,
+    /// The admin token, when the admin API is enabled. Never logged.
+    pub admin_token: Option<String>,
+    /// Agents in file order.
+    pub agents: Vec<AgentSetup>,
+}
+
+impl Config {
+    /// Reads the config at `path`, or the default path, or the embedded default, applies
+    /// environment overrides, and parses it.
+    pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
+        let (text, source_name) = match path {
+            Some(p) => (read(p)?, p.display().to_string()),
+            None if Path::new(DEFAULT_PATH).exists() => {
+                (read(Path::new(DEFAULT_PATH))?, DEFAULT_PATH.to_string())
+            }
+            None => (EMBEDDED.to_string(), "embedded default config".to_string()),
+        };
+        let err = |message: String| ConfigError {
+            source_name: source_name.clone(),
+            message,
+        };
+        let mut doc: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        apply_env_overrides(&mut doc, &|name| std::env::var(name).ok()).map_err(err)?;
+        let config = Config::deserialize(toml::Value::Table(doc)).map_err(|e| err(e.to_string()))?;
+        Ok((config, source_name))
+    }
+
+    /// Checks everything that serde cannot and resolves secrets from the environment (through
+    /// `env`, so tests can supply their own). Every error names the key.
+    pub fn validate(
+        self,
+        source_name: String,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
+        let err = |message: String| ConfigError {
+            source_name: source_name.clone(),
+            message,
+        };
+        let listen: SocketAddr = self
+            .server
+            .listen
+            .parse()
+            .map_err(|e| err(format!("server.listen: {:?} is not an address: {e}", self.server.listen)))?;
+        if let Some(url) = &self.server.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(err(format!("server.public_url: {url:?} must start with http:// or https://")));
+            }
+        }
+        let trusted_proxies = parse_cidrs(&self.server.trusted_proxies)
+            .map_err(|e| err(format!("server.trusted_proxies: {e}")))?;
+        if self.server.max_body_bytes == 0 {
+            return Err(err("server.max_body_bytes: must be at least 1".into()));
+        }
+        if self.server.workers == Some(0) {
+            return Err(err("server.workers: must be at least 1".into()));
+        }
+        if self.store.path.as_os_str().is_empty() {
+            return Err(err("store.path: must not be empty".into()));
+        }
+        let admin_token = match env(&self.admin.token_env) {
+            Some(t) if t.len() < 16 => {
+                return Err(err(format!(
+                    "admin.token_env: the variable {} holds fewer than 16 characters; use a long random token",
+                    self.admin.token_env
+                )))
+            }
+            Some(t) => Some(t),
+            None => None,
+        };
+        if self.agents.is_empty() {
+            return Err(err("agent: at least one [[agent]] is required".into()));
+        }
+        let mut seen = BTreeSet::new();
+        let mut agents = Vec::with_capacity(self.agents.len());
+        for (i, a) in self.agents.iter().enumerate() {
+            let at = format!("agent[{i}]");
+            let id = AgentId::new(&a.namespace, &a.name).map_err(|e| err(format!("{at}: {e}")))?;
+            let at = format!("agent {id:?}");
+            let at = at.replace('"', "");
+            if !seen.insert(id.clone()) {
+                return Err(err(format!("{at}: declared twice")));
+            }
+            agents.push(validate_agent(a, id, &at, env).map_err(err)?);
+        }
+        Ok(Settings {
+            config: self,
+            source_name,
+            listen,
+            trusted_proxies,
+            admin_token,
+            agents,
+        })
+    }
+}
+
+fn validate_agent(
+    a: &AgentConfig,
+    id: AgentId,
+    at: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<AgentSetup, String> {
+    if a.mailbox == 0 {
+        return Err(format!("{at}: mailbox: must be at least 1"));
+    }
+    if a.tick_timeout.0.is_zero() {
+        return Err(format!("{at}: tick_timeout: must be more than zero"));
+    }
+    if a.breaker.failures == 0 {
+        return Err(format!("{at}: breaker.failures: must be at least 1"));
+    }
+    for name in a.allow_env.iter().chain(a.env.keys()) {
+        if !is_env_name(name) {
+            return Err(format!("{at}: {name:?} is not a valid environment variable name"));
+        }
+        if name.starts_with("TICKGATE_") {
+            return Err(format!("{at}: {name}: TICKGATE_* variables are set by tickgate itself"));
+        }
+    }
+    match &a.runner {
+        RunnerSpec::Command(c) if c.program.as_os_str().is_empty() => {
+            return Err(format!("{at}: runner.program: must not be empty"));
+        }
+        RunnerSpec::Command(c) if c.mode == CommandMode::Persistent || c.mode == CommandMode::Oneshot => {}
+        RunnerSpec::Http(h) if !(h.url.starts_with("http://") || h.url.starts_with("https://")) => {
+            return Err(format!("{at}: runner.url: {:?} must start with http:// or https://", h.url));
+        }
+        _ => {}
+    }
+    let pinned_token = match &a.webhook.token_env {
+        None => None,
+        Some(var) => match env(var) {
+            None => return Err(format!("{at}: webhook.token_env: the variable {var} is not set")),
+            Some(t) if t.len() < MIN_PINNED_LEN => {
+                return Err(format!(
+                    "{at}: webhook.token_env: the variable {var} holds fewer than {MIN_PINNED_LEN} characters"
+                ))
+            }
+            Some(t) if t.contains('/') || t.contains('?') || t.contains('#') || t.contains(char::is_whitespace) => {
+                return Err(format!(
+                    "{at}: webhook.token_env: the token in {var} must be usable in a URL path (no '/', '?', '#' or spaces)"
+                ))
+            }
+            Some(t) => Some(t),
+        },
+    };
+    let allow_cidrs =
+        parse_cidrs(&a.webhook.allow_cidrs).map_err(|e| format!("{at}: webhook.allow_cidrs: {e}"))?;
+    let signature = match &a.webhook.signature {
+        None => None,
+        Some(s) => Some(s.build(env).map_err(|e| format!("{at}: webhook.signature: {e}"))?),
+    };
+    if let Some(r) = &a.webhook.rate_limit {
+        if !(r.per_second > 0.0 && r.per_second.is_finite()) {
+            return Err(format!("{at}: webhook.rate_limit.per_second: must be a positive number"));
+        }
+        if r.burst == 0 {
+            return Err(format!("{at}: webhook.rate_limit.burst: must be at least 1"));
+        }
+    }
+    Ok(AgentSetup {
+        spec: AgentSpec {
+            id,
+            runner: a.runner.clone(),
+            tick_timeout: a.tick_timeout.0,
+            mailbox: a.mailbox,
+            env: a.env.clone(),
+            allow_env: a.allow_env.iter().cloned().collect(),
+        },
+        pinned_token,
+        allow_cidrs,
+        signature,
+        signature_header: a.webhook.signature.as_ref().and_then(|s| s.header.clone()),
+        rate_limit: a.webhook.rate_limit,
+        allow_get: a.webhook.allow_get,
+        breaker: a.breaker.clone(),
+    })
+}
+
+/// Whether `name` is a portable environment variable name.
+pub fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        source_name: path.display().to_string(),
+        message: format!("cannot read the config file: {e}"),
+    })
+}
+
+fn apply_env_overrides(
+    doc: &mut toml::Table,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), String> {
+    for (section, key) in ENV_OVERRIDES {
+        let var = format!("TICKGATE_{}_{}", section.to_uppercase(), key.to_uppercase());
+        let Some(raw) = env(&var) else { continue };
+        let value = match key {
+            "max_body_bytes" | "workers" => raw
+                .parse::<i64>()
+                .map(toml::Value::Integer)
+                .map_err(|_| format!("{var}: {raw:?} is not a whole number"))?,
+            _ => toml::Value::String(raw),
+        };
+        let table = doc
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match table {
+            toml::Value::Table(t) => {
+                t.insert(key.to_string(), value);
+            }
+            _ => return Err(format!("{section}: must be a table")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        let env = |name: &str| match name {
+            "PINNED" => Some("p".repeat(40)),
+            "SHORT" => Some("short".into()),
+            _ => None,
+        };
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
+            source_name: "t".into(),
+            message: e.to_string(),
+        })?;
+        apply_env_overrides(&mut doc, &env).unwrap();
+        let config = Config::deserialize(toml::Value::Table(doc)).map_err(|e| ConfigError {
+            source_name: "t".into(),
+            message: e.to_string(),
+        })?;
+        config.validate("t".into(), &env)
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config: Config = toml::from_str(EMBEDDED).unwrap();
+        let settings = config.validate("embedded".into(), &|_| None).unwrap();
+        assert!(settings.agents.iter().any(|a| a.spec.id.to_string() == "default/echo"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\ntick_timeout = \"soon\"\n")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("tick_timeout"), "{e}");
+        let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[agent.webhook]\ntoken_env = \"SHORT\"\n")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("SHORT") && e.to_string().contains("default/a"), "{e}");
+        let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("declared twice"), "{e}");
+        let e = parse("[server]\nlisten = \"nowhere\"\n[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("server.listen"), "{e}");
+        let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\ncolour = 1\n").err().unwrap();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn pinned_token_is_read_from_env() {
+        let s = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[agent.webhook]\ntoken_env = \"PINNED\"\n").unwrap();
+        assert_eq!(s.agents[0].pinned_token.as_deref().map(str::len), Some(40));
+    }
+
+    #[test]
+    fn env_overrides_apply_to_scalars_only() {
+        let mut doc = toml::Table::new();
+        let env = |name: &str| match name {
+            "TICKGATE_SERVER_LISTEN" => Some("127.0.0.1:0".to_string()),
+            "TICKGATE_SERVER_MAX_BODY_BYTES" => Some("10".to_string()),
+            _ => None,
+        };
+        apply_env_overrides(&mut doc, &env).unwrap();
+        assert_eq!(doc["server"]["listen"].as_str(), Some("127.0.0.1:0"));
+        assert_eq!(doc["server"]["max_body_bytes"].as_integer(), Some(10));
+        let bad = |name: &str| (name == "TICKGATE_SERVER_WORKERS").then(|| "many".to_string());
+        assert!(apply_env_overrides(&mut toml::Table::new(), &bad).is_err());
+    }
+}

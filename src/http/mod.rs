@@ -1,0 +1,196 @@
+//! The HTTP edge: routes, shared state, and the access log. Handlers stay short: extract, call
+//! one domain function or actor, map the result.
+
+pub mod admin;
+pub mod error;
+pub mod health;
+pub mod tasks;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::Addr;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::{ErrorHandlers, Next};
+use actix_web::{web, HttpRequest, HttpResponse};
+use ipnetwork::IpNetwork;
+use tickgate_actors::events::TaskEvents;
+use tickgate_actors::model::AgentId;
+use tickgate_actors::registry::Registry;
+use tickgate_actors::store::Store;
+use tracing::Instrument;
+
+use crate::ingress::client_ip::client_ip;
+use crate::ingress::rate_limit::FailureLimiter;
+use crate::ingress::Gate;
+use error::ApiError;
+
+/// State shared by every handler; built once at start-up and never mutated, so no handler holds
+/// a lock across an await.
+pub struct AppState {
+    /// Token → agent, rotation, listings.
+    pub registry: Addr<Registry>,
+    /// Task reads.
+    pub store: Arc<dyn Store>,
+    /// Task status changes, for sync waits and SSE.
+    pub events: Arc<TaskEvents>,
+    /// Per-agent ingress rules.
+    pub gates: HashMap<AgentId, Gate>,
+    /// Base of `poll_url`s and webhook URLs.
+    pub public_url: String,
+    /// Body size limit.
+    pub max_body_bytes: usize,
+    /// Cap on a synchronous wait.
+    pub max_wait: Duration,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNetwork>,
+    /// Throttles clients that fail token lookups or signatures.
+    pub failures: FailureLimiter,
+    /// Admin bearer token; `None` disables the admin API.
+    pub admin_token: Option<String>,
+}
+
+impl AppState {
+    /// The client address after trusted-proxy resolution.
+    pub fn client_ip(&self, req: &HttpRequest) -> IpAddr {
+        let peer = req
+            .peer_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let xff: Vec<&str> = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        client_ip(peer, &xff, &self.trusted_proxies)
+    }
+
+    /// The URL callers poll for a task.
+    pub fn poll_url(&self, id: &impl std::fmt::Display) -> String {
+        format!("{}/tasks/{id}", self.public_url)
+    }
+}
+
+/// Registers every route. Admin routes exist only when an admin token is configured.
+pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
+    cfg.service(
+        web::resource("/webhooks/{token}")
+            .route(web::post().to(webhook::post_by_token))
+            .route(web::get().to(webhook::get_by_token))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/webhooks/agents/{token}")
+            .route(web::post().to(webhook::post_by_token))
+            .route(web::get().to(webhook::get_by_token))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/webhooks/{namespace}/{agent}/{token}")
+            .route(web::post().to(webhook::post_named))
+            .route(web::get().to(webhook::get_named))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/tasks/{id}")
+            .route(web::get().to(tasks::get))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/tasks/{id}/events")
+            .route(web::get().to(tasks::events))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/task_status")
+            .route(web::get().to(tasks::status_alias))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/healthz")
+            .route(web::get().to(health::healthz))
+            .default_service(web::to(method_not_allowed)),
+    );
+    if admin_enabled {
+        cfg.service(
+            web::resource("/admin/agents")
+                .route(web::get().to(admin::list_agents))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/agents/{namespace}/{agent}/token")
+                .route(web::post().to(admin::rotate_token))
+                .default_service(web::to(method_not_allowed)),
+        );
+    }
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// The fallback for unknown paths.
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such route".into()))
+}
+
+/// Rewrites non-JSON error responses into the standard error shape.
+pub fn error_shape<B: MessageBody + 'static>() -> ErrorHandlers<B> {
+    ErrorHandlers::new().default_handler(error::normalize)
+}
+
+/// Replaces the token in webhook paths, so access logs never hold a working URL.
+pub fn redact_path(path: &str) -> String {
+    let is_webhook = path.starts_with("/webhooks/") || path.starts_with("/api/webhooks/");
+    if !is_webhook {
+        return path.to_string();
+    }
+    match path.rfind('/') {
+        Some(i) if i + 1 < path.len() => format!("{}/[redacted]", &path[..i]),
+        _ => path.to_string(),
+    }
+}
+
+/// Access log with a span per request. Logs the redacted path and never the query string,
+/// which may carry secrets for GET triggers.
+pub async fn access_log(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let path = redact_path(req.path());
+    let span = tracing::info_span!("request", method = %method, path = %path);
+    let res = next.call(req).instrument(span.clone()).await;
+    let _entered = span.enter();
+    match &res {
+        Ok(r) => tracing::info!(
+            status = r.status().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        ),
+        Err(e) => tracing::info!(
+            status = e.as_response_error().status_code().as_u16(),
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        ),
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_path;
+
+    #[test]
+    fn webhook_tokens_are_redacted() {
+        assert_eq!(redact_path("/webhooks/abc"), "/webhooks/[redacted]");
+        assert_eq!(redact_path("/webhooks/ns/a/abc"), "/webhooks/ns/a/[redacted]");
+        assert_eq!(redact_path("/api/webhooks/agents/abc"), "/api/webhooks/agents/[redacted]");
+        assert_eq!(redact_path("/tasks/1"), "/tasks/1");
+    }
+}

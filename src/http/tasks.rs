@@ -1,0 +1,198 @@
+//! The task resource: polling, the DocsGPT-style alias, Server-Sent Events, and the wait used by
+//! synchronous triggers.
+
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use futures_util::stream;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tickgate_actors::events::Subscription;
+use tickgate_actors::model::{rfc3339, Task, TaskId, TaskStatus};
+
+use super::error::ApiError;
+use super::AppState;
+
+/// The task as the API shows it (SPEC section 4, Tasks).
+#[derive(Debug, Serialize)]
+pub struct TaskRecord<'a> {
+    task_id: String,
+    agent: String,
+    status: TaskStatus,
+    phase: &'static str,
+    tick: Option<u64>,
+    attempt: u32,
+    title: &'a Option<String>,
+    created_at: String,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    response: &'a Option<Value>,
+    result: &'a Option<Value>,
+    error: &'a Option<String>,
+    poll_url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timed_out: Option<bool>,
+}
+
+impl<'a> TaskRecord<'a> {
+    /// Renders a stored task.
+    pub fn new(task: &'a Task, state: &AppState) -> Self {
+        Self {
+            task_id: task.id.to_string(),
+            agent: task.agent.to_string(),
+            status: task.status,
+            phase: task.status.phase(),
+            tick: (task.tick > 0).then_some(task.tick),
+            attempt: task.attempt,
+            title: &task.title,
+            created_at: rfc3339(task.created_at),
+            started_at: task.started_at.map(rfc3339),
+            finished_at: task.finished_at.map(rfc3339),
+            response: &task.response,
+            result: &task.result,
+            error: &task.error,
+            poll_url: state.poll_url(&task.id),
+            duplicate: None,
+            timed_out: None,
+        }
+    }
+
+    /// Marks the answer to a repeated idempotency key.
+    pub fn duplicate(mut self) -> Self {
+        self.duplicate = Some(true);
+        self
+    }
+
+    /// Marks a synchronous wait that ran out before the task finished.
+    pub fn timed_out(mut self, timed_out: bool) -> Self {
+        if timed_out {
+            self.timed_out = Some(true);
+        }
+        self
+    }
+}
+
+/// Reads a task off the arbiter thread.
+pub async fn load(state: &AppState, id: TaskId) -> Result<Option<Task>, ApiError> {
+    let store = state.store.clone();
+    Ok(web::block(move || store.task(id)).await??)
+}
+
+fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::NotFound(format!("no task with id {raw:?}")))
+}
+
+async fn load_or_404(state: &AppState, raw: &str) -> Result<Task, ApiError> {
+    let id = parse_id(raw)?;
+    load(state, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no task with id {raw:?}")))
+}
+
+/// `GET /tasks/{id}`.
+pub async fn get(
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let task = load_or_404(&state, &id).await?;
+    Ok(HttpResponse::Ok().json(TaskRecord::new(&task, &state)))
+}
+
+/// Query of the DocsGPT-compatible alias.
+#[derive(Deserialize)]
+pub struct StatusQuery {
+    task_id: String,
+}
+
+/// `GET /api/task_status?task_id={id}`.
+pub async fn status_alias(
+    query: web::Query<StatusQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let task = load_or_404(&state, &query.task_id).await?;
+    Ok(HttpResponse::Ok().json(TaskRecord::new(&task, &state)))
+}
+
+/// Waits until the task is terminal or `wait` runs out; returns the latest known state and
+/// whether the wait ran out. `sub` must have been taken before `task` was read, so that no
+/// change can fall between the read and the subscription.
+pub async fn wait_for(
+    state: &AppState,
+    mut sub: Subscription,
+    mut task: Task,
+    wait: Duration,
+) -> Result<(Task, bool), ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while !task.status.is_terminal() {
+        tokio::select! {
+            next = sub.next() => match next {
+                Some(t) => task = t,
+                None => {
+                    task = load(state, task.id).await?.unwrap_or(task);
+                    return Ok((task.clone(), !task.status.is_terminal()));
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => return Ok((task, true)),
+        }
+    }
+    Ok((task, false))
+}
+
+/// Orders states so that a stream never goes backwards when a stored read and a published event
+/// overlap.
+fn progress(task: &Task) -> (u32, u8) {
+    let rank = match task.status {
+        TaskStatus::Pending => 0,
+        TaskStatus::Started => 1,
+        TaskStatus::Success | TaskStatus::Failure => 2,
+    };
+    (task.attempt, rank)
+}
+
+fn sse_frame(task: &Task, state: &AppState) -> web::Bytes {
+    let data = serde_json::to_string(&TaskRecord::new(task, state)).unwrap_or_default();
+    web::Bytes::from(format!("event: status\ndata: {data}\n\n"))
+}
+
+/// `GET /tasks/{id}/events`: one `status` event per change, closing after the terminal one.
+/// Works for finished tasks too (one event, then the end).
+pub async fn events(
+    id: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&id)?;
+    let sub = state.events.subscribe(id);
+    let task = load(&state, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no task with id {:?}", id.to_string())))?;
+    let first = sse_frame(&task, &state);
+    let done = task.status.is_terminal();
+    let seen = progress(&task);
+    let body = stream::unfold(
+        (Some(first), sub, state, seen, done),
+        |(first, mut sub, state, seen, done)| async move {
+            if let Some(frame) = first {
+                return Some((Ok::<_, actix_web::Error>(frame), (None, sub, state, seen, done)));
+            }
+            if done {
+                return None;
+            }
+            loop {
+                let task = sub.next().await?;
+                if progress(&task) <= seen {
+                    continue;
+                }
+                let frame = sse_frame(&task, &state);
+                let done = task.status.is_terminal();
+                return Some((Ok(frame), (None, sub, state, progress(&task), done)));
+            }
+        },
+    );
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(body))
+}

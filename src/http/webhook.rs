@@ -1,0 +1,364 @@
+//! Trigger routes: authenticate the token, run the agent's ingress gate, parse the body, submit
+//! the task to the agent, and answer at once (202) or after waiting for the tick (200, or 202
+//! with `timed_out`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use tickgate_actors::agent::{AgentHandle, Submitted};
+use tickgate_actors::model::{AgentId, Source, Task};
+use tickgate_actors::registry::{Resolve, ResolveError, ResolveFor};
+use tickgate_actors::store::IdempotencyKey;
+use tickgate_actors::token;
+
+use super::error::ApiError;
+use super::tasks::{load, wait_for, TaskRecord};
+use super::AppState;
+use crate::ingress::body::{self, BodyError, TriggerBody};
+use crate::ingress::{Gate, GateError};
+
+/// Headers whose value identifies a delivery, in order of preference. Provider delivery ids make
+/// redeliveries idempotent without the sender doing anything.
+const IDEMPOTENCY_HEADERS: [&str; 4] = [
+    "idempotency-key",
+    "x-github-delivery",
+    "webhook-id",
+    "linear-delivery",
+];
+
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// `POST /webhooks/{token}` and `POST /api/webhooks/agents/{token}`.
+pub async fn post_by_token(
+    token: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let client = state.client_ip(&req);
+    let agent = resolve(&state, client, None, &token).await?;
+    let body = read_body(payload, &req, state.max_body_bytes).await?;
+    trigger(&state, &agent, &req, client, &body, None).await
+}
+
+/// `POST /webhooks/{namespace}/{agent}/{token}`.
+pub async fn post_named(
+    path: web::Path<(String, String, String)>,
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (namespace, name, token) = path.into_inner();
+    let client = state.client_ip(&req);
+    let agent = resolve(&state, client, Some((&namespace, &name)), &token).await?;
+    let body = read_body(payload, &req, state.max_body_bytes).await?;
+    trigger(&state, &agent, &req, client, &body, None).await
+}
+
+/// `GET /webhooks/{token}`: a verification ping without a query string, a trigger with one.
+pub async fn get_by_token(
+    token: web::Path<String>,
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let client = state.client_ip(&req);
+    let agent = resolve(&state, client, None, &token).await?;
+    get_trigger(&state, &agent, &req, client).await
+}
+
+/// `GET /webhooks/{namespace}/{agent}/{token}`.
+pub async fn get_named(
+    path: web::Path<(String, String, String)>,
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (namespace, name, token) = path.into_inner();
+    let client = state.client_ip(&req);
+    let agent = resolve(&state, client, Some((&namespace, &name)), &token).await?;
+    get_trigger(&state, &agent, &req, client).await
+}
+
+async fn get_trigger(
+    state: &AppState,
+    agent: &AgentHandle,
+    req: &HttpRequest,
+    client: IpAddr,
+) -> Result<HttpResponse, ApiError> {
+    if req.query_string().is_empty() {
+        return Ok(HttpResponse::Ok().json(json!({ "ok": true })));
+    }
+    if !gate(state, agent).allow_get {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("the query string is malformed: {e}")))?;
+    let inputs: Map<String, Value> = pairs
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    trigger(state, agent, req, client, &[], Some(Value::Object(inputs))).await
+}
+
+/// Token → agent, throttling clients that keep presenting bad tokens.
+async fn resolve(
+    state: &AppState,
+    client: IpAddr,
+    named: Option<(&str, &str)>,
+    token: &str,
+) -> Result<AgentHandle, ApiError> {
+    if let Err(wait) = state.failures.check(client) {
+        return Err(ApiError::RateLimited {
+            retry_after: wait.as_secs_f64().ceil() as u64,
+        });
+    }
+    let digest = token::digest(token);
+    let found = match named {
+        None => state
+            .registry
+            .send(Resolve(digest))
+            .await?
+            .ok_or(ApiError::UnknownToken),
+        Some((namespace, name)) => match AgentId::new(namespace, name) {
+            Err(_) => Err(ApiError::UnknownToken),
+            Ok(agent) => state
+                .registry
+                .send(ResolveFor { agent, digest })
+                .await?
+                .map_err(|e| match e {
+                    ResolveError::UnknownAgent => ApiError::UnknownToken,
+                    ResolveError::WrongToken => ApiError::WrongToken,
+                }),
+        },
+    };
+    if found.is_err() {
+        state.failures.failed(client);
+    }
+    found
+}
+
+fn gate<'a>(state: &'a AppState, agent: &AgentHandle) -> &'a Gate {
+    state
+        .gates
+        .get(&agent.spec.id)
+        .expect("every registered agent has a gate")
+}
+
+/// Reads the body once, refusing it as soon as it is known to exceed the limit.
+async fn read_body(
+    mut payload: web::Payload,
+    req: &HttpRequest,
+    limit: usize,
+) -> Result<web::Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("could not read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The gate, the body, the submission and the answer: the whole trigger after authentication.
+async fn trigger(
+    state: &AppState,
+    agent: &AgentHandle,
+    req: &HttpRequest,
+    client: IpAddr,
+    raw_body: &[u8],
+    query_inputs: Option<Value>,
+) -> Result<HttpResponse, ApiError> {
+    let gate = gate(state, agent);
+    gate.check_source(client).map_err(gate_error)?;
+    let lookup = |name: &str| header_str(req, name).map(str::to_string);
+    if let Err(e) = gate.check_signature(&lookup, raw_body) {
+        state.failures.failed(client);
+        return Err(gate_error(e));
+    }
+    gate.check_rate().map_err(gate_error)?;
+
+    let parsed = match query_inputs {
+        Some(inputs) => TriggerBody {
+            inputs,
+            title: None,
+            env: BTreeMap::new(),
+            wait: None,
+        },
+        None => body::parse(header_str(req, "content-type"), raw_body).map_err(body_error)?,
+    };
+    if let Some(name) = parsed
+        .env
+        .keys()
+        .find(|name| !agent.spec.allow_env.contains(*name))
+    {
+        return Err(ApiError::EnvNotAllowed(name.clone()));
+    }
+    let wait = requested_wait(req, parsed.wait)?.map(|w| w.min(state.max_wait));
+    let idempotency = idempotency_key(req, raw_body)?;
+
+    let mut task = Task::new(agent.spec.id.clone(), parsed.inputs, source(req, client, gate));
+    task.title = parsed.title;
+    task.env = parsed.env;
+    let sub = wait.map(|_| state.events.subscribe(task.id));
+
+    match agent.submit(task, idempotency).await? {
+        Submitted::Accepted(task) => match (wait, sub) {
+            (Some(wait), Some(sub)) => {
+                let (task, timed_out) = wait_for(state, sub, task, wait).await?;
+                Ok(finished_or_pending(state, &task, timed_out, false))
+            }
+            _ => Ok(accepted(state, &task)),
+        },
+        Submitted::Duplicate(id) => {
+            drop(sub);
+            let sub = wait.map(|_| state.events.subscribe(id));
+            let original = load(state, id)
+                .await?
+                .ok_or_else(|| ApiError::Internal(format!("idempotency key points at missing task {id}")))?;
+            let (task, timed_out) = match (wait, sub) {
+                (Some(wait), Some(sub)) => wait_for(state, sub, original, wait).await?,
+                _ => (original, false),
+            };
+            Ok(finished_or_pending(state, &task, timed_out, true))
+        }
+        Submitted::Conflict(id) => Err(ApiError::IdempotencyConflict(id)),
+    }
+}
+
+fn accepted(state: &AppState, task: &Task) -> HttpResponse {
+    let poll_url = state.poll_url(&task.id);
+    HttpResponse::Accepted()
+        .insert_header((header::LOCATION, poll_url.clone()))
+        .json(json!({
+            "task_id": task.id.to_string(),
+            "status": task.status,
+            "agent": task.agent.to_string(),
+            "poll_url": poll_url,
+        }))
+}
+
+fn finished_or_pending(state: &AppState, task: &Task, timed_out: bool, duplicate: bool) -> HttpResponse {
+    let mut record = TaskRecord::new(task, state).timed_out(timed_out);
+    if duplicate {
+        record = record.duplicate();
+    }
+    let mut resp = if timed_out && !duplicate {
+        HttpResponse::Accepted()
+    } else {
+        HttpResponse::Ok()
+    };
+    resp.insert_header((header::LOCATION, state.poll_url(&task.id)))
+        .json(record)
+}
+
+/// The wait a caller asked for: `?wait=N`, then `Prefer: wait=N`, then the body's `wait`.
+fn requested_wait(req: &HttpRequest, from_body: Option<Duration>) -> Result<Option<Duration>, ApiError> {
+    let query: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string()).unwrap_or_default();
+    if let Some((_, v)) = query.iter().find(|(k, _)| k == "wait") {
+        return parse_wait(v);
+    }
+    let prefer = req
+        .headers()
+        .get_all("prefer")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .find_map(|pref| {
+            let (k, v) = pref.split_once('=')?;
+            (k.trim().eq_ignore_ascii_case("wait")).then(|| v.trim().trim_matches('"').to_string())
+        });
+    if let Some(v) = prefer {
+        return parse_wait(&v);
+    }
+    Ok(from_body)
+}
+
+fn parse_wait(v: &str) -> Result<Option<Duration>, ApiError> {
+    match v {
+        "true" => Ok(Some(body::DEFAULT_WAIT)),
+        "false" => Ok(None),
+        _ => body::seconds(v.parse::<f64>().ok()).map_err(body_error),
+    }
+}
+
+fn idempotency_key(req: &HttpRequest, raw_body: &[u8]) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(key) = IDEMPOTENCY_HEADERS
+        .iter()
+        .find_map(|name| header_str(req, name))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+    else {
+        return Ok(None);
+    };
+    if key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::BadRequest(format!(
+            "the idempotency key is longer than {MAX_IDEMPOTENCY_KEY} characters"
+        )));
+    }
+    Ok(Some(IdempotencyKey {
+        key: key.to_string(),
+        body_sha256: Sha256::digest(raw_body).into(),
+    }))
+}
+
+/// Request metadata for the tick, without credentials.
+fn source(req: &HttpRequest, client: IpAddr, gate: &Gate) -> Source {
+    let mut headers = BTreeMap::new();
+    for (name, value) in req.headers() {
+        let name = name.as_str();
+        if gate.secret_headers.iter().any(|s| s == name) {
+            continue;
+        }
+        if let Ok(v) = value.to_str() {
+            headers
+                .entry(name.to_string())
+                .and_modify(|existing: &mut String| {
+                    existing.push_str(", ");
+                    existing.push_str(v);
+                })
+                .or_insert_with(|| v.to_string());
+        }
+    }
+    Source {
+        method: req.method().to_string(),
+        remote_ip: client.to_string(),
+        event: None,
+        headers,
+    }
+}
+
+fn gate_error(e: GateError) -> ApiError {
+    match e {
+        GateError::Forbidden => ApiError::Forbidden,
+        GateError::Signature(e) => ApiError::BadSignature(e.to_string()),
+        GateError::RateLimited(wait) => ApiError::RateLimited {
+            retry_after: wait.as_secs_f64().ceil() as u64,
+        },
+    }
+}
+
+fn body_error(e: BodyError) -> ApiError {
+    match e {
+        BodyError::UnsupportedType(t) => ApiError::UnsupportedMediaType(t),
+        BodyError::InvalidJson(m) => ApiError::InvalidJson(m),
+        BodyError::InvalidField(m) => ApiError::BadRequest(m),
+    }
+}

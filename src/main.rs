@@ -1,0 +1,59 @@
+//! The `tickgate` binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tickgate::cli::{self, Cli, Command, LogFormat, TokenAction};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let settings = match cli::settings(&cli) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tickgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.as_ref().unwrap_or(&Command::Serve) {
+        Command::Serve => match tickgate::app::serve(settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tickgate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check => {
+            println!(
+                "{}: OK ({} agents)",
+                settings.source_name,
+                settings.agents.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Token {
+            action: TokenAction::Rotate { agent },
+        } => match cli::rotate(&settings, agent) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tickgate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
