@@ -60,7 +60,7 @@ async fn run(settings: Settings) -> Result<(), AppError> {
         .iter()
         .filter_map(|a| Some((a.spec.id.clone(), a.pinned_token.clone()?)))
         .collect();
-    let (digests, created) = bootstrap_tokens(dyn_store.as_ref(), &ids, &pinned)?;
+    let tokens = bootstrap_tokens(dyn_store.as_ref(), &ids, &pinned)?;
 
     let events = Arc::new(TaskEvents::default());
     let deps = AgentDeps {
@@ -92,7 +92,7 @@ async fn run(settings: Settings) -> Result<(), AppError> {
     }
     let registry = Registry::new(
         handles,
-        digests,
+        tokens.digests,
         pinned.keys().cloned().collect::<HashSet<_>>(),
         dyn_store.clone(),
     )
@@ -111,7 +111,7 @@ async fn run(settings: Settings) -> Result<(), AppError> {
         .unwrap_or_else(|| format!("http://{bound}"))
         .trim_end_matches('/')
         .to_string();
-    announce(&settings, &bound.to_string(), &public_url, &created);
+    announce(&settings, &bound.to_string(), &public_url, &tokens.created);
 
     let admin_enabled = settings.admin_token.is_some();
     let state = web::Data::new(AppState {
@@ -153,10 +153,21 @@ async fn run(settings: Settings) -> Result<(), AppError> {
 
 /// Prints where the service listens and each newly created webhook URL, once. Tokens that
 /// already existed are never printed again: the operator is told how to rotate instead.
-fn announce(settings: &Settings, bound: &str, public_url: &str, created: &[tickgate_actors::registry::NewToken]) {
-    println!("tickgate listening on http://{bound} ({})", settings.source_name);
+fn announce(
+    settings: &Settings,
+    bound: &str,
+    public_url: &str,
+    created: &[tickgate_actors::registry::NewToken],
+) {
+    println!(
+        "tickgate listening on http://{bound} ({})",
+        settings.source_name
+    );
     for new in created {
-        println!("webhook for {}: POST {public_url}/webhooks/{}", new.agent, new.token);
+        println!(
+            "webhook for {}: POST {public_url}/webhooks/{}",
+            new.agent, new.token
+        );
     }
     if let Some(first) = created.first() {
         println!(
@@ -185,7 +196,9 @@ fn spawn_retention(store: Arc<dyn Store>, retention: Duration) {
             tick.tick().await;
             let store = store.clone();
             match tokio::task::spawn_blocking(move || store.purge(retention)).await {
-                Ok(Ok(p)) if p.tasks > 0 => tracing::info!(tasks = p.tasks, "purged finished tasks"),
+                Ok(Ok(p)) if p.tasks > 0 => {
+                    tracing::info!(tasks = p.tasks, "purged finished tasks")
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "retention purge failed"),
                 Err(e) => tracing::warn!(error = %e, "retention purge panicked"),

@@ -121,11 +121,15 @@ fn rotate_online(settings: &Settings, agent: &AgentId, path: &str) -> Result<Str
             .bearer_auth(admin)
             .send()
             .await
-            .map_err(|e| format!("the store is locked and the admin API at {url} did not answer: {e}"))?;
+            .map_err(|e| {
+                format!("the store is locked and the admin API at {url} did not answer: {e}")
+            })?;
         let status = resp.status();
         let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
         if !status.is_success() {
-            let msg = body["error"]["message"].as_str().unwrap_or("request failed");
+            let msg = body["error"]["message"]
+                .as_str()
+                .unwrap_or("request failed");
             return Err(format!("the admin API refused: {status}: {msg}"));
         }
         Ok(body)

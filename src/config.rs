@@ -295,7 +295,8 @@ impl Config {
         };
         let mut doc: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         apply_env_overrides(&mut doc, &|name| std::env::var(name).ok()).map_err(err)?;
-        let config = Config::deserialize(toml::Value::Table(doc)).map_err(|e| err(e.to_string()))?;
+        let config =
+            Config::deserialize(toml::Value::Table(doc)).map_err(|e| err(e.to_string()))?;
         Ok((config, source_name))
     }
 
@@ -310,14 +311,17 @@ impl Config {
             source_name: source_name.clone(),
             message,
         };
-        let listen: SocketAddr = self
-            .server
-            .listen
-            .parse()
-            .map_err(|e| err(format!("server.listen: {:?} is not an address: {e}", self.server.listen)))?;
+        let listen: SocketAddr = self.server.listen.parse().map_err(|e| {
+            err(format!(
+                "server.listen: {:?} is not an address: {e}",
+                self.server.listen
+            ))
+        })?;
         if let Some(url) = &self.server.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(err(format!("server.public_url: {url:?} must start with http:// or https://")));
+                return Err(err(format!(
+                    "server.public_url: {url:?} must start with http:// or https://"
+                )));
             }
         }
         let trusted_proxies = parse_cidrs(&self.server.trusted_proxies)
@@ -349,8 +353,7 @@ impl Config {
         for (i, a) in self.agents.iter().enumerate() {
             let at = format!("agent[{i}]");
             let id = AgentId::new(&a.namespace, &a.name).map_err(|e| err(format!("{at}: {e}")))?;
-            let at = format!("agent {id:?}");
-            let at = at.replace('"', "");
+            let at = format!("agent {id}");
             if !seen.insert(id.clone()) {
                 return Err(err(format!("{at}: declared twice")));
             }
@@ -384,19 +387,27 @@ fn validate_agent(
     }
     for name in a.allow_env.iter().chain(a.env.keys()) {
         if !is_env_name(name) {
-            return Err(format!("{at}: {name:?} is not a valid environment variable name"));
+            return Err(format!(
+                "{at}: {name:?} is not a valid environment variable name"
+            ));
         }
         if name.starts_with("TICKGATE_") {
-            return Err(format!("{at}: {name}: TICKGATE_* variables are set by tickgate itself"));
+            return Err(format!(
+                "{at}: {name}: TICKGATE_* variables are set by tickgate itself"
+            ));
         }
     }
     match &a.runner {
         RunnerSpec::Command(c) if c.program.as_os_str().is_empty() => {
             return Err(format!("{at}: runner.program: must not be empty"));
         }
-        RunnerSpec::Command(c) if c.mode == CommandMode::Persistent || c.mode == CommandMode::Oneshot => {}
+        RunnerSpec::Command(c)
+            if c.mode == CommandMode::Persistent || c.mode == CommandMode::Oneshot => {}
         RunnerSpec::Http(h) if !(h.url.starts_with("http://") || h.url.starts_with("https://")) => {
-            return Err(format!("{at}: runner.url: {:?} must start with http:// or https://", h.url));
+            return Err(format!(
+                "{at}: runner.url: {:?} must start with http:// or https://",
+                h.url
+            ));
         }
         _ => {}
     }
@@ -417,18 +428,25 @@ fn validate_agent(
             Some(t) => Some(t),
         },
     };
-    let allow_cidrs =
-        parse_cidrs(&a.webhook.allow_cidrs).map_err(|e| format!("{at}: webhook.allow_cidrs: {e}"))?;
+    let allow_cidrs = parse_cidrs(&a.webhook.allow_cidrs)
+        .map_err(|e| format!("{at}: webhook.allow_cidrs: {e}"))?;
     let signature = match &a.webhook.signature {
         None => None,
-        Some(s) => Some(s.build(env).map_err(|e| format!("{at}: webhook.signature: {e}"))?),
+        Some(s) => Some(
+            s.build(env)
+                .map_err(|e| format!("{at}: webhook.signature: {e}"))?,
+        ),
     };
     if let Some(r) = &a.webhook.rate_limit {
         if !(r.per_second > 0.0 && r.per_second.is_finite()) {
-            return Err(format!("{at}: webhook.rate_limit.per_second: must be a positive number"));
+            return Err(format!(
+                "{at}: webhook.rate_limit.per_second: must be a positive number"
+            ));
         }
         if r.burst == 0 {
-            return Err(format!("{at}: webhook.rate_limit.burst: must be at least 1"));
+            return Err(format!(
+                "{at}: webhook.rate_limit.burst: must be at least 1"
+            ));
         }
     }
     Ok(AgentSetup {
@@ -517,19 +535,27 @@ mod tests {
     fn embedded_default_is_valid() {
         let config: Config = toml::from_str(EMBEDDED).unwrap();
         let settings = config.validate("embedded".into(), &|_| None).unwrap();
-        assert!(settings.agents.iter().any(|a| a.spec.id.to_string() == "default/echo"));
+        assert!(settings
+            .agents
+            .iter()
+            .any(|a| a.spec.id.to_string() == "default/echo"));
     }
 
     #[test]
     fn errors_name_the_key() {
-        let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\ntick_timeout = \"soon\"\n")
-            .err()
-            .unwrap();
+        let e = parse(
+            "[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\ntick_timeout = \"soon\"\n",
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("tick_timeout"), "{e}");
         let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[agent.webhook]\ntoken_env = \"SHORT\"\n")
             .err()
             .unwrap();
-        assert!(e.to_string().contains("SHORT") && e.to_string().contains("default/a"), "{e}");
+        assert!(
+            e.to_string().contains("SHORT") && e.to_string().contains("default/a"),
+            "{e}"
+        );
         let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n")
             .err()
             .unwrap();
@@ -538,7 +564,9 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("server.listen"), "{e}");
-        let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\ncolour = 1\n").err().unwrap();
+        let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\ncolour = 1\n")
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("colour"), "{e}");
     }
 

@@ -108,7 +108,7 @@ pub struct TickOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Submitted {
     /// Stored and queued; the 202 may be sent.
-    Accepted(Task),
+    Accepted(Box<Task>),
     /// The idempotency key was used before with the same body.
     Duplicate(TaskId),
     /// The idempotency key was used before with a different body.
@@ -161,7 +161,7 @@ impl AgentHandle {
             Box::new(move |res| {
                 let reply = match res {
                     Ok(Written::Accepted(task)) => {
-                        addr.do_send(RunTask(task.clone()));
+                        addr.do_send(RunTask((*task).clone()));
                         Ok(Submitted::Accepted(task))
                     }
                     Ok(Written::Duplicate(id)) => {

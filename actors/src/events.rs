@@ -94,7 +94,11 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn subscriber_sees_updates_then_end_and_hub_forgets_the_task() {
         let hub = Arc::new(TaskEvents::default());
-        let mut task = Task::new("a".parse().unwrap(), serde_json::json!(null), Source::default());
+        let mut task = Task::new(
+            "a".parse().unwrap(),
+            serde_json::json!(null),
+            Source::default(),
+        );
         let mut sub = hub.subscribe(task.id);
         task.status = TaskStatus::Started;
         hub.publish(&task);

@@ -363,7 +363,10 @@ mod tests {
 
     #[test]
     fn agent_id_defaults_namespace_and_rejects_bad_labels() {
-        assert_eq!("echo".parse::<AgentId>().unwrap().to_string(), "default/echo");
+        assert_eq!(
+            "echo".parse::<AgentId>().unwrap().to_string(),
+            "default/echo"
+        );
         assert_eq!("gh/ci".parse::<AgentId>().unwrap().namespace(), "gh");
         assert!("Bad/ci".parse::<AgentId>().is_err());
         assert!("a/b/c".parse::<AgentId>().is_err());

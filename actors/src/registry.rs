@@ -45,13 +45,21 @@ pub struct NewToken {
     pub token: String,
 }
 
+/// The outcome of [`bootstrap_tokens`].
+pub struct Tokens {
+    /// Every agent's current token digest.
+    pub digests: HashMap<AgentId, [u8; 32]>,
+    /// Tokens created just now, to be printed once.
+    pub created: Vec<NewToken>,
+}
+
 /// Decides each agent's token digest at start-up: the pinned one from `token_env`, else the
 /// stored one, else a fresh token that is stored and returned so that it can be printed once.
 pub fn bootstrap_tokens(
     store: &dyn Store,
     agents: &[AgentId],
     pinned: &BTreeMap<AgentId, String>,
-) -> Result<(HashMap<AgentId, [u8; 32]>, Vec<NewToken>), StoreError> {
+) -> Result<Tokens, StoreError> {
     let mut digests = HashMap::new();
     let mut created = Vec::new();
     for agent in agents {
@@ -77,7 +85,7 @@ pub fn bootstrap_tokens(
         };
         digests.insert(agent.clone(), digest);
     }
-    Ok((digests, created))
+    Ok(Tokens { digests, created })
 }
 
 /// Rotates a token directly on a store no server holds (the CLI's offline path).
@@ -155,7 +163,10 @@ impl Handler<ResolveFor> for Registry {
             .agents
             .get(&msg.agent)
             .ok_or(ResolveError::UnknownAgent)?;
-        let expected = self.digests.get(&msg.agent).ok_or(ResolveError::WrongToken)?;
+        let expected = self
+            .digests
+            .get(&msg.agent)
+            .ok_or(ResolveError::WrongToken)?;
         if bool::from(expected.ct_eq(&msg.digest)) {
             Ok(handle.clone())
         } else {

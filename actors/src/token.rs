@@ -28,7 +28,9 @@ mod tests {
     fn tokens_are_43_url_safe_chars_and_unique() {
         let a = generate();
         assert_eq!(a.len(), 43);
-        assert!(a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert!(a
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         assert_ne!(a, generate());
         assert_eq!(digest(&a), digest(&a));
     }

@@ -202,8 +202,8 @@ fuzz_target!(|input: (u8, u64, i16, Vec<(u8, String)>, Vec<u8>)| {
         if signed {
             let ts_text = ts.map(|t| t.to_string()).unwrap_or_else(|| "0".into());
             let secret = SECRETS[secret_index];
-            determined = sign(*kind, secret, &mut headers, &body, &ts_text, stripe_soup)
-                && ts.is_some();
+            determined =
+                sign(*kind, secret, &mut headers, &body, &ts_text, stripe_soup) && ts.is_some();
         }
         let result = verifier.verify(&|name: &str| headers.get(name).cloned(), &body, now);
         if !signed {

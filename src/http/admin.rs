@@ -8,7 +8,7 @@ use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tickgate_actors::model::AgentId;
-use tickgate_actors::registry::{List, RotateError, Rotate};
+use tickgate_actors::registry::{List, Rotate, RotateError};
 
 use super::error::ApiError;
 use super::AppState;
@@ -36,7 +36,11 @@ impl FromRequest for Admin {
             }
             _ => false,
         };
-        ready(if ok { Ok(Admin) } else { Err(ApiError::Unauthorized) })
+        ready(if ok {
+            Ok(Admin)
+        } else {
+            Err(ApiError::Unauthorized)
+        })
     }
 }
 

@@ -189,8 +189,14 @@ mod tests {
     #[test]
     fn webhook_tokens_are_redacted() {
         assert_eq!(redact_path("/webhooks/abc"), "/webhooks/[redacted]");
-        assert_eq!(redact_path("/webhooks/ns/a/abc"), "/webhooks/ns/a/[redacted]");
-        assert_eq!(redact_path("/api/webhooks/agents/abc"), "/api/webhooks/agents/[redacted]");
+        assert_eq!(
+            redact_path("/webhooks/ns/a/abc"),
+            "/webhooks/ns/a/[redacted]"
+        );
+        assert_eq!(
+            redact_path("/api/webhooks/agents/abc"),
+            "/api/webhooks/agents/[redacted]"
+        );
         assert_eq!(redact_path("/tasks/1"), "/tasks/1");
     }
 }

@@ -175,7 +175,10 @@ pub async fn events(
         (Some(first), sub, state, seen, done),
         |(first, mut sub, state, seen, done)| async move {
             if let Some(frame) = first {
-                return Some((Ok::<_, actix_web::Error>(frame), (None, sub, state, seen, done)));
+                return Some((
+                    Ok::<_, actix_web::Error>(frame),
+                    (None, sub, state, seen, done),
+                ));
             }
             if done {
                 return None;

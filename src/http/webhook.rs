@@ -165,7 +165,8 @@ async fn read_body(
     }
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("could not read the body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::BadRequest(format!("could not read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge { limit });
         }
@@ -215,7 +216,11 @@ async fn trigger(
     let wait = requested_wait(req, parsed.wait)?.map(|w| w.min(state.max_wait));
     let idempotency = idempotency_key(req, raw_body)?;
 
-    let mut task = Task::new(agent.spec.id.clone(), parsed.inputs, source(req, client, gate));
+    let mut task = Task::new(
+        agent.spec.id.clone(),
+        parsed.inputs,
+        source(req, client, gate),
+    );
     task.title = parsed.title;
     task.env = parsed.env;
     let sub = wait.map(|_| state.events.subscribe(task.id));
@@ -223,7 +228,7 @@ async fn trigger(
     match agent.submit(task, idempotency).await? {
         Submitted::Accepted(task) => match (wait, sub) {
             (Some(wait), Some(sub)) => {
-                let (task, timed_out) = wait_for(state, sub, task, wait).await?;
+                let (task, timed_out) = wait_for(state, sub, *task, wait).await?;
                 Ok(finished_or_pending(state, &task, timed_out, false))
             }
             _ => Ok(accepted(state, &task)),
@@ -231,9 +236,9 @@ async fn trigger(
         Submitted::Duplicate(id) => {
             drop(sub);
             let sub = wait.map(|_| state.events.subscribe(id));
-            let original = load(state, id)
-                .await?
-                .ok_or_else(|| ApiError::Internal(format!("idempotency key points at missing task {id}")))?;
+            let original = load(state, id).await?.ok_or_else(|| {
+                ApiError::Internal(format!("idempotency key points at missing task {id}"))
+            })?;
             let (task, timed_out) = match (wait, sub) {
                 (Some(wait), Some(sub)) => wait_for(state, sub, original, wait).await?,
                 _ => (original, false),
@@ -256,7 +261,12 @@ fn accepted(state: &AppState, task: &Task) -> HttpResponse {
         }))
 }
 
-fn finished_or_pending(state: &AppState, task: &Task, timed_out: bool, duplicate: bool) -> HttpResponse {
+fn finished_or_pending(
+    state: &AppState,
+    task: &Task,
+    timed_out: bool,
+    duplicate: bool,
+) -> HttpResponse {
     let mut record = TaskRecord::new(task, state).timed_out(timed_out);
     if duplicate {
         record = record.duplicate();
@@ -271,8 +281,12 @@ fn finished_or_pending(state: &AppState, task: &Task, timed_out: bool, duplicate
 }
 
 /// The wait a caller asked for: `?wait=N`, then `Prefer: wait=N`, then the body's `wait`.
-fn requested_wait(req: &HttpRequest, from_body: Option<Duration>) -> Result<Option<Duration>, ApiError> {
-    let query: Vec<(String, String)> = serde_urlencoded::from_str(req.query_string()).unwrap_or_default();
+fn requested_wait(
+    req: &HttpRequest,
+    from_body: Option<Duration>,
+) -> Result<Option<Duration>, ApiError> {
+    let query: Vec<(String, String)> =
+        serde_urlencoded::from_str(req.query_string()).unwrap_or_default();
     if let Some((_, v)) = query.iter().find(|(k, _)| k == "wait") {
         return parse_wait(v);
     }

@@ -222,7 +222,7 @@ mod tests {
         }
 
         #[test]
-        fn any_json_object_round_trips(obj in proptest::collection::btree_map("[a-z]{1,8}", any::<i64>(), 0..8)) {
+        fn any_json_object_round_trips(obj in proptest::collection::btree_map("k_[a-z]{1,8}", any::<i64>(), 0..8)) {
             let body = serde_json::to_vec(&obj).unwrap();
             let parsed = parse(Some("application/json"), &body).unwrap();
             prop_assert_eq!(parsed.inputs, serde_json::to_value(&obj).unwrap());

@@ -222,6 +222,12 @@ pub enum SignatureConfigError {
         /// Where the secret came from.
         origin: SecretOrigin,
     },
+    /// The HMAC implementation refused the key.
+    #[error("secret from {origin} cannot be used as an HMAC-SHA256 key")]
+    UnusableKey {
+        /// Where the secret came from.
+        origin: SecretOrigin,
+    },
     /// `tolerance` is not a positive duration.
     #[error("`tolerance` = {value:?} is invalid: {reason}")]
     BadTolerance {
@@ -352,13 +358,15 @@ impl SignatureConfig {
         let mut keys = Vec::new();
         for (origin, secret) in self.load_secrets(env)? {
             let key = if scheme == Scheme::Standard {
-                decode_standard_secret(&secret)
-                    .ok_or(SignatureConfigError::BadStandardSecret { origin })?
+                match decode_standard_secret(&secret) {
+                    Some(key) => key,
+                    None => return Err(SignatureConfigError::BadStandardSecret { origin }),
+                }
             } else {
                 secret
             };
             let mac = <HmacSha256 as Mac>::new_from_slice(&key)
-                .map_err(|_| SignatureConfigError::NoSecret { scheme })?;
+                .map_err(|_| SignatureConfigError::UnusableKey { origin })?;
             keys.push(mac);
         }
         if keys.is_empty() {

@@ -163,6 +163,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+    use std::os::fd::{FromRawFd, OwnedFd};
     use std::sync::mpsc;
     use std::thread;
     use std::time::Instant;
@@ -234,6 +235,28 @@ mod tests {
             "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
+    }
+
+    /// A loopback port that refuses connections for as long as the returned socket lives: bound
+    /// but not listening. Freeing a listener's port instead would let a concurrent test's server
+    /// be handed the same port, and this test's request would land there.
+    fn refusing_port() -> (OwnedFd, u16) {
+        // SAFETY: plain socket calls on a descriptor this function owns, with correctly sized
+        // sockaddr_in buffers.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let socket = OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let ptr = &mut addr as *mut libc::sockaddr_in as *mut libc::sockaddr;
+            assert_eq!(libc::bind(fd, ptr, len), 0, "bind");
+            let mut got = len;
+            assert_eq!(libc::getsockname(fd, ptr, &mut got), 0, "getsockname");
+            (socket, u16::from_be(addr.sin_port))
+        }
     }
 
     fn runner(url: String) -> HttpRunner {
@@ -311,9 +334,8 @@ mod tests {
 
     #[actix_rt::test]
     async fn an_unreachable_endpoint_is_an_http_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/tick", listener.local_addr().unwrap());
-        drop(listener);
+        let (_socket, port) = refusing_port();
+        let url = format!("http://127.0.0.1:{port}/tick");
         let err = runner(url)
             .tick(&input(json!({})), Duration::from_secs(10))
             .await

@@ -109,10 +109,9 @@ impl Runner {
             RunnerSpec::Echo => Runner::Echo,
             RunnerSpec::Command(c) => match c.mode {
                 CommandMode::Oneshot => Runner::Oneshot(command::Oneshot::new(c.clone())),
-                CommandMode::Persistent => Runner::Persistent(persistent::Persistent::new(
-                    c.clone(),
-                    base_env(agent, env),
-                )),
+                CommandMode::Persistent => {
+                    Runner::Persistent(persistent::Persistent::new(c.clone(), base_env(agent, env)))
+                }
             },
             RunnerSpec::Http(h) => Runner::Http(http::HttpRunner::new(h.clone())),
         }
@@ -120,7 +119,11 @@ impl Runner {
 
     /// Runs one tick, giving up after `timeout`. Failures of every kind come back as
     /// `RunnerError`, never as a panic, so the agent can record them and move on.
-    pub async fn tick(&self, input: &TickInput, timeout: Duration) -> Result<TickOutput, RunnerError> {
+    pub async fn tick(
+        &self,
+        input: &TickInput,
+        timeout: Duration,
+    ) -> Result<TickOutput, RunnerError> {
         let out = match self {
             Runner::Echo => Ok(echo(input)),
             Runner::Oneshot(r) => r.tick(input, timeout).await,

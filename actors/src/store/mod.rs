@@ -74,7 +74,7 @@ pub enum Write {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Written {
     /// The submitted task was accepted; `seq` is now set.
-    Accepted(Task),
+    Accepted(Box<Task>),
     /// The idempotency key was seen before with the same body: nothing was written.
     Duplicate(TaskId),
     /// The idempotency key was seen before with a different body: nothing was written.

@@ -217,7 +217,7 @@ fn stage(
                 queue_key(&task.agent, task.seq),
                 task.id.as_bytes().to_vec(),
             );
-            Ok(Written::Accepted(task.clone()))
+            Ok(Written::Accepted(Box::new(task.clone())))
         }
         Write::Start(task) => {
             batch.insert(task_key(&task.id), encode(task)?);
@@ -366,7 +366,7 @@ impl Store for SledStore {
 mod tests {
     use super::*;
     use crate::model::{Source, TaskStatus};
-    use crate::store::write_async;
+    use crate::store::{write_async, IdempotencyKey};
 
     fn blocking(store: &SledStore, write: Write) -> Result<Written, StoreError> {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -380,7 +380,11 @@ mod tests {
     }
 
     fn task(agent: &AgentId) -> Task {
-        Task::new(agent.clone(), serde_json::json!({"n": 1}), Source::default())
+        Task::new(
+            agent.clone(),
+            serde_json::json!({"n": 1}),
+            Source::default(),
+        )
     }
 
     #[test]
@@ -390,7 +394,15 @@ mod tests {
         let agent: AgentId = "a".parse().unwrap();
         let mut ids = Vec::new();
         for _ in 0..5 {
-            match blocking(&store, Write::Submit { task: task(&agent), idempotency: None }).unwrap() {
+            match blocking(
+                &store,
+                Write::Submit {
+                    task: task(&agent),
+                    idempotency: None,
+                },
+            )
+            .unwrap()
+            {
                 Written::Accepted(t) => ids.push((t.seq, t.id)),
                 other => panic!("unexpected {other:?}"),
             }
@@ -405,17 +417,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         let agent: AgentId = "a".parse().unwrap();
-        let idem = |body: u8| IdempotencyKey { key: "k1".into(), body_sha256: [body; 32] };
+        let idem = |body: u8| IdempotencyKey {
+            key: "k1".into(),
+            body_sha256: [body; 32],
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         for body in [1u8, 1, 2] {
             let tx = tx.clone();
             store.write(
-                Write::Submit { task: task(&agent), idempotency: Some(idem(body)) },
+                Write::Submit {
+                    task: task(&agent),
+                    idempotency: Some(idem(body)),
+                },
                 Box::new(move |r| tx.send(r).unwrap()),
             );
         }
         let results: Vec<Written> = (0..3).map(|_| rx.recv().unwrap().unwrap()).collect();
-        let Written::Accepted(first) = &results[0] else { panic!("{results:?}") };
+        let Written::Accepted(first) = &results[0] else {
+            panic!("{results:?}")
+        };
         assert_eq!(results[1], Written::Duplicate(first.id));
         assert_eq!(results[2], Written::Conflict(first.id));
         assert_eq!(store.queued(&agent).unwrap().len(), 1);
@@ -428,17 +448,32 @@ mod tests {
         let id;
         {
             let store = SledStore::open(dir.path()).unwrap();
-            let Written::Accepted(mut t) =
-                blocking(&store, Write::Submit { task: task(&agent), idempotency: None }).unwrap()
-            else {
+            let Written::Accepted(mut t) = blocking(
+                &store,
+                Write::Submit {
+                    task: task(&agent),
+                    idempotency: None,
+                },
+            )
+            .unwrap() else {
                 panic!()
             };
             id = t.id;
             t.status = TaskStatus::Success;
             t.finished_at = Some(now_ms());
-            let state = AgentState { memory: serde_json::json!({"x": 1}), ticks: 1 };
-            blocking(&store, Write::Complete { task: t, state }).unwrap();
-            blocking(&store, Write::SetToken { agent: agent.clone(), digest: [7; 32] }).unwrap();
+            let state = AgentState {
+                memory: serde_json::json!({"x": 1}),
+                ticks: 1,
+            };
+            blocking(&store, Write::Complete { task: *t, state }).unwrap();
+            blocking(
+                &store,
+                Write::SetToken {
+                    agent: agent.clone(),
+                    digest: [7; 32],
+                },
+            )
+            .unwrap();
             store.close().unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
@@ -454,7 +489,10 @@ mod tests {
     fn second_open_reports_lock() {
         let dir = tempfile::tempdir().unwrap();
         let _store = SledStore::open(dir.path()).unwrap();
-        assert!(matches!(SledStore::open(dir.path()), Err(StoreError::Locked { .. })));
+        assert!(matches!(
+            SledStore::open(dir.path()),
+            Err(StoreError::Locked { .. })
+        ));
     }
 
     #[test]
@@ -462,10 +500,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         let agent: AgentId = "a".parse().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let res = rt.block_on(write_async(
             store.as_ref(),
-            Write::Submit { task: task(&agent), idempotency: None },
+            Write::Submit {
+                task: task(&agent),
+                idempotency: None,
+            },
         ));
         assert!(matches!(res, Ok(Written::Accepted(_))));
     }
