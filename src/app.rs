@@ -1,17 +1,20 @@
-//! Start-up and shutdown: open the store, settle tokens, start agents and the registry, recover
-//! queued tasks, bind, print webhook URLs, serve, and flush on the way out.
+//! Start-up and shutdown: open the store, settle tokens, start agents, the registry and the
+//! breaker, recover queued tasks, bind, print webhook URLs, serve; on SIGTERM drain (refuse new
+//! triggers with 503, let running ticks finish within the grace period), flush, exit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::TcpListener;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::{Actor, Arbiter};
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
-use tickgate_actors::agent::{self, AgentDeps};
+use tickgate_actors::agent::{self, AgentDeps, Lifecycle};
+use tickgate_actors::breaker::{BreakerActor, BreakerPolicy};
 use tickgate_actors::events::TaskEvents;
-use tickgate_actors::registry::{bootstrap_tokens, Registry};
+use tickgate_actors::registry::{bootstrap_tokens, NewToken, Registry};
 use tickgate_actors::store::sled::SledStore;
 use tickgate_actors::store::{Store, StoreError};
 
@@ -19,6 +22,7 @@ use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::ingress::rate_limit::FailureLimiter;
 use crate::ingress::Gate;
+use crate::metrics::{Metrics, TickRecorder};
 
 /// Why the service could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]
@@ -39,34 +43,100 @@ pub enum AppError {
     Server(std::io::Error),
 }
 
-/// Failed lookups a client may make at once before it is throttled, and their refill rate.
-const FAILURE_BURST: u32 = 20;
-const FAILURE_PER_SECOND: f64 = 2.0;
+/// Client addresses whose failed authentications are remembered at once (oldest forgotten first).
 const FAILURE_CLIENTS: usize = 100_000;
 
-/// Runs the service until SIGTERM/SIGINT.
+/// How long in-flight HTTP requests (sync waiters) get once the drain is over.
+const HTTP_STOP_GRACE: u64 = 2;
+
+/// Runs the service on the sled store until SIGTERM or SIGINT.
 pub fn serve(settings: Settings) -> Result<(), AppError> {
-    actix_rt::System::new().block_on(run(settings))
+    actix_rt::System::new().block_on(async move {
+        let metrics = Arc::new(Metrics::new());
+        let hook_metrics = metrics.clone();
+        let store = SledStore::open_with(
+            &settings.config.store.path,
+            Some(Arc::new(move |took: Duration, _requests| {
+                hook_metrics.flush(took.as_secs_f64())
+            })),
+        )?;
+        let served = run(settings, store.clone(), metrics, shutdown_signal(), |_| {}).await;
+        store.close()?;
+        tracing::info!("store flushed; bye");
+        served
+    })
 }
 
-async fn run(settings: Settings) -> Result<(), AppError> {
-    let store_path = settings.config.store.path.clone();
-    let store = SledStore::open(&store_path)?;
-    let dyn_store: Arc<dyn Store> = store.clone();
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}
 
+/// Runs the service on `store` until `stop` resolves, then drains. `on_bound` learns the bound
+/// address (tests bind port 0). The caller closes the store afterwards.
+pub async fn run(
+    settings: Settings,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    stop: impl Future<Output = ()>,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<(), AppError> {
     let ids: Vec<_> = settings.agents.iter().map(|a| a.spec.id.clone()).collect();
     let pinned: BTreeMap<_, _> = settings
         .agents
         .iter()
         .filter_map(|a| Some((a.spec.id.clone(), a.pinned_token.clone()?)))
         .collect();
-    let tokens = bootstrap_tokens(dyn_store.as_ref(), &ids, &pinned)?;
+    let tokens = bootstrap_tokens(store.as_ref(), &ids, &pinned)?;
 
+    // A lost trial outcome (crash, shutdown) stops blocking once the longest tick could be over.
+    let trial_timeout = settings
+        .agents
+        .iter()
+        .map(|a| a.spec.tick_timeout)
+        .max()
+        .unwrap_or_default()
+        + Duration::from_secs(10);
+    let breaker = BreakerActor::with_trial_timeout(
+        settings
+            .agents
+            .iter()
+            .map(|a| {
+                (
+                    a.spec.id.clone(),
+                    BreakerPolicy {
+                        failures: a.breaker.failures,
+                        open_for: a.breaker.open_for.0,
+                    },
+                )
+            })
+            .collect(),
+        trial_timeout,
+    )
+    .start();
+    let recorder = TickRecorder(metrics.clone()).start();
     let events = Arc::new(TaskEvents::default());
+    let lifecycle = Arc::new(Lifecycle::default());
     let deps = AgentDeps {
-        store: dyn_store.clone(),
+        store: store.clone(),
         events: events.clone(),
-        outcomes: None,
+        outcomes: vec![breaker.clone().recipient(), recorder.recipient()],
+        lifecycle: lifecycle.clone(),
     };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
@@ -74,8 +144,8 @@ async fn run(settings: Settings) -> Result<(), AppError> {
     let mut gates = HashMap::with_capacity(settings.agents.len());
     let mut recovered = 0;
     for (i, setup) in settings.agents.iter().enumerate() {
-        let state = dyn_store.agent_state(&setup.spec.id)?;
-        let queued = dyn_store.queued(&setup.spec.id)?;
+        let state = store.agent_state(&setup.spec.id)?;
+        let queued = store.queued(&setup.spec.id)?;
         let handle = agent::start(
             setup.spec.clone(),
             state,
@@ -94,7 +164,7 @@ async fn run(settings: Settings) -> Result<(), AppError> {
         handles,
         tokens.digests,
         pinned.keys().cloned().collect::<HashSet<_>>(),
-        dyn_store.clone(),
+        store.clone(),
     )
     .start();
 
@@ -112,21 +182,29 @@ async fn run(settings: Settings) -> Result<(), AppError> {
         .trim_end_matches('/')
         .to_string();
     announce(&settings, &bound.to_string(), &public_url, &tokens.created);
+    on_bound(bound);
 
     let admin_enabled = settings.admin_token.is_some();
     let state = web::Data::new(AppState {
         registry,
-        store: dyn_store.clone(),
+        breaker,
+        store: store.clone(),
         events,
+        lifecycle: lifecycle.clone(),
+        metrics,
         gates,
         public_url,
         max_body_bytes: settings.config.server.max_body_bytes,
         max_wait: settings.config.server.max_wait.0,
         trusted_proxies: settings.trusted_proxies.clone(),
-        failures: FailureLimiter::new(FAILURE_PER_SECOND, FAILURE_BURST, FAILURE_CLIENTS),
+        failures: FailureLimiter::new(
+            settings.config.server.auth_failures.per_second,
+            settings.config.server.auth_failures.burst,
+            FAILURE_CLIENTS,
+        ),
         admin_token: settings.admin_token.clone(),
     });
-    spawn_retention(dyn_store.clone(), settings.config.store.task_retention.0);
+    spawn_retention(store.clone(), settings.config.store.task_retention.0);
 
     let server = HttpServer::new(move || {
         App::new()
@@ -137,28 +215,50 @@ async fn run(settings: Settings) -> Result<(), AppError> {
             .default_service(web::to(http::not_found))
     })
     .workers(settings.config.server.workers.unwrap_or(threads))
-    .shutdown_timeout(settings.config.server.shutdown_grace.0.as_secs())
+    .disable_signals()
+    .shutdown_timeout(HTTP_STOP_GRACE)
     .listen(listener)
     .map_err(AppError::Server)?
     .run();
-    let served = server.await.map_err(AppError::Server);
+    let handle = server.handle();
+    let mut serving = actix_rt::spawn(server);
 
+    let served = tokio::select! {
+        res = &mut serving => Some(res.map_err(|e| AppError::Server(std::io::Error::other(e))).and_then(|r| r.map_err(AppError::Server))),
+        _ = stop => None,
+    };
+    if let Some(result) = served {
+        return result;
+    }
+    drain(&lifecycle, settings.config.server.shutdown_grace.0).await;
+    handle.stop(true).await;
+    let _ = serving.await;
     for arbiter in &arbiters {
         arbiter.stop();
     }
-    store.close()?;
-    tracing::info!("store flushed; bye");
-    served
+    store.flush()?;
+    Ok(())
+}
+
+/// Refuses new triggers and waits for running ticks, up to `grace`. Ticks still running after
+/// it are abandoned (their process groups are killed when the agents stop); their tasks stay
+/// STARTED on disk and run again with `attempt` + 1 on the next start.
+async fn drain(lifecycle: &Lifecycle, grace: Duration) {
+    lifecycle.drain();
+    let deadline = Instant::now() + grace;
+    tracing::info!(running = lifecycle.running(), grace = %humantime::format_duration(grace), "draining");
+    while lifecycle.running() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match lifecycle.running() {
+        0 => tracing::info!("drained; no tick running"),
+        n => tracing::warn!(running = n, "grace period over; abandoning running ticks"),
+    }
 }
 
 /// Prints where the service listens and each newly created webhook URL, once. Tokens that
 /// already existed are never printed again: the operator is told how to rotate instead.
-fn announce(
-    settings: &Settings,
-    bound: &str,
-    public_url: &str,
-    created: &[tickgate_actors::registry::NewToken],
-) {
+fn announce(settings: &Settings, bound: &str, public_url: &str, created: &[NewToken]) {
     println!(
         "tickgate listening on http://{bound} ({})",
         settings.source_name

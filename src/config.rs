@@ -89,6 +89,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Dur,
     /// HTTP worker threads; defaults to the number of CPUs.
     pub workers: Option<usize>,
+    /// Per client address: unknown tokens and bad signatures allowed before 429, so that
+    /// guessing tokens or brute-forcing signatures is throttled.
+    pub auth_failures: RateLimitConfig,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +104,10 @@ impl Default for ServerConfig {
             max_wait: Dur(Duration::from_secs(600)),
             shutdown_grace: Dur(Duration::from_secs(30)),
             workers: None,
+            auth_failures: RateLimitConfig {
+                per_second: 2.0,
+                burst: 20,
+            },
         }
     }
 }
@@ -329,6 +336,7 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return Err(err("server.max_body_bytes: must be at least 1".into()));
         }
+        check_rate("server.auth_failures", &self.server.auth_failures).map_err(err)?;
         if self.server.workers == Some(0) {
             return Err(err("server.workers: must be at least 1".into()));
         }
@@ -370,6 +378,16 @@ impl Config {
     }
 }
 
+fn check_rate(at: &str, r: &RateLimitConfig) -> Result<(), String> {
+    if !(r.per_second > 0.0 && r.per_second.is_finite()) {
+        return Err(format!("{at}.per_second: must be a positive number"));
+    }
+    if r.burst == 0 {
+        return Err(format!("{at}.burst: must be at least 1"));
+    }
+    Ok(())
+}
+
 fn validate_agent(
     a: &AgentConfig,
     id: AgentId,
@@ -384,6 +402,9 @@ fn validate_agent(
     }
     if a.breaker.failures == 0 {
         return Err(format!("{at}: breaker.failures: must be at least 1"));
+    }
+    if a.breaker.open_for.0.is_zero() {
+        return Err(format!("{at}: breaker.open_for: must be more than zero"));
     }
     for name in a.allow_env.iter().chain(a.env.keys()) {
         if !is_env_name(name) {
@@ -438,16 +459,7 @@ fn validate_agent(
         ),
     };
     if let Some(r) = &a.webhook.rate_limit {
-        if !(r.per_second > 0.0 && r.per_second.is_finite()) {
-            return Err(format!(
-                "{at}: webhook.rate_limit.per_second: must be a positive number"
-            ));
-        }
-        if r.burst == 0 {
-            return Err(format!(
-                "{at}: webhook.rate_limit.burst: must be at least 1"
-            ));
-        }
+        check_rate(&format!("{at}: webhook.rate_limit"), r)?;
     }
     Ok(AgentSetup {
         spec: AgentSpec {

@@ -3,12 +3,14 @@
 //! ticks never overlap and run in the order the store accepted them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use futures_util::FutureExt;
 use tracing::Instrument;
 
 use crate::events::TaskEvents;
@@ -207,8 +209,36 @@ pub struct AgentDeps {
     pub store: Arc<dyn Store>,
     /// Where task status changes are announced.
     pub events: Arc<TaskEvents>,
-    /// Who hears about every tick's outcome (the breaker), if anyone.
-    pub outcomes: Option<Recipient<TickOutcome>>,
+    /// Who hears about every tick's outcome (the breaker, metrics).
+    pub outcomes: Vec<Recipient<TickOutcome>>,
+    /// Shutdown state shared by all agents.
+    pub lifecycle: Arc<Lifecycle>,
+}
+
+/// What graceful shutdown needs from the agents: a switch that stops them from starting new
+/// ticks (queued tasks stay PENDING on disk for the next start) and a count of ticks still
+/// running, so shutdown can wait for exactly those.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    draining: std::sync::atomic::AtomicBool,
+    running: AtomicUsize,
+}
+
+impl Lifecycle {
+    /// Stops agents from starting new ticks; the ones running finish.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether shutdown has begun; triggers are refused with 503 from then on.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Ticks started and not yet recorded as finished.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
 }
 
 /// The agent actor. Its state (memory and tick counter) is loaded before it starts and written
@@ -266,7 +296,26 @@ impl Actor for Agent {
 
 impl Supervised for Agent {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        tracing::warn!(agent = %self.spec.id, "agent actor restarting; its queue is kept");
+        tracing::warn!(agent = %self.spec.id, "agent actor restarting with a fresh runner; its queue is kept");
+        self.runner = Rc::new(Runner::new(
+            &self.spec.runner,
+            &self.spec.id,
+            &self.spec.env,
+        ));
+    }
+}
+
+/// Stops the agent actor after the ticks queued before this message; its supervisor restarts it
+/// at once with a fresh runner (a new persistent process) and the rest of its queue intact.
+/// Operators use it for a wedged runner; the agent uses it on itself after a runner panic.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Restart;
+
+impl Handler<Restart> for Agent {
+    type Result = ();
+    fn handle(&mut self, _: Restart, ctx: &mut Self::Context) {
+        ctx.stop();
     }
 }
 
@@ -274,6 +323,12 @@ impl Handler<RunTask> for Agent {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, RunTask(mut task): RunTask, _ctx: &mut Self::Context) -> Self::Result {
+        if self.deps.lifecycle.is_draining() {
+            // Left PENDING (or STARTED) on disk: the next start runs it.
+            self.mailbox.release();
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
+        self.deps.lifecycle.running.fetch_add(1, Ordering::AcqRel);
         task.status = TaskStatus::Started;
         task.attempt += 1;
         task.tick = self.state.ticks + 1;
@@ -303,13 +358,22 @@ impl Handler<RunTask> for Agent {
                 Err(e) => tracing::error!(error = %e, "could not record the tick's start"),
             }
             let started = Instant::now();
-            let result = runner.tick(&input, timeout).await;
+            let result = AssertUnwindSafe(runner.tick(&input, timeout))
+                .catch_unwind()
+                .await;
             (task, result, started.elapsed())
         }
         .instrument(span.clone());
         AtomicResponse::new(Box::pin(run.into_actor(self).then(
-            move |(task, result, elapsed), agent, _ctx| {
+            move |(task, result, elapsed), agent, ctx| {
                 let _entered = span.enter();
+                let result = result.unwrap_or_else(|_| {
+                    // A bug in a runner must not take the agent down for good: fail this
+                    // tick and let the supervisor restart the actor with a fresh runner.
+                    tracing::error!("runner panicked; restarting the agent");
+                    ctx.notify(Restart);
+                    Err(RunnerError::Exit("the runner panicked".into()))
+                });
                 agent.finish(task, result, elapsed)
             },
         )))
@@ -344,17 +408,19 @@ impl Agent {
         }
         self.state.ticks = task.tick;
         self.ticks.store(task.tick as usize, Ordering::Release);
-        if let Some(outcomes) = &self.deps.outcomes {
-            outcomes.do_send(TickOutcome {
-                agent: self.spec.id.clone(),
-                task_id: task.id,
-                success: task.status == TaskStatus::Success,
-                duration: elapsed,
-            });
+        let outcome = TickOutcome {
+            agent: self.spec.id.clone(),
+            task_id: task.id,
+            success: task.status == TaskStatus::Success,
+            duration: elapsed,
+        };
+        for recipient in &self.deps.outcomes {
+            recipient.do_send(outcome.clone());
         }
         let store = self.deps.store.clone();
         let events = self.deps.events.clone();
         let mailbox = self.mailbox.clone();
+        let lifecycle = self.deps.lifecycle.clone();
         let write = Write::Complete {
             task: task.clone(),
             state: self.state.clone(),
@@ -365,6 +431,7 @@ impl Agent {
                 Err(e) => tracing::error!(error = %e, "could not record the tick's outcome"),
             }
             mailbox.release();
+            lifecycle.running.fetch_sub(1, Ordering::AcqRel);
         }
         .into_actor(self)
     }

@@ -7,8 +7,10 @@ use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tickgate_actors::agent::Restart;
+use tickgate_actors::breaker::{BreakerState, Reset, Snapshot};
 use tickgate_actors::model::AgentId;
-use tickgate_actors::registry::{List, Rotate, RotateError};
+use tickgate_actors::registry::{Find, List, Rotate, RotateError};
 
 use super::error::ApiError;
 use super::AppState;
@@ -47,6 +49,7 @@ impl FromRequest for Admin {
 /// `GET /admin/agents`: every agent with its queue and tick count; never a token.
 pub async fn list_agents(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let agents = state.registry.send(List).await?;
+    let breakers = state.breaker.send(Snapshot).await?;
     let agents: Vec<_> = agents
         .iter()
         .map(|a| {
@@ -54,6 +57,7 @@ pub async fn list_agents(_: Admin, state: web::Data<AppState>) -> Result<HttpRes
                 "id": a.spec.id.to_string(),
                 "namespace": a.spec.id.namespace(),
                 "name": a.spec.id.name(),
+                "breaker": breakers.get(&a.spec.id).copied().unwrap_or(BreakerState::Closed),
                 "queued": a.mailbox.queued(),
                 "mailbox": a.mailbox.capacity(),
                 "ticks": a.ticks.load(std::sync::atomic::Ordering::Acquire),
@@ -87,4 +91,42 @@ pub async fn rotate_token(
         "token": token,
         "webhook_url": format!("{}/webhooks/{token}", state.public_url),
     })))
+}
+
+/// `POST /admin/agents/{namespace}/{agent}/breaker/reset`: closes an agent's breaker at once,
+/// for when the operator knows the cause is fixed and does not want to wait for `open_for`.
+pub async fn reset_breaker(
+    _: Admin,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (namespace, name) = path.into_inner();
+    let unknown = || ApiError::NotFound(format!("no agent {namespace}/{name}"));
+    let agent = AgentId::new(&namespace, &name).map_err(|_| unknown())?;
+    if !state.breaker.send(Reset(agent.clone())).await? {
+        return Err(unknown());
+    }
+    tracing::info!(agent = %agent, "breaker reset by admin");
+    Ok(HttpResponse::Ok()
+        .json(json!({ "agent": agent.to_string(), "breaker": BreakerState::Closed })))
+}
+
+/// `POST /admin/agents/{namespace}/{agent}/restart`: restarts the agent actor (and so its
+/// persistent runner process) after the ticks already queued; nothing queued is lost.
+pub async fn restart_agent(
+    _: Admin,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (namespace, name) = path.into_inner();
+    let unknown = || ApiError::NotFound(format!("no agent {namespace}/{name}"));
+    let agent = AgentId::new(&namespace, &name).map_err(|_| unknown())?;
+    let handle = state
+        .registry
+        .send(Find(agent.clone()))
+        .await?
+        .ok_or_else(unknown)?;
+    handle.addr.do_send(Restart);
+    tracing::info!(agent = %agent, "agent restart requested by admin");
+    Ok(HttpResponse::Accepted().json(json!({ "agent": agent.to_string(), "restart": "queued" })))
 }

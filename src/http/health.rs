@@ -1,9 +1,104 @@
-//! Liveness.
+//! Liveness, readiness and metrics. Readiness is what load balancers and senders watch: it is
+//! false while the store fails, while draining for shutdown, and when every agent's breaker is
+//! open (the seeds' advice: "if the agent enters circuit breaker, return 503").
 
-use actix_web::HttpResponse;
-use serde_json::json;
+use std::collections::BTreeMap;
+
+use actix_web::{web, HttpResponse};
+use serde_json::{json, Value};
+use tickgate_actors::agent::AgentHandle;
+use tickgate_actors::breaker::{BreakerState, Snapshot};
+use tickgate_actors::model::AgentId;
+use tickgate_actors::registry::{Find, List};
+
+use super::error::ApiError;
+use super::AppState;
 
 /// 200 while the process serves requests; says nothing about agents or the store.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "ok": true }))
+}
+
+fn agent_entry(handle: &AgentHandle, breaker: Option<&BreakerState>) -> Value {
+    json!({
+        "breaker": breaker.copied().unwrap_or(BreakerState::Closed),
+        "queued": handle.mailbox.queued(),
+    })
+}
+
+fn answer(ready: bool, agents: BTreeMap<String, Value>) -> HttpResponse {
+    let body = json!({ "ready": ready, "agents": agents });
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(body)
+    }
+}
+
+/// `GET /ready`: ready when the store is healthy, the server is not draining, and at least one
+/// agent's breaker is not open.
+pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let handles = state.registry.send(List).await?;
+    let breakers = state.breaker.send(Snapshot).await?;
+    let any_usable = handles
+        .iter()
+        .any(|h| breakers.get(&h.spec.id) != Some(&BreakerState::Open));
+    let agents = handles
+        .iter()
+        .map(|h| {
+            (
+                h.spec.id.to_string(),
+                agent_entry(h, breakers.get(&h.spec.id)),
+            )
+        })
+        .collect();
+    let serving = state.store.healthy() && !state.lifecycle.is_draining();
+    Ok(answer(serving && any_usable, agents))
+}
+
+/// `GET /ready/{namespace}/{agent}`: the same for one agent, whose breaker alone decides.
+pub async fn ready_agent(
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (namespace, name) = path.into_inner();
+    let unknown = || ApiError::NotFound(format!("no agent {namespace}/{name}"));
+    let id = AgentId::new(&namespace, &name).map_err(|_| unknown())?;
+    let handle = state
+        .registry
+        .send(Find(id.clone()))
+        .await?
+        .ok_or_else(unknown)?;
+    let breakers = state.breaker.send(Snapshot).await?;
+    let breaker = breakers.get(&id);
+    let usable = breaker != Some(&BreakerState::Open);
+    let serving = state.store.healthy() && !state.lifecycle.is_draining();
+    let agents = BTreeMap::from([(id.to_string(), agent_entry(&handle, breaker))]);
+    Ok(answer(serving && usable, agents))
+}
+
+/// `GET /metrics`: Prometheus text exposition. Gauges describing current state are refreshed
+/// from the registry and the breaker at scrape time.
+pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let handles = state.registry.send(List).await?;
+    let breakers = state.breaker.send(Snapshot).await?;
+    for h in &handles {
+        let id = h.spec.id.to_string();
+        state
+            .metrics
+            .queued
+            .with_label_values(&[&id])
+            .set(h.mailbox.queued() as i64);
+        let level = match breakers.get(&h.spec.id) {
+            Some(BreakerState::Open) => 2,
+            Some(BreakerState::HalfOpen) => 1,
+            _ => 0,
+        };
+        state.metrics.breaker.with_label_values(&[&id]).set(level);
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render()))
 }

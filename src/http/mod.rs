@@ -16,8 +16,10 @@ use actix::Addr;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::{ErrorHandlers, Next};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use ipnetwork::IpNetwork;
+use tickgate_actors::agent::Lifecycle;
+use tickgate_actors::breaker::BreakerActor;
 use tickgate_actors::events::TaskEvents;
 use tickgate_actors::model::AgentId;
 use tickgate_actors::registry::Registry;
@@ -27,6 +29,7 @@ use tracing::Instrument;
 use crate::ingress::client_ip::client_ip;
 use crate::ingress::rate_limit::FailureLimiter;
 use crate::ingress::Gate;
+use crate::metrics::Metrics;
 use error::ApiError;
 
 /// State shared by every handler; built once at start-up and never mutated, so no handler holds
@@ -34,6 +37,12 @@ use error::ApiError;
 pub struct AppState {
     /// Token → agent, rotation, listings.
     pub registry: Addr<Registry>,
+    /// Per-agent circuit breakers: admission of triggers and readiness.
+    pub breaker: Addr<BreakerActor>,
+    /// Draining switch and running-tick count.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     /// Task reads.
     pub store: Arc<dyn Store>,
     /// Task status changes, for sync waits and SSE.
@@ -61,11 +70,12 @@ impl AppState {
             .peer_addr()
             .map(|a| a.ip())
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
-        let xff: Vec<&str> = req
+        let xff: Vec<std::borrow::Cow<'_, str>> = req
             .headers()
             .get_all("x-forwarded-for")
-            .filter_map(|v| v.to_str().ok())
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
             .collect();
+        let xff: Vec<&str> = xff.iter().map(|v| v.as_ref()).collect();
         client_ip(peer, &xff, &self.trusted_proxies)
     }
 
@@ -114,6 +124,21 @@ pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
         web::resource("/healthz")
             .route(web::get().to(health::healthz))
             .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/ready")
+            .route(web::get().to(health::ready))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/ready/{namespace}/{agent}")
+            .route(web::get().to(health::ready_agent))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(health::metrics))
+            .default_service(web::to(method_not_allowed)),
     );
     if admin_enabled {
         cfg.service(
@@ -124,6 +149,16 @@ pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
         .service(
             web::resource("/admin/agents/{namespace}/{agent}/token")
                 .route(web::post().to(admin::rotate_token))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/agents/{namespace}/{agent}/restart")
+                .route(web::post().to(admin::restart_agent))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/agents/{namespace}/{agent}/breaker/reset")
+                .route(web::post().to(admin::reset_breaker))
                 .default_service(web::to(method_not_allowed)),
         );
     }
@@ -155,8 +190,13 @@ pub fn redact_path(path: &str) -> String {
     }
 }
 
-/// Access log with a span per request. Logs the redacted path and never the query string,
-/// which may carry secrets for GET triggers.
+/// The agent a request was resolved to, left in the request's extensions by the webhook
+/// handlers so that the access log can label metrics without parsing paths again.
+#[derive(Debug, Clone)]
+pub struct AgentLabel(pub String);
+
+/// Access log and request metrics, with a span per request. Logs the redacted path and never
+/// the query string, which may carry secrets for GET triggers.
 pub async fn access_log(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
@@ -164,15 +204,29 @@ pub async fn access_log(
     let started = Instant::now();
     let method = req.method().to_string();
     let path = redact_path(req.path());
+    let metrics = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.metrics.clone());
     let span = tracing::info_span!("request", method = %method, path = %path);
     let res = next.call(req).instrument(span.clone()).await;
     let _entered = span.enter();
     match &res {
-        Ok(r) => tracing::info!(
-            status = r.status().as_u16(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        ),
+        Ok(r) => {
+            let status = r.status().as_u16();
+            if let Some(metrics) = metrics {
+                let agent = r
+                    .request()
+                    .extensions()
+                    .get::<AgentLabel>()
+                    .map(|a| a.0.clone());
+                metrics.request(agent.as_deref().unwrap_or("none"), status);
+            }
+            tracing::info!(
+                status,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            )
+        }
         Err(e) => tracing::info!(
             status = e.as_response_error().status_code().as_u16(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,

@@ -7,11 +7,13 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use actix_web::http::header;
+use actix_web::HttpMessage;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tickgate_actors::agent::{AgentHandle, Submitted};
+use tickgate_actors::breaker::{Admission, Admit, TrialAbandoned};
 use tickgate_actors::model::{AgentId, Source, Task};
 use tickgate_actors::registry::{Resolve, ResolveError, ResolveFor};
 use tickgate_actors::store::IdempotencyKey;
@@ -19,9 +21,9 @@ use tickgate_actors::token;
 
 use super::error::ApiError;
 use super::tasks::{load, wait_for, TaskRecord};
-use super::AppState;
+use super::{AgentLabel, AppState};
 use crate::ingress::body::{self, BodyError, TriggerBody};
-use crate::ingress::{Gate, GateError};
+use crate::ingress::{title, Gate, GateError};
 
 /// Headers whose value identifies a delivery, in order of preference. Provider delivery ids make
 /// redeliveries idempotent without the sender doing anything.
@@ -42,7 +44,7 @@ pub async fn post_by_token(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let client = state.client_ip(&req);
-    let agent = resolve(&state, client, None, &token).await?;
+    let agent = resolve(&state, &req, client, None, &token).await?;
     let body = read_body(payload, &req, state.max_body_bytes).await?;
     trigger(&state, &agent, &req, client, &body, None).await
 }
@@ -56,7 +58,7 @@ pub async fn post_named(
 ) -> Result<HttpResponse, ApiError> {
     let (namespace, name, token) = path.into_inner();
     let client = state.client_ip(&req);
-    let agent = resolve(&state, client, Some((&namespace, &name)), &token).await?;
+    let agent = resolve(&state, &req, client, Some((&namespace, &name)), &token).await?;
     let body = read_body(payload, &req, state.max_body_bytes).await?;
     trigger(&state, &agent, &req, client, &body, None).await
 }
@@ -68,7 +70,7 @@ pub async fn get_by_token(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let client = state.client_ip(&req);
-    let agent = resolve(&state, client, None, &token).await?;
+    let agent = resolve(&state, &req, client, None, &token).await?;
     get_trigger(&state, &agent, &req, client).await
 }
 
@@ -80,7 +82,7 @@ pub async fn get_named(
 ) -> Result<HttpResponse, ApiError> {
     let (namespace, name, token) = path.into_inner();
     let client = state.client_ip(&req);
-    let agent = resolve(&state, client, Some((&namespace, &name)), &token).await?;
+    let agent = resolve(&state, &req, client, Some((&namespace, &name)), &token).await?;
     get_trigger(&state, &agent, &req, client).await
 }
 
@@ -108,6 +110,7 @@ async fn get_trigger(
 /// Token → agent, throttling clients that keep presenting bad tokens.
 async fn resolve(
     state: &AppState,
+    req: &HttpRequest,
     client: IpAddr,
     named: Option<(&str, &str)>,
     token: &str,
@@ -136,8 +139,12 @@ async fn resolve(
                 }),
         },
     };
-    if found.is_err() {
-        state.failures.failed(client);
+    match &found {
+        Ok(agent) => {
+            req.extensions_mut()
+                .insert(AgentLabel(agent.spec.id.to_string()));
+        }
+        Err(_) => state.failures.failed(client),
     }
     found
 }
@@ -188,6 +195,9 @@ async fn trigger(
     raw_body: &[u8],
     query_inputs: Option<Value>,
 ) -> Result<HttpResponse, ApiError> {
+    if state.lifecycle.is_draining() {
+        return Err(ApiError::ShuttingDown);
+    }
     let gate = gate(state, agent);
     gate.check_source(client).map_err(gate_error)?;
     let lookup = |name: &str| header_str(req, name).map(str::to_string);
@@ -216,16 +226,28 @@ async fn trigger(
     let wait = requested_wait(req, parsed.wait)?.map(|w| w.min(state.max_wait));
     let idempotency = idempotency_key(req, raw_body)?;
 
-    let mut task = Task::new(
-        agent.spec.id.clone(),
-        parsed.inputs,
-        source(req, client, gate),
-    );
-    task.title = parsed.title;
+    let derived = title::derive(&lookup, &parsed.inputs, &agent.spec.id);
+    let mut source = source(req, client, gate);
+    source.event = derived.event;
+    let mut task = Task::new(agent.spec.id.clone(), parsed.inputs, source);
+    task.title = Some(parsed.title.unwrap_or(derived.title));
     task.env = parsed.env;
     let sub = wait.map(|_| state.events.subscribe(task.id));
 
-    match agent.submit(task, idempotency).await? {
+    let trial = match state.breaker.send(Admit(agent.spec.id.clone())).await? {
+        Admission::Allowed => false,
+        Admission::Trial => true,
+        Admission::Refused { retry_after } => {
+            return Err(ApiError::BreakerOpen {
+                retry_after: retry_after.as_secs_f64().ceil() as u64,
+            })
+        }
+    };
+    let submitted = agent.submit(task, idempotency).await;
+    if trial && !matches!(submitted, Ok(Submitted::Accepted(_))) {
+        state.breaker.do_send(TrialAbandoned(agent.spec.id.clone()));
+    }
+    match submitted? {
         Submitted::Accepted(task) => match (wait, sub) {
             (Some(wait), Some(sub)) => {
                 let (task, timed_out) = wait_for(state, sub, *task, wait).await?;

@@ -6,6 +6,7 @@ pub mod body;
 pub mod client_ip;
 pub mod rate_limit;
 pub mod signature;
+pub mod title;
 
 use std::net::IpAddr;
 use std::time::SystemTime;

@@ -5,6 +5,7 @@
 //! the previous flush ran lands in the next one, and each caller is answered only once its write
 //! is on disk. Reads are plain blocking calls, meant to be run off the actix arbiters.
 
+pub mod faulty;
 pub mod sled;
 
 use std::time::Duration;

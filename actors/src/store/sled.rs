@@ -39,6 +39,10 @@ struct IdemRecord {
     body_sha256: String,
 }
 
+/// Called by the writer after each group commit with its duration and how many requests it
+/// carried; metrics hang off it without the store knowing about them.
+pub type FlushHook = Arc<dyn Fn(Duration, usize) + Send + Sync>;
+
 /// sled-backed [`Store`].
 pub struct SledStore {
     db: sled::Db,
@@ -50,6 +54,11 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store at `path` and starts its writer thread.
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(path, None)
+    }
+
+    /// Like [`SledStore::open`], reporting every group commit to `on_flush`.
+    pub fn open_with(path: &Path, on_flush: Option<FlushHook>) -> Result<Arc<Self>, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .open()
@@ -61,7 +70,7 @@ impl SledStore {
             let healthy = healthy.clone();
             std::thread::Builder::new()
                 .name("tickgate-store-writer".into())
-                .spawn(move || writer_loop(db, rx, healthy))
+                .spawn(move || writer_loop(db, rx, healthy, on_flush))
                 .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?
         };
         Ok(Arc::new(Self {
@@ -146,7 +155,12 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(backend)
 }
 
-fn writer_loop(db: sled::Db, rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
+fn writer_loop(
+    db: sled::Db,
+    rx: mpsc::Receiver<Job>,
+    healthy: Arc<AtomicBool>,
+    on_flush: Option<FlushHook>,
+) {
     let mut jobs = Vec::new();
     while let Ok(first) = rx.recv() {
         jobs.push(first);
@@ -162,10 +176,14 @@ fn writer_loop(db: sled::Db, rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) 
             .iter_mut()
             .map(|job| stage(&db, &mut batch, &mut staged, &mut job.write))
             .collect();
+        let started = std::time::Instant::now();
         let committed = db
             .apply_batch(batch)
             .and_then(|()| db.flush().map(|_| ()))
             .map_err(backend);
+        if let Some(hook) = &on_flush {
+            hook(started.elapsed(), jobs.len());
+        }
         if let Err(e) = &committed {
             tracing::error!(error = %e, requests = jobs.len(), "store write failed");
         }

@@ -1,0 +1,73 @@
+//! A [`Store`] wrapper whose writes can be made to fail on demand. It exists for fault tests and
+//! drills: it shows that a failing disk turns into 503s and an unready service, never into a
+//! panic or a 202 for a task that is not stored.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{AgentState, OnWritten, Purged, Store, StoreError, Write};
+use crate::model::{AgentId, Task, TaskId};
+
+/// Delegates to `inner` unless writes are switched to fail.
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    failing: AtomicBool,
+    last_failed: AtomicBool,
+}
+
+impl FaultyStore {
+    /// Wraps a working store; writes succeed until [`FaultyStore::fail_writes`] is called.
+    pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            failing: AtomicBool::new(false),
+            last_failed: AtomicBool::new(false),
+        })
+    }
+
+    /// Makes every following write fail (`true`) or succeed again (`false`).
+    pub fn fail_writes(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+}
+
+impl Store for FaultyStore {
+    fn write(&self, write: Write, done: OnWritten) {
+        if self.failing.load(Ordering::SeqCst) {
+            self.last_failed.store(true, Ordering::SeqCst);
+            done(Err(StoreError::Backend("injected write fault".into())));
+            return;
+        }
+        self.last_failed.store(false, Ordering::SeqCst);
+        self.inner.write(write, done);
+    }
+
+    fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        self.inner.task(id)
+    }
+
+    fn agent_state(&self, agent: &AgentId) -> Result<AgentState, StoreError> {
+        self.inner.agent_state(agent)
+    }
+
+    fn queued(&self, agent: &AgentId) -> Result<Vec<Task>, StoreError> {
+        self.inner.queued(agent)
+    }
+
+    fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError> {
+        self.inner.token_digest(agent)
+    }
+
+    fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
+        self.inner.purge(older_than)
+    }
+
+    fn healthy(&self) -> bool {
+        !self.last_failed.load(Ordering::SeqCst) && self.inner.healthy()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,169 @@
+//! Prometheus metrics. Counters and histograms are updated where things happen (the access log,
+//! tick outcomes, store flushes); gauges that describe current state (queue depth, breaker
+//! state) are read at scrape time, so they can never drift from the truth.
+
+use actix::prelude::*;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tickgate_actors::agent::TickOutcome;
+
+/// Every tickgate metric; names all start with `tickgate_`.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    ticks: IntCounterVec,
+    tick_seconds: HistogramVec,
+    flush_seconds: HistogramVec,
+    /// Tasks waiting or running per agent, set at scrape time.
+    pub queued: IntGaugeVec,
+    /// 0 closed, 1 half-open, 2 open, per agent, set at scrape time.
+    pub breaker: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tickgate_http_requests_total",
+                "HTTP requests by agent and status code",
+            ),
+            &["agent", "code"],
+        )
+        .expect("metric definition");
+        let ticks = IntCounterVec::new(
+            Opts::new("tickgate_ticks_total", "Ticks by agent and outcome"),
+            &["agent", "outcome"],
+        )
+        .expect("metric definition");
+        let tick_seconds = HistogramVec::new(
+            HistogramOpts::new("tickgate_tick_duration_seconds", "Runner time per tick").buckets(
+                vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0],
+            ),
+            &["agent"],
+        )
+        .expect("metric definition");
+        let flush_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tickgate_store_flush_duration_seconds",
+                "Time of one group commit (apply + flush) in the store writer",
+            )
+            .buckets(vec![
+                0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+            ]),
+            &[],
+        )
+        .expect("metric definition");
+        let queued = IntGaugeVec::new(
+            Opts::new("tickgate_queue_depth", "Tasks waiting or running per agent"),
+            &["agent"],
+        )
+        .expect("metric definition");
+        let breaker = IntGaugeVec::new(
+            Opts::new(
+                "tickgate_breaker_state",
+                "Circuit breaker state per agent: 0 closed, 1 half-open, 2 open",
+            ),
+            &["agent"],
+        )
+        .expect("metric definition");
+        for m in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ticks.clone()),
+            Box::new(tick_seconds.clone()),
+            Box::new(flush_seconds.clone()),
+            Box::new(queued.clone()),
+            Box::new(breaker.clone()),
+        ] {
+            registry.register(m).expect("unique metric names");
+        }
+        Self {
+            registry,
+            requests,
+            ticks,
+            tick_seconds,
+            flush_seconds,
+            queued,
+            breaker,
+        }
+    }
+
+    /// Counts one HTTP request; `agent` is "none" when no agent was resolved.
+    pub fn request(&self, agent: &str, code: u16) {
+        self.requests
+            .with_label_values(&[agent, code_label(code)])
+            .inc();
+    }
+
+    /// Records one store group commit.
+    pub fn flush(&self, seconds: f64) {
+        self.flush_seconds
+            .with_label_values(&[] as &[&str])
+            .observe(seconds);
+    }
+
+    /// Records a finished tick.
+    pub fn tick(&self, outcome: &TickOutcome) {
+        let agent = outcome.agent.to_string();
+        let result = if outcome.success {
+            "success"
+        } else {
+            "failure"
+        };
+        self.ticks.with_label_values(&[&agent, result]).inc();
+        self.tick_seconds
+            .with_label_values(&[&agent])
+            .observe(outcome.duration.as_secs_f64());
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn code_label(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        202 => "202",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        c if c < 300 => "2xx",
+        c if c < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Receives tick outcomes from agents, like the breaker does, and turns them into metrics.
+pub struct TickRecorder(pub std::sync::Arc<Metrics>);
+
+impl Actor for TickRecorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<TickOutcome> for TickRecorder {
+    type Result = ();
+    fn handle(&mut self, outcome: TickOutcome, _: &mut Context<Self>) {
+        self.0.tick(&outcome);
+    }
+}
