@@ -417,7 +417,6 @@ impl Agent {
         for recipient in &self.deps.outcomes {
             recipient.do_send(outcome.clone());
         }
-        let store = self.deps.store.clone();
         let events = self.deps.events.clone();
         let mailbox = self.mailbox.clone();
         let lifecycle = self.deps.lifecycle.clone();
@@ -425,15 +424,21 @@ impl Agent {
             task: task.clone(),
             state: self.state.clone(),
         };
-        async move {
-            match write_async(store.as_ref(), write).await {
-                Ok(_) => events.publish(&task),
-                Err(e) => tracing::error!(error = %e, "could not record the tick's outcome"),
-            }
-            mailbox.release();
-            lifecycle.running.fetch_sub(1, Ordering::AcqRel);
-        }
-        .into_actor(self)
+        // The next tick does not wait for this write: the writer applies writes in queue order,
+        // so the next task's Start lands in the same group commit or a later one, never before.
+        // Waiters hear of the result, and the slot is freed, only once it is on disk.
+        self.deps.store.write(
+            write,
+            Box::new(move |res| {
+                match res {
+                    Ok(_) => events.publish(&task),
+                    Err(e) => tracing::error!(task_id = %task.id, error = %e, "could not record the tick's outcome"),
+                }
+                mailbox.release();
+                lifecycle.running.fetch_sub(1, Ordering::AcqRel);
+            }),
+        );
+        actix::fut::ready(())
     }
 }
 
