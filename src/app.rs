@@ -127,8 +127,9 @@ pub async fn run(
             })
             .collect(),
         trial_timeout,
-    )
-    .start();
+    );
+    let closed_breakers = breaker.closed();
+    let breaker = breaker.start();
     let recorder = TickRecorder(metrics.clone()).start();
     let events = Arc::new(TaskEvents::default());
     let lifecycle = Arc::new(Lifecycle::default());
@@ -165,8 +166,9 @@ pub async fn run(
         tokens.digests,
         pinned.keys().cloned().collect::<HashSet<_>>(),
         store.clone(),
-    )
-    .start();
+    );
+    let token_index = registry.index();
+    let registry = registry.start();
 
     let listener = TcpListener::bind(settings.listen).map_err(|source| AppError::Bind {
         addr: settings.listen.to_string(),
@@ -187,7 +189,9 @@ pub async fn run(
     let admin_enabled = settings.admin_token.is_some();
     let state = web::Data::new(AppState {
         registry,
+        tokens: token_index,
         breaker,
+        closed_breakers,
         store: store.clone(),
         events,
         lifecycle: lifecycle.clone(),

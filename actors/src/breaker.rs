@@ -10,6 +10,8 @@
 //! every tick, so admissions and outcomes are seen in one order.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -225,10 +227,34 @@ impl Breaker {
     }
 }
 
+/// Which agents' breakers are closed, readable by every HTTP worker without a message. A closed
+/// breaker admits every trigger and admitting changes nothing, so the edge only needs to ask the
+/// actor when a breaker is open or half-open: the common case costs an atomic load instead of
+/// a round trip through one actor. The actor is the only writer.
+#[derive(Debug, Default)]
+pub struct ClosedBreakers(HashMap<AgentId, AtomicBool>);
+
+impl ClosedBreakers {
+    /// Whether the agent's breaker was closed as of the actor's last decision. Agents without a
+    /// breaker count as closed.
+    pub fn is_closed(&self, agent: &AgentId) -> bool {
+        self.0
+            .get(agent)
+            .is_none_or(|closed| closed.load(Ordering::Acquire))
+    }
+
+    fn set(&self, agent: &AgentId, closed: bool) {
+        if let Some(flag) = self.0.get(agent) {
+            flag.store(closed, Ordering::Release);
+        }
+    }
+}
+
 /// Owns every agent's [`Breaker`] so that admissions from many HTTP workers and outcomes from
 /// agents on many arbiters are applied in one order, without locks.
 pub struct BreakerActor {
     breakers: HashMap<AgentId, Breaker>,
+    closed: Arc<ClosedBreakers>,
 }
 
 impl BreakerActor {
@@ -244,12 +270,24 @@ impl BreakerActor {
         agents: Vec<(AgentId, BreakerPolicy)>,
         trial_timeout: Duration,
     ) -> Self {
+        let closed = ClosedBreakers(
+            agents
+                .iter()
+                .map(|(id, _)| (id.clone(), AtomicBool::new(true)))
+                .collect(),
+        );
         Self {
             breakers: agents
                 .into_iter()
                 .map(|(id, policy)| (id, Breaker::with_trial_timeout(policy, trial_timeout)))
                 .collect(),
+            closed: Arc::new(closed),
         }
+    }
+
+    /// The lock-free view of which breakers are closed, kept current by this actor.
+    pub fn closed(&self) -> Arc<ClosedBreakers> {
+        self.closed.clone()
     }
 }
 
@@ -312,6 +350,8 @@ impl Handler<TickOutcome> for BreakerActor {
         let before = breaker.state(now);
         breaker.record(outcome.success, now);
         let after = breaker.state(now);
+        self.closed
+            .set(&outcome.agent, after == BreakerState::Closed);
         let id = &outcome.agent;
         let failures = breaker.consecutive_failures();
         match (before, after) {
@@ -351,6 +391,7 @@ impl Handler<Reset> for BreakerActor {
         };
         let before = breaker.state(Instant::now());
         breaker.reset();
+        self.closed.set(&id, true);
         if before != BreakerState::Closed {
             tracing::info!(agent = %id, from = before.as_str(), "breaker closed by reset");
         }

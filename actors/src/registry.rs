@@ -2,7 +2,7 @@
 //! rotations and listings are serialized through one mailbox and never race each other.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use actix::prelude::*;
 use subtle::ConstantTimeEq;
@@ -101,11 +101,57 @@ pub fn rotate_offline(store: &dyn Store, agent: &AgentId) -> Result<String, Stor
     Ok(token)
 }
 
+/// The token → agent map. The registry actor is its only writer (rotation); HTTP workers read it
+/// directly, because a lookup happens on every trigger and a round trip through one actor would
+/// put every request behind one thread. The lock is never held across an await.
+pub struct TokenIndex {
+    tokens: RwLock<Digests>,
+    agents: BTreeMap<AgentId, AgentHandle>,
+}
+
+#[derive(Default)]
+struct Digests {
+    by_digest: HashMap<[u8; 32], AgentId>,
+    of_agent: HashMap<AgentId, [u8; 32]>,
+}
+
+impl TokenIndex {
+    /// Finds the agent a token digest belongs to (the `/webhooks/{token}` form).
+    pub fn resolve(&self, digest: &[u8; 32]) -> Option<AgentHandle> {
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        let agent = tokens.by_digest.get(digest)?;
+        self.agents.get(agent).cloned()
+    }
+
+    /// Checks a token digest against one named agent, telling an unknown agent (404) from a
+    /// wrong token (401); the comparison is constant-time.
+    pub fn resolve_for(
+        &self,
+        agent: &AgentId,
+        digest: &[u8; 32],
+    ) -> Result<AgentHandle, ResolveError> {
+        let handle = self.agents.get(agent).ok_or(ResolveError::UnknownAgent)?;
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        let expected = tokens.of_agent.get(agent).ok_or(ResolveError::WrongToken)?;
+        if bool::from(expected.ct_eq(digest)) {
+            Ok(handle.clone())
+        } else {
+            Err(ResolveError::WrongToken)
+        }
+    }
+
+    fn replace(&self, agent: AgentId, digest: [u8; 32]) {
+        let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = tokens.of_agent.insert(agent.clone(), digest) {
+            tokens.by_digest.remove(&old);
+        }
+        tokens.by_digest.insert(digest, agent);
+    }
+}
+
 /// The registry actor.
 pub struct Registry {
-    by_digest: HashMap<[u8; 32], AgentId>,
-    digests: HashMap<AgentId, [u8; 32]>,
-    agents: BTreeMap<AgentId, AgentHandle>,
+    index: Arc<TokenIndex>,
     pinned: HashSet<AgentId>,
     store: Arc<dyn Store>,
 }
@@ -118,13 +164,23 @@ impl Registry {
         pinned: HashSet<AgentId>,
         store: Arc<dyn Store>,
     ) -> Self {
-        Self {
+        let tokens = Digests {
             by_digest: digests.iter().map(|(a, d)| (*d, a.clone())).collect(),
-            digests,
-            agents: agents.into_iter().map(|h| (h.spec.id.clone(), h)).collect(),
+            of_agent: digests,
+        };
+        Self {
+            index: Arc::new(TokenIndex {
+                tokens: RwLock::new(tokens),
+                agents: agents.into_iter().map(|h| (h.spec.id.clone(), h)).collect(),
+            }),
             pinned,
             store,
         }
+    }
+
+    /// The read side of the token map, for the HTTP edge's per-request lookups.
+    pub fn index(&self) -> Arc<TokenIndex> {
+        self.index.clone()
     }
 }
 
@@ -140,8 +196,7 @@ pub struct Resolve(pub [u8; 32]);
 impl Handler<Resolve> for Registry {
     type Result = Option<AgentHandle>;
     fn handle(&mut self, Resolve(digest): Resolve, _: &mut Context<Self>) -> Self::Result {
-        let agent = self.by_digest.get(&digest)?;
-        self.agents.get(agent).cloned()
+        self.index.resolve(&digest)
     }
 }
 
@@ -159,19 +214,7 @@ pub struct ResolveFor {
 impl Handler<ResolveFor> for Registry {
     type Result = Result<AgentHandle, ResolveError>;
     fn handle(&mut self, msg: ResolveFor, _: &mut Context<Self>) -> Self::Result {
-        let handle = self
-            .agents
-            .get(&msg.agent)
-            .ok_or(ResolveError::UnknownAgent)?;
-        let expected = self
-            .digests
-            .get(&msg.agent)
-            .ok_or(ResolveError::WrongToken)?;
-        if bool::from(expected.ct_eq(&msg.digest)) {
-            Ok(handle.clone())
-        } else {
-            Err(ResolveError::WrongToken)
-        }
+        self.index.resolve_for(&msg.agent, &msg.digest)
     }
 }
 
@@ -183,7 +226,7 @@ pub struct Find(pub AgentId);
 impl Handler<Find> for Registry {
     type Result = Option<AgentHandle>;
     fn handle(&mut self, Find(id): Find, _: &mut Context<Self>) -> Self::Result {
-        self.agents.get(&id).cloned()
+        self.index.agents.get(&id).cloned()
     }
 }
 
@@ -195,7 +238,7 @@ pub struct List;
 impl Handler<List> for Registry {
     type Result = Vec<AgentHandle>;
     fn handle(&mut self, _: List, _: &mut Context<Self>) -> Self::Result {
-        self.agents.values().cloned().collect()
+        self.index.agents.values().cloned().collect()
     }
 }
 
@@ -209,7 +252,7 @@ impl Handler<Rotate> for Registry {
     type Result = AtomicResponse<Self, Result<String, RotateError>>;
 
     fn handle(&mut self, Rotate(agent): Rotate, _: &mut Context<Self>) -> Self::Result {
-        if !self.agents.contains_key(&agent) {
+        if !self.index.agents.contains_key(&agent) {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Err(
                 RotateError::UnknownAgent(agent),
             ))));
@@ -231,10 +274,7 @@ impl Handler<Rotate> for Registry {
                 .into_actor(self)
                 .map(move |res, registry, _| {
                     res?;
-                    if let Some(old) = registry.digests.insert(agent.clone(), digest) {
-                        registry.by_digest.remove(&old);
-                    }
-                    registry.by_digest.insert(digest, agent);
+                    registry.index.replace(agent, digest);
                     Ok(token)
                 }),
         ))

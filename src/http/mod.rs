@@ -19,10 +19,10 @@ use actix_web::middleware::{ErrorHandlers, Next};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use ipnetwork::IpNetwork;
 use tickgate_actors::agent::Lifecycle;
-use tickgate_actors::breaker::BreakerActor;
+use tickgate_actors::breaker::{BreakerActor, ClosedBreakers};
 use tickgate_actors::events::TaskEvents;
 use tickgate_actors::model::AgentId;
-use tickgate_actors::registry::Registry;
+use tickgate_actors::registry::{Registry, TokenIndex};
 use tickgate_actors::store::Store;
 use tracing::Instrument;
 
@@ -39,6 +39,10 @@ pub struct AppState {
     pub registry: Addr<Registry>,
     /// Per-agent circuit breakers: admission of triggers and readiness.
     pub breaker: Addr<BreakerActor>,
+    /// The registry's token map, read without a message on every trigger.
+    pub tokens: Arc<TokenIndex>,
+    /// The breaker actor's lock-free view of closed breakers: the common case needs no message.
+    pub closed_breakers: Arc<ClosedBreakers>,
     /// Draining switch and running-tick count.
     pub lifecycle: Arc<Lifecycle>,
     /// Prometheus metrics.

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tickgate_actors::agent::{AgentHandle, Submitted};
 use tickgate_actors::breaker::{Admission, Admit, TrialAbandoned};
 use tickgate_actors::model::{AgentId, Source, Task};
-use tickgate_actors::registry::{Resolve, ResolveError, ResolveFor};
+use tickgate_actors::registry::ResolveError;
 use tickgate_actors::store::IdempotencyKey;
 use tickgate_actors::token;
 
@@ -122,17 +122,12 @@ async fn resolve(
     }
     let digest = token::digest(token);
     let found = match named {
-        None => state
-            .registry
-            .send(Resolve(digest))
-            .await?
-            .ok_or(ApiError::UnknownToken),
+        None => state.tokens.resolve(&digest).ok_or(ApiError::UnknownToken),
         Some((namespace, name)) => match AgentId::new(namespace, name) {
             Err(_) => Err(ApiError::UnknownToken),
             Ok(agent) => state
-                .registry
-                .send(ResolveFor { agent, digest })
-                .await?
+                .tokens
+                .resolve_for(&agent, &digest)
                 .map_err(|e| match e {
                     ResolveError::UnknownAgent => ApiError::UnknownToken,
                     ResolveError::WrongToken => ApiError::WrongToken,
@@ -234,7 +229,12 @@ async fn trigger(
     task.env = parsed.env;
     let sub = wait.map(|_| state.events.subscribe(task.id));
 
-    let trial = match state.breaker.send(Admit(agent.spec.id.clone())).await? {
+    let admission = if state.closed_breakers.is_closed(&agent.spec.id) {
+        Admission::Allowed
+    } else {
+        state.breaker.send(Admit(agent.spec.id.clone())).await?
+    };
+    let trial = match admission {
         Admission::Allowed => false,
         Admission::Trial => true,
         Admission::Refused { retry_after } => {
