@@ -352,10 +352,17 @@ impl Handler<RunTask> for Agent {
         let events = self.deps.events.clone();
         let runner = self.runner.clone();
         let timeout = self.spec.tick_timeout;
+        let side_effects = runner.has_side_effects();
         let run = async move {
-            match write_async(store.as_ref(), Write::Start(task.clone())).await {
-                Ok(_) => events.publish(&task),
-                Err(e) => tracing::error!(error = %e, "could not record the tick's start"),
+            if side_effects {
+                match write_async(store.as_ref(), Write::Start(task.clone())).await {
+                    Ok(_) => events.publish(&task),
+                    Err(e) => tracing::error!(error = %e, "could not record the tick's start"),
+                }
+            } else {
+                // Nothing outside can tell this tick ran until its outcome is stored, so its
+                // start needs no record: after a crash it simply runs as if for the first time.
+                events.publish(&task);
             }
             let started = Instant::now();
             let result = AssertUnwindSafe(runner.tick(&input, timeout))

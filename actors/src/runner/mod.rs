@@ -117,6 +117,16 @@ impl Runner {
         }
     }
 
+    /// Whether a tick can have effects outside tickgate before its outcome is recorded. Only
+    /// then is the tick's start stored (and on disk) before it runs: the STARTED record is what
+    /// tells a re-run after a crash (`attempt` + 1) that the first try may have done something.
+    /// The built-in `echo` computes its output and nothing else, so a crash before its outcome
+    /// is stored is indistinguishable from a tick that never started, and its start costs no
+    /// write.
+    pub fn has_side_effects(&self) -> bool {
+        !matches!(self, Runner::Echo)
+    }
+
     /// Runs one tick, giving up after `timeout`. Failures of every kind come back as
     /// `RunnerError`, never as a panic, so the agent can record them and move on.
     pub async fn tick(
