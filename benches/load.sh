@@ -69,6 +69,7 @@ TG_BIN_GIVEN=${TG_BIN:+1}
 TG_BIN=${TG_BIN:-$ROOT/target/release/tickgate}
 BARE_DIR=$ROOT/benches/bare
 BARE_BIN=$BARE_DIR/target/release/tickgate-bench-bare
+LINE_RUNNER=$BARE_DIR/target/release/line-runner
 
 log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() {
@@ -155,6 +156,7 @@ build() {
 	fi
 	[[ -x $TG_BIN ]] || die "missing $TG_BIN"
 	[[ -x $BARE_BIN ]] || die "missing $BARE_BIN"
+	[[ -x $LINE_RUNNER ]] || die "missing $LINE_RUNNER"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -486,16 +488,15 @@ write_tg_config() {
 }
 
 # A persistent runner: one process per agent, one JSON line in, one out. The cheapest possible
-# command agent, so the figure is tickgate's overhead, not the agent's.
+# command agent (benches/bare/src/bin/line-runner.rs), so the figure is tickgate's overhead, not
+# the agent's; the sh variant shows what a shell loop costs (sh's `read` takes a byte per syscall).
 write_persistent_script() {
 	printf '#!/bin/sh\nwhile read -r l; do echo '"'"'{"response":1}'"'"'; done\n' >"$1"
 	chmod +x "$1"
 }
-# A oneshot runner: the /bin/true of the tick protocol (consumes stdin, answers an empty object).
-write_oneshot_script() {
-	printf '#!/bin/sh\ncat >/dev/null; echo '"'"'{}'"'"'\n' >"$1"
-	chmod +x "$1"
-}
+# A oneshot runner doing /bin/true-like work: one exec of a tiny binary that prints the smallest
+# valid tick output, `printf '{}'` (it ignores its stdin, which tickgate allows).
+ONESHOT_RUNNER='{ kind = "command", program = "/usr/bin/printf", args = ["{}"], mode = "oneshot" }'
 
 # Prepares the server for case KEY in DIR and starts it; sets CASE_PATHS.
 CASE_PATHS=()
@@ -530,15 +531,24 @@ start_case_server() {
 		start_tickgate "$dir"
 		CASE_PATHS=("${PATHS[@]}")
 		;;
+	tg-sync-echo-spread)
+		write_tg_config "$dir/tickgate.toml" "$SPREAD" echo '{ kind = "echo" }'
+		start_tickgate "$dir"
+		CASE_PATHS=("${PATHS[@]}")
+		;;
 	tg-sync-persistent)
+		write_tg_config "$dir/tickgate.toml" "$SPREAD" p "{ kind = \"command\", program = \"$LINE_RUNNER\", mode = \"persistent\" }"
+		start_tickgate "$dir"
+		CASE_PATHS=("${PATHS[@]}")
+		;;
+	tg-sync-persistent-sh)
 		write_persistent_script "$dir/persistent.sh"
 		write_tg_config "$dir/tickgate.toml" "$SPREAD" p "{ kind = \"command\", program = \"$dir/persistent.sh\", mode = \"persistent\" }"
 		start_tickgate "$dir"
 		CASE_PATHS=("${PATHS[@]}")
 		;;
 	tg-sync-oneshot)
-		write_oneshot_script "$dir/oneshot.sh"
-		write_tg_config "$dir/tickgate.toml" "$SPREAD" o "{ kind = \"command\", program = \"$dir/oneshot.sh\", mode = \"oneshot\" }"
+		write_tg_config "$dir/tickgate.toml" "$SPREAD" o "$ONESHOT_RUNNER"
 		start_tickgate "$dir"
 		CASE_PATHS=("${PATHS[@]}")
 		;;
@@ -645,8 +655,10 @@ main_bench() {
 	for c in $CONNS_LIST; do run_case tg-ff-echo "(c) tickgate fire-and-forget → echo, 1 agent" ff "$c"; done
 	for c in $CONNS_LIST; do run_case tg-ff-fanout "(c) tickgate fire-and-forget → echo, $FANOUT agents" ff "$c"; done
 	run_case tg-sync-echo "(c) tickgate sync ?wait=10 → echo, 1 agent" sync "$CONNS"
-	run_case tg-sync-persistent "(c) tickgate sync → persistent command, $SPREAD agents" sync "$CONNS"
-	run_case tg-sync-oneshot "(c) tickgate sync → oneshot command, $SPREAD agents" sync "$CONNS"
+	run_case tg-sync-echo-spread "(c) tickgate sync ?wait=10 → echo, $SPREAD agents" sync "$CONNS"
+	run_case tg-sync-persistent "(c) tickgate sync → persistent command (line-runner), $SPREAD agents" sync "$CONNS"
+	run_case tg-sync-persistent-sh "(c) tickgate sync → persistent command (sh read loop), $SPREAD agents" sync "$CONNS"
+	run_case tg-sync-oneshot "(c) tickgate sync → oneshot command (printf '{}'), $SPREAD agents" sync "$CONNS"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -62,6 +62,9 @@ pub fn bootstrap_tokens(
 ) -> Result<Tokens, StoreError> {
     let mut digests = HashMap::new();
     let mut created = Vec::new();
+    // New tokens are written together and waited for once, so a first start with thousands of
+    // agents costs a few group commits rather than one flush per agent.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
     for agent in agents {
         let digest = if let Some(token) = pinned.get(agent) {
             token::digest(token)
@@ -70,13 +73,16 @@ pub fn bootstrap_tokens(
         } else {
             let token = token::generate();
             let digest = token::digest(&token);
-            write_blocking(
-                store,
+            let done_tx = done_tx.clone();
+            store.write(
                 Write::SetToken {
                     agent: agent.clone(),
                     digest,
                 },
-            )?;
+                Box::new(move |res| {
+                    let _ = done_tx.send(res);
+                }),
+            );
             created.push(NewToken {
                 agent: agent.clone(),
                 token,
@@ -84,6 +90,10 @@ pub fn bootstrap_tokens(
             digest
         };
         digests.insert(agent.clone(), digest);
+    }
+    drop(done_tx);
+    for _ in 0..created.len() {
+        done_rx.recv().unwrap_or(Err(StoreError::Closed))?;
     }
     Ok(Tokens { digests, created })
 }
