@@ -6,3 +6,6 @@ pub mod signature;
 
 #[path = "../../src/ingress/client_ip.rs"]
 pub mod client_ip;
+
+#[path = "../../src/ingress/body.rs"]
+pub mod body;
