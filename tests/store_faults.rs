@@ -27,30 +27,13 @@ name = "echo"
 runner = { kind = "echo" }
 "#,
     );
-    let (config, source) = Config::load(Some(&config_path)).unwrap();
-    let settings = config.validate(source, &|_| None).unwrap();
-    let sled = SledStore::open(&env.path().join("store")).unwrap();
-    let token = sled_token(&sled);
-    let faulty = FaultyStore::new(sled.clone());
-    let store: Arc<dyn Store> = faulty.clone();
-
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = std::thread::spawn(move || {
-        actix_rt::System::new().block_on(async move {
-            tickgate::app::run(
-                settings,
-                store,
-                Arc::new(Metrics::new()),
-                async move {
-                    let _ = stop_rx.await;
-                },
-                move |addr| addr_tx.send(addr).unwrap(),
-            )
-            .await
-        })
-    });
-    let base = format!("http://{}", addr_rx.recv().unwrap());
+    let app = App::start(&env, &config_path, "echo");
+    let (faulty, sled, token, base) = (
+        app.faulty.clone(),
+        app.sled.clone(),
+        app.token.clone(),
+        app.base.clone(),
+    );
     let url = format!("{base}/webhooks/{token}?wait=10");
     let get = |path: &str| send(client().get(format!("{base}{path}")));
 
@@ -92,12 +75,124 @@ runner = { kind = "echo" }
     assert!(reuse.json.get("duplicate").is_none());
     assert_eq!(sled.queued(&"echo".parse().unwrap()).unwrap().len(), 0);
 
-    stop_tx.send(()).unwrap();
-    app.join().unwrap().unwrap();
-    sled.close().unwrap();
+    app.stop();
 }
 
-/// Issues the agent's token before the app starts, which then finds and keeps it.
-fn sled_token(store: &Arc<SledStore>) -> String {
-    tickgate_actors::registry::rotate_offline(store.as_ref(), &"echo".parse().unwrap()).unwrap()
+#[test]
+fn a_tick_whose_start_cannot_be_recorded_waits_for_the_store_instead_of_running() {
+    let env = Env::new();
+    let ran = env.path().join("ran.log");
+    let go = env.path().join("go");
+    let program = env.script(
+        "gated.sh",
+        &format!(
+            "cat >/dev/null\necho run >> {}\nwhile [ ! -e {} ]; do sleep 0.02; done\necho '{{}}'\n",
+            ran.display(),
+            go.display()
+        ),
+    );
+    let config_path = env.write_config(&format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[agent]]
+name = "cmd"
+runner = {{ kind = "command", program = "{}", mode = "oneshot" }}
+"#,
+        program.display()
+    ));
+    let app = App::start(&env, &config_path, "cmd");
+    let url = format!("{}/webhooks/{}", app.base, app.token);
+    let runs = || {
+        std::fs::read_to_string(&ran)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+
+    let first = post_json(&url, &json!({"n": 1}));
+    assert_eq!(first.status, 202, "{}", first.text);
+    let second = post_json(&url, &json!({"n": 2}));
+    assert_eq!(second.status, 202, "{}", second.text);
+    assert!(wait_until(|| runs() == 1), "the first tick never started");
+
+    // The disk fails while the first tick runs: its outcome cannot be stored, and the second
+    // task's STARTED record cannot be written, so the second tick must not run.
+    app.faulty.fail_writes(true);
+    std::fs::write(&go, b"").unwrap();
+    assert!(
+        wait_until(|| app.faulty.refused_writes() >= 3),
+        "the agent did not keep trying to record the second tick's start"
+    );
+    assert_eq!(runs(), 1, "a tick ran although its start was not recorded");
+
+    app.faulty.fail_writes(false);
+    let id = second.json["task_id"].as_str().unwrap().to_string();
+    let done = || {
+        let r = send(client().get(format!("{}/tasks/{id}", app.base)));
+        r.json["status"] == "SUCCESS"
+    };
+    assert!(
+        wait_until(done),
+        "the second task did not finish once the store recovered"
+    );
+    assert_eq!(runs(), 2);
+    let task = send(client().get(format!("{}/tasks/{id}", app.base)));
+    assert_eq!(task.json["attempt"], 1);
+    app.stop();
+}
+
+/// The app running in-process on sled wrapped in a [`FaultyStore`].
+struct App {
+    faulty: Arc<FaultyStore>,
+    sled: Arc<SledStore>,
+    token: String,
+    base: String,
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<(), tickgate::app::AppError>>,
+}
+
+impl App {
+    fn start(env: &Env, config_path: &std::path::Path, agent: &str) -> Self {
+        let (config, source) = Config::load(Some(config_path)).unwrap();
+        let settings = config.validate(source, &|_| None).unwrap();
+        let sled = SledStore::open(&env.path().join("store")).unwrap();
+        // Issued before the app starts, which then finds and keeps it.
+        let token =
+            tickgate_actors::registry::rotate_offline(sled.as_ref(), &agent.parse().unwrap())
+                .unwrap();
+        let faulty = FaultyStore::new(sled.clone());
+        let store: Arc<dyn Store> = faulty.clone();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            actix_rt::System::new().block_on(async move {
+                tickgate::app::run(
+                    settings,
+                    store,
+                    Arc::new(Metrics::new()),
+                    async move {
+                        let _ = stop_rx.await;
+                    },
+                    move |addr| addr_tx.send(addr).unwrap(),
+                )
+                .await
+            })
+        });
+        let base = format!("http://{}", addr_rx.recv().unwrap());
+        Self {
+            faulty,
+            sled,
+            token,
+            base,
+            stop_tx,
+            thread,
+        }
+    }
+
+    fn stop(self) {
+        self.stop_tx.send(()).unwrap();
+        self.thread.join().unwrap().unwrap();
+        self.sled.close().unwrap();
+    }
 }

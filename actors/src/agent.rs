@@ -85,6 +85,10 @@ impl Mailbox {
     }
 }
 
+/// First and longest wait between attempts to record a tick's start while the store fails.
+const START_RETRY_MIN: Duration = Duration::from_millis(100);
+const START_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Runs the next task of the agent. Sent only once the task is durable, always with `do_send`,
 /// which queues past actix's mailbox capacity: the real bound is [`Mailbox`], and a task that
 /// is already stored must never be refused.
@@ -353,11 +357,28 @@ impl Handler<RunTask> for Agent {
         let runner = self.runner.clone();
         let timeout = self.spec.tick_timeout;
         let side_effects = runner.has_side_effects();
+        let lifecycle = self.deps.lifecycle.clone();
         let run = async move {
             if side_effects {
-                match write_async(store.as_ref(), Write::Start(task.clone())).await {
-                    Ok(_) => events.publish(&task),
-                    Err(e) => tracing::error!(error = %e, "could not record the tick's start"),
+                // A tick that could have effects must not run unrecorded: while the store
+                // refuses the write, the agent waits (keeping its order) instead of running it.
+                let mut backoff = START_RETRY_MIN;
+                loop {
+                    match write_async(store.as_ref(), Write::Start(task.clone())).await {
+                        Ok(_) => {
+                            events.publish(&task);
+                            break;
+                        }
+                        Err(e) if lifecycle.is_draining() => {
+                            tracing::warn!(error = %e, "tick not started: its start could not be recorded and shutdown has begun");
+                            return None;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "could not record the tick's start; waiting for the store");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(START_RETRY_MAX);
+                        }
+                    }
                 }
             } else {
                 // Nothing outside can tell this tick ran until its outcome is stored, so its
@@ -368,12 +389,18 @@ impl Handler<RunTask> for Agent {
             let result = AssertUnwindSafe(runner.tick(&input, timeout))
                 .catch_unwind()
                 .await;
-            (task, result, started.elapsed())
+            Some((task, result, started.elapsed()))
         }
         .instrument(span.clone());
-        AtomicResponse::new(Box::pin(run.into_actor(self).then(
-            move |(task, result, elapsed), agent, ctx| {
+        AtomicResponse::new(Box::pin(run.into_actor(self).map(
+            move |ran, agent, ctx| {
                 let _entered = span.enter();
+                let Some((task, result, elapsed)) = ran else {
+                    // Left as it is on disk (PENDING) for the next start.
+                    agent.mailbox.release();
+                    agent.deps.lifecycle.running.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                };
                 let result = result.unwrap_or_else(|_| {
                     // A bug in a runner must not take the agent down for good: fail this
                     // tick and let the supervisor restart the actor with a fresh runner.
@@ -395,7 +422,7 @@ impl Agent {
         mut task: Task,
         result: Result<TickOutput, RunnerError>,
         elapsed: Duration,
-    ) -> impl ActorFuture<Self, Output = ()> {
+    ) {
         task.finished_at = Some(now_ms());
         match result {
             Ok(out) => {
@@ -445,7 +472,6 @@ impl Agent {
                 lifecycle.running.fetch_sub(1, Ordering::AcqRel);
             }),
         );
-        actix::fut::ready(())
     }
 }
 

@@ -2,7 +2,7 @@
 //! drills: it shows that a failing disk turns into 503s and an unready service, never into a
 //! panic or a 202 for a task that is not stored.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ pub struct FaultyStore {
     inner: Arc<dyn Store>,
     failing: AtomicBool,
     last_failed: AtomicBool,
+    refused: AtomicUsize,
 }
 
 impl FaultyStore {
@@ -23,6 +24,7 @@ impl FaultyStore {
             inner,
             failing: AtomicBool::new(false),
             last_failed: AtomicBool::new(false),
+            refused: AtomicUsize::new(0),
         })
     }
 
@@ -30,12 +32,18 @@ impl FaultyStore {
     pub fn fail_writes(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
     }
+
+    /// Writes refused so far, so a test can wait until something was really attempted.
+    pub fn refused_writes(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
+    }
 }
 
 impl Store for FaultyStore {
     fn write(&self, write: Write, done: OnWritten) {
         if self.failing.load(Ordering::SeqCst) {
             self.last_failed.store(true, Ordering::SeqCst);
+            self.refused.fetch_add(1, Ordering::SeqCst);
             done(Err(StoreError::Backend("injected write fault".into())));
             return;
         }
