@@ -13,7 +13,7 @@ use tickgate_actors::model::AgentId;
 use tickgate_actors::registry::{Find, List, Rotate, RotateError};
 
 use super::error::ApiError;
-use super::AppState;
+use super::{agent_in_path, no_such_agent, AppState};
 
 /// Proof that the request carried the admin token.
 pub struct Admin;
@@ -100,11 +100,9 @@ pub async fn reset_breaker(
     path: web::Path<(String, String)>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let (namespace, name) = path.into_inner();
-    let unknown = || ApiError::NotFound(format!("no agent {namespace}/{name}"));
-    let agent = AgentId::new(&namespace, &name).map_err(|_| unknown())?;
+    let agent = agent_in_path(path)?;
     if !state.breaker.send(Reset(agent.clone())).await? {
-        return Err(unknown());
+        return Err(no_such_agent(&agent));
     }
     tracing::info!(agent = %agent, "breaker reset by admin");
     Ok(HttpResponse::Ok()
@@ -118,14 +116,12 @@ pub async fn restart_agent(
     path: web::Path<(String, String)>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let (namespace, name) = path.into_inner();
-    let unknown = || ApiError::NotFound(format!("no agent {namespace}/{name}"));
-    let agent = AgentId::new(&namespace, &name).map_err(|_| unknown())?;
+    let agent = agent_in_path(path)?;
     let handle = state
         .registry
         .send(Find(agent.clone()))
         .await?
-        .ok_or_else(unknown)?;
+        .ok_or_else(|| no_such_agent(&agent))?;
     handle.addr.do_send(Restart);
     tracing::info!(agent = %agent, "agent restart requested by admin");
     Ok(HttpResponse::Accepted().json(json!({ "agent": agent.to_string(), "restart": "queued" })))

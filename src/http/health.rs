@@ -8,11 +8,10 @@ use actix_web::{web, HttpResponse};
 use serde_json::{json, Value};
 use tickgate_actors::agent::AgentHandle;
 use tickgate_actors::breaker::{BreakerState, Snapshot};
-use tickgate_actors::model::AgentId;
 use tickgate_actors::registry::{Find, List};
 
 use super::error::ApiError;
-use super::AppState;
+use super::{agent_in_path, no_such_agent, AppState};
 
 /// 200 while the process serves requests; says nothing about agents or the store.
 pub async fn healthz() -> HttpResponse {
@@ -63,14 +62,12 @@ pub async fn ready_agent(
     path: web::Path<(String, String)>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let (namespace, name) = path.into_inner();
-    let unknown = || ApiError::NotFound(format!("no agent {namespace}/{name}"));
-    let id = AgentId::new(&namespace, &name).map_err(|_| unknown())?;
+    let id = agent_in_path(path)?;
     let handle = state
         .registry
         .send(Find(id.clone()))
         .await?
-        .ok_or_else(unknown)?;
+        .ok_or_else(|| no_such_agent(&id))?;
     let breakers = state.breaker.send(Snapshot).await?;
     let breaker = breakers.get(&id);
     let usable = breaker != Some(&BreakerState::Open);

@@ -172,6 +172,19 @@ async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
     Err(ApiError::MethodNotAllowed)
 }
 
+/// The agent a `{namespace}/{agent}` route names. A name that is not even valid is answered like
+/// one that does not exist, so the answer never depends on which rule it broke.
+pub fn agent_in_path(path: web::Path<(String, String)>) -> Result<AgentId, ApiError> {
+    let (namespace, name) = path.into_inner();
+    AgentId::new(&namespace, &name)
+        .map_err(|_| ApiError::NotFound(format!("no agent {namespace}/{name}")))
+}
+
+/// The `404` for a well-formed agent id that is not configured.
+pub fn no_such_agent(agent: &AgentId) -> ApiError {
+    ApiError::NotFound(format!("no agent {agent}"))
+}
+
 /// The fallback for unknown paths.
 pub async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound("no such route".into()))
