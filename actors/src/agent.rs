@@ -96,6 +96,12 @@ const START_RETRY_MAX: Duration = Duration::from_secs(5);
 #[rtype(result = "()")]
 pub struct RunTask(pub Task);
 
+/// Runs a task that is known only by id (recovered from the store at start-up): it is read from
+/// the store when its turn comes. Shares the agent's mailbox with [`RunTask`], so order holds.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RunStored(pub TaskId);
+
 /// Emitted after every tick: the seam for the circuit breaker and metrics.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
@@ -196,12 +202,14 @@ impl AgentHandle {
             .unwrap_or(Err(SubmitError::Store(StoreError::Closed)))
     }
 
-    /// Re-queues tasks found in the store at start-up, in their stored order. A task that was
-    /// STARTED when the process died runs again; its `attempt` goes up when it starts.
-    pub fn recover(&self, tasks: Vec<Task>) {
-        for task in tasks {
+    /// Re-queues tasks found in the store at start-up, in their stored order. Only their ids are
+    /// queued; each task is read from the store when its turn comes, so a large backlog costs
+    /// little memory. A task that was STARTED when the process died runs again; its `attempt`
+    /// goes up when it starts.
+    pub fn recover(&self, tasks: Vec<TaskId>) {
+        for id in tasks {
             self.mailbox.force_reserve();
-            self.addr.do_send(RunTask(task));
+            self.addr.do_send(RunStored(id));
         }
     }
 }
@@ -326,11 +334,51 @@ impl Handler<Restart> for Agent {
 impl Handler<RunTask> for Agent {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, RunTask(mut task): RunTask, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, RunTask(task): RunTask, _ctx: &mut Self::Context) -> Self::Result {
+        AtomicResponse::new(self.tick(task))
+    }
+}
+
+impl Handler<RunStored> for Agent {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, RunStored(id): RunStored, _ctx: &mut Self::Context) -> Self::Result {
+        let store = self.deps.store.clone();
+        // A store read can touch the disk, so it runs off the arbiter thread.
+        let load = async move {
+            tokio::task::spawn_blocking(move || store.task(id))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Backend(format!("task read failed: {e}"))))
+        };
+        AtomicResponse::new(Box::pin(load.into_actor(self).then(
+            move |loaded, agent, _ctx| -> ResponseActFuture<Self, ()> {
+                match loaded {
+                    Ok(Some(task)) => agent.tick(task),
+                    Ok(None) => {
+                        tracing::warn!(agent = %agent.spec.id, task_id = %id, "queued task has no record; skipped");
+                        agent.mailbox.release();
+                        Box::pin(actix::fut::ready(()))
+                    }
+                    Err(e) => {
+                        // Left on disk as it is; the next start tries again.
+                        tracing::error!(agent = %agent.spec.id, task_id = %id, error = %e, "could not read a queued task; skipped until the next start");
+                        agent.mailbox.release();
+                        Box::pin(actix::fut::ready(()))
+                    }
+                }
+            },
+        )))
+    }
+}
+
+impl Agent {
+    /// Runs one task's tick: records its start when the runner can have effects, runs the
+    /// runner, then records the outcome. The returned future is the whole of the agent's turn.
+    fn tick(&mut self, mut task: Task) -> ResponseActFuture<Self, ()> {
         if self.deps.lifecycle.is_draining() {
             // Left PENDING (or STARTED) on disk: the next start runs it.
             self.mailbox.release();
-            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+            return Box::pin(actix::fut::ready(()));
         }
         self.deps.lifecycle.running.fetch_add(1, Ordering::AcqRel);
         task.status = TaskStatus::Started;
@@ -392,29 +440,25 @@ impl Handler<RunTask> for Agent {
             Some((task, result, started.elapsed()))
         }
         .instrument(span.clone());
-        AtomicResponse::new(Box::pin(run.into_actor(self).map(
-            move |ran, agent, ctx| {
-                let _entered = span.enter();
-                let Some((task, result, elapsed)) = ran else {
-                    // Left as it is on disk (PENDING) for the next start.
-                    agent.mailbox.release();
-                    agent.deps.lifecycle.running.fetch_sub(1, Ordering::AcqRel);
-                    return;
-                };
-                let result = result.unwrap_or_else(|_| {
-                    // A bug in a runner must not take the agent down for good: fail this
-                    // tick and let the supervisor restart the actor with a fresh runner.
-                    tracing::error!("runner panicked; restarting the agent");
-                    ctx.notify(Restart);
-                    Err(RunnerError::Exit("the runner panicked".into()))
-                });
-                agent.finish(task, result, elapsed)
-            },
-        )))
+        Box::pin(run.into_actor(self).map(move |ran, agent, ctx| {
+            let _entered = span.enter();
+            let Some((task, result, elapsed)) = ran else {
+                // Left as it is on disk (PENDING) for the next start.
+                agent.mailbox.release();
+                agent.deps.lifecycle.running.fetch_sub(1, Ordering::AcqRel);
+                return;
+            };
+            let result = result.unwrap_or_else(|_| {
+                // A bug in a runner must not take the agent down for good: fail this
+                // tick and let the supervisor restart the actor with a fresh runner.
+                tracing::error!("runner panicked; restarting the agent");
+                ctx.notify(Restart);
+                Err(RunnerError::Exit("the runner panicked".into()))
+            });
+            agent.finish(task, result, elapsed)
+        }))
     }
-}
 
-impl Agent {
     /// Records a tick's outcome: task record, memory and tick counter in one durable write, then
     /// the announcement to waiters, then the mailbox slot is freed.
     fn finish(

@@ -59,7 +59,7 @@ impl Store for FaultyStore {
         self.inner.agent_state(agent)
     }
 
-    fn queued(&self, agent: &AgentId) -> Result<Vec<Task>, StoreError> {
+    fn queued(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
         self.inner.queued(agent)
     }
 

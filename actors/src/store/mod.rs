@@ -116,9 +116,10 @@ pub trait Store: Send + Sync + 'static {
     /// An agent's memory and tick counter; defaults for an agent that never ticked.
     fn agent_state(&self, agent: &AgentId) -> Result<AgentState, StoreError>;
 
-    /// Tasks still in an agent's queue (PENDING, or STARTED when a crash interrupted them), in
-    /// acceptance order.
-    fn queued(&self, agent: &AgentId) -> Result<Vec<Task>, StoreError>;
+    /// Ids of the tasks still in an agent's queue (PENDING, or STARTED when a crash interrupted
+    /// them), in acceptance order. Ids only: a backlog can be large, and each task is read when
+    /// its turn comes.
+    fn queued(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError>;
 
     /// The digest of an agent's current webhook token, if it has one.
     fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError>;

@@ -320,20 +320,16 @@ impl Store for SledStore {
         }
     }
 
-    fn queued(&self, agent: &AgentId) -> Result<Vec<Task>, StoreError> {
-        let mut tasks = Vec::new();
+    fn queued(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
+        let mut ids = Vec::new();
         for entry in self.db.scan_prefix(queue_prefix(agent)) {
             let (_, id) = entry.map_err(backend)?;
-            let Ok(bytes) = <[u8; 16]>::try_from(id.as_ref()) else {
-                tracing::warn!(agent = %agent, "skipping a malformed queue entry");
-                continue;
-            };
-            match self.task(TaskId::from_bytes(bytes))? {
-                Some(task) => tasks.push(task),
-                None => tracing::warn!(agent = %agent, "queue entry without a task record"),
+            match <[u8; 16]>::try_from(id.as_ref()) {
+                Ok(bytes) => ids.push(TaskId::from_bytes(bytes)),
+                Err(_) => tracing::warn!(agent = %agent, "skipping a malformed queue entry"),
             }
         }
-        Ok(tasks)
+        Ok(ids)
     }
 
     fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError> {
@@ -426,7 +422,7 @@ mod tests {
             }
         }
         assert!(ids.windows(2).all(|w| w[0].0 < w[1].0));
-        let queued: Vec<TaskId> = store.queued(&agent).unwrap().iter().map(|t| t.id).collect();
+        let queued: Vec<TaskId> = store.queued(&agent).unwrap();
         assert_eq!(queued, ids.iter().map(|x| x.1).collect::<Vec<_>>());
     }
 
