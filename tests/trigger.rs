@@ -289,3 +289,49 @@ fn get_ping_get_trigger_and_form_bodies() {
 fn server_get(url: &str) -> Response {
     send(client().get(url))
 }
+
+#[test]
+fn a_deep_queue_keeps_acceptance_order_when_it_spills_to_the_store() {
+    // Past 1,024 queued tasks an agent's queue holds ids and reads each task back when its turn
+    // comes; order and content must not change at the boundary.
+    const TASKS: u64 = 1_100;
+    let env = Env::new();
+    let go = env.path().join("go");
+    env.script(
+        "gated.sh",
+        &format!(
+            "while read -r line; do\n  while [ ! -e {go} ]; do sleep 0.01; done\n  i=$(printf '%s' \"$line\" | sed -n 's/.*\"inputs\":{{\"i\":\\([0-9]*\\)}}.*/\\1/p')\n  echo \"{{\\\"response\\\":$i}}\"\ndone\n",
+            go = go.display()
+        ),
+    );
+    let server = env.start(
+        r#"
+[[agent]]
+name = "deep"
+runner = { kind = "command", program = "{dir}/gated.sh", mode = "persistent" }
+mailbox = 2000
+"#,
+    );
+    let url = server.url("default/deep").to_string();
+    let ids: Vec<String> = (0..TASKS)
+        .map(|i| {
+            let r = post_json(&url, &json!({"i": i}));
+            assert_eq!(r.status, 202, "{}", r.text);
+            r.json["task_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    std::fs::write(&go, b"").unwrap();
+    let last = server.finished(ids.last().unwrap());
+    assert_eq!(last["tick"], TASKS);
+    for (i, id) in ids.iter().enumerate() {
+        let task = server.get(&format!("/tasks/{id}")).json;
+        assert_eq!(task["status"], "SUCCESS", "{task}");
+        assert_eq!(task["tick"], i as u64 + 1, "task {i} ran out of order");
+        assert_eq!(
+            task["response"], i as u64,
+            "task {i} did not see its own inputs"
+        );
+        assert_eq!(task["attempt"], 1);
+        assert_eq!(task["title"], "Webhook trigger — default/deep");
+    }
+}

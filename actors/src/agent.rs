@@ -85,6 +85,10 @@ impl Mailbox {
     }
 }
 
+/// Queued tasks an agent keeps in memory; beyond this its queue holds ids and each task is read
+/// from the store when its turn comes.
+const QUEUED_IN_MEMORY: usize = 1024;
+
 /// First and longest wait between attempts to record a tick's start while the store fails.
 const START_RETRY_MIN: Duration = Duration::from_millis(100);
 const START_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -173,7 +177,13 @@ impl AgentHandle {
             Box::new(move |res| {
                 let reply = match res {
                     Ok(Written::Accepted(task)) => {
-                        addr.do_send(RunTask((*task).clone()));
+                        // A deep queue holds ids only, so a big mailbox does not hold a big
+                        // backlog in memory; the task is read back when its turn comes.
+                        if mailbox.queued() > QUEUED_IN_MEMORY {
+                            addr.do_send(RunStored(task.id));
+                        } else {
+                            addr.do_send(RunTask((*task).clone()));
+                        }
                         Ok(Submitted::Accepted(task))
                     }
                     Ok(Written::Duplicate(id)) => {
