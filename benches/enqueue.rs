@@ -121,7 +121,7 @@ fn store_append(c: &mut Criterion) {
                 let (tx, rx) = mpsc::channel();
                 store.write(
                     Write::Submit {
-                        task: t,
+                        task: Box::new(t),
                         idempotency: None,
                     },
                     Box::new(move |r| {
@@ -144,7 +144,7 @@ fn store_append(c: &mut Criterion) {
                     let tx = tx.clone();
                     store.write(
                         Write::Submit {
-                            task: t,
+                            task: Box::new(t),
                             idempotency: None,
                         },
                         Box::new(move |r| {

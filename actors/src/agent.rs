@@ -98,7 +98,7 @@ const START_RETRY_MAX: Duration = Duration::from_secs(5);
 /// is already stored must never be refused.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RunTask(pub Task);
+pub struct RunTask(pub Arc<Task>);
 
 /// Runs a task that is known only by id (recovered from the store at start-up): it is read from
 /// the store when its turn comes. Shares the agent's mailbox with [`RunTask`], so order holds.
@@ -124,7 +124,7 @@ pub struct TickOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Submitted {
     /// Stored and queued; the 202 may be sent.
-    Accepted(Box<Task>),
+    Accepted(Arc<Task>),
     /// The idempotency key was used before with the same body.
     Duplicate(TaskId),
     /// The idempotency key was used before with a different body.
@@ -173,16 +173,22 @@ impl AgentHandle {
         let addr = self.addr.clone();
         let mailbox = self.mailbox.clone();
         self.store.write(
-            Write::Submit { task, idempotency },
+            Write::Submit {
+                task: Box::new(task),
+                idempotency,
+            },
             Box::new(move |res| {
                 let reply = match res {
                     Ok(Written::Accepted(task)) => {
+                        // Shared with the caller rather than copied: this runs on the store's
+                        // writer thread, which every write in the process goes through.
+                        let task: Arc<Task> = Arc::from(task);
                         // A deep queue holds ids only, so a big mailbox does not hold a big
                         // backlog in memory; the task is read back when its turn comes.
                         if mailbox.queued() > QUEUED_IN_MEMORY {
                             addr.do_send(RunStored(task.id));
                         } else {
-                            addr.do_send(RunTask((*task).clone()));
+                            addr.do_send(RunTask(task.clone()));
                         }
                         Ok(Submitted::Accepted(task))
                     }
@@ -345,7 +351,7 @@ impl Handler<RunTask> for Agent {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, RunTask(task): RunTask, _ctx: &mut Self::Context) -> Self::Result {
-        AtomicResponse::new(self.tick(task))
+        AtomicResponse::new(self.tick(Arc::unwrap_or_clone(task)))
     }
 }
 
@@ -421,10 +427,11 @@ impl Agent {
                 // A tick that could have effects must not run unrecorded: while the store
                 // refuses the write, the agent waits (keeping its order) instead of running it.
                 let mut backoff = START_RETRY_MIN;
+                let shared = Arc::new(task);
                 loop {
-                    match write_async(store.as_ref(), Write::Start(task.clone())).await {
+                    match write_async(store.as_ref(), Write::Start(shared.clone())).await {
                         Ok(_) => {
-                            events.publish(&task);
+                            events.publish(&shared);
                             break;
                         }
                         Err(e) if lifecycle.is_draining() => {
@@ -438,6 +445,8 @@ impl Agent {
                         }
                     }
                 }
+                // The writer has dropped its reference by now, so this is not a copy.
+                task = Arc::unwrap_or_clone(shared);
             } else {
                 // Nothing outside can tell this tick ran until its outcome is stored, so its
                 // start needs no record: after a crash it simply runs as if for the first time.
@@ -508,6 +517,7 @@ impl Agent {
         let events = self.deps.events.clone();
         let mailbox = self.mailbox.clone();
         let lifecycle = self.deps.lifecycle.clone();
+        let task = Arc::new(task);
         let write = Write::Complete {
             task: task.clone(),
             state: self.state.clone(),

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header;
@@ -250,7 +251,8 @@ async fn trigger(
     match submitted? {
         Submitted::Accepted(task) => match (wait, sub) {
             (Some(wait), Some(sub)) => {
-                let (task, timed_out) = wait_for(state, sub, *task, wait).await?;
+                let (task, timed_out) =
+                    wait_for(state, sub, Arc::unwrap_or_clone(task), wait).await?;
                 Ok(finished_or_pending(state, &task, timed_out, false))
             }
             _ => Ok(accepted(state, &task)),

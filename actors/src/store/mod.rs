@@ -8,6 +8,7 @@
 pub mod faulty;
 pub mod sled;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -47,18 +48,19 @@ pub struct IdempotencyKey {
 pub enum Write {
     /// A new task: checked against its idempotency key, given its queue position, stored PENDING.
     Submit {
-        /// The task to accept.
-        task: Task,
+        /// The task to accept (boxed: it is moved, not copied, into the answer).
+        task: Box<Task>,
         /// Deduplication key, if the caller or provider sent one.
         idempotency: Option<IdempotencyKey>,
     },
     /// A task's tick is starting; stored before the runner runs so a crash shows as `attempt` + 1.
-    Start(Task),
+    /// Shared, so the agent keeps its copy without a deep clone.
+    Start(Arc<Task>),
     /// A task finished: its record, its removal from the queue and the agent's new memory and
     /// tick counter land together.
     Complete {
-        /// The finished task.
-        task: Task,
+        /// The finished task, shared with whoever announces it once it is durable.
+        task: Arc<Task>,
         /// The agent's state after the tick.
         state: AgentState,
     },

@@ -172,28 +172,31 @@ fn writer_loop(
         }
         let mut batch = sled::Batch::default();
         let mut staged = Staged::default();
-        let outcomes: Vec<Result<Written, StoreError>> = jobs
-            .iter_mut()
-            .map(|job| stage(&db, &mut batch, &mut staged, &mut job.write))
+        // Each write is consumed by staging: an accepted task moves into its answer rather than
+        // being copied, which matters on this one thread every write goes through.
+        let staged_jobs: Vec<(OnWritten, Result<Written, StoreError>)> = jobs
+            .drain(..)
+            .map(|job| (job.done, stage(&db, &mut batch, &mut staged, job.write)))
             .collect();
+        let requests = staged_jobs.len();
         let started = std::time::Instant::now();
         let committed = db
             .apply_batch(batch)
             .and_then(|()| db.flush().map(|_| ()))
             .map_err(backend);
         if let Some(hook) = &on_flush {
-            hook(started.elapsed(), jobs.len());
+            hook(started.elapsed(), requests);
         }
         if let Err(e) = &committed {
-            tracing::error!(error = %e, requests = jobs.len(), "store write failed");
+            tracing::error!(error = %e, requests, "store write failed");
         }
         healthy.store(committed.is_ok(), Ordering::Relaxed);
-        for (job, outcome) in jobs.drain(..).zip(outcomes) {
+        for (done, outcome) in staged_jobs {
             let result = match &committed {
                 Ok(()) => outcome,
                 Err(e) => Err(e.clone()),
             };
-            (job.done)(result);
+            done(result);
         }
     }
 }
@@ -208,11 +211,14 @@ fn stage(
     db: &sled::Db,
     batch: &mut sled::Batch,
     staged: &mut Staged,
-    write: &mut Write,
+    write: Write,
 ) -> Result<Written, StoreError> {
     match write {
-        Write::Submit { task, idempotency } => {
-            if let Some(idem) = idempotency {
+        Write::Submit {
+            mut task,
+            idempotency,
+        } => {
+            if let Some(idem) = &idempotency {
                 let k = idem_key(&task.agent, &idem.key);
                 if let Some(seen) = seen_key(db, staged, &k)? {
                     return Ok(if seen.1 == idem.body_sha256 {
@@ -230,19 +236,19 @@ fn stage(
                 task.idempotency_key = Some(idem.key.clone());
             }
             task.seq = db.generate_id().map_err(backend)?;
-            batch.insert(task_key(&task.id), encode(task)?);
+            batch.insert(task_key(&task.id), encode(&*task)?);
             batch.insert(
                 queue_key(&task.agent, task.seq),
                 task.id.as_bytes().to_vec(),
             );
-            Ok(Written::Accepted(Box::new(task.clone())))
+            Ok(Written::Accepted(task))
         }
         Write::Start(task) => {
-            batch.insert(task_key(&task.id), encode(task)?);
+            batch.insert(task_key(&task.id), encode(&*task)?);
             Ok(Written::Done)
         }
         Write::Complete { task, state } => {
-            batch.insert(task_key(&task.id), encode(task)?);
+            batch.insert(task_key(&task.id), encode(&*task)?);
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
                 finished_key(task.finished_at.unwrap_or_else(now_ms), &task.id),
@@ -250,7 +256,7 @@ fn stage(
             );
             batch.insert(
                 key(AGENT, &[task.agent.to_string().as_bytes()]),
-                encode(state)?,
+                encode(&state)?,
             );
             Ok(Written::Done)
         }
@@ -411,7 +417,7 @@ mod tests {
             match blocking(
                 &store,
                 Write::Submit {
-                    task: task(&agent),
+                    task: Box::new(task(&agent)),
                     idempotency: None,
                 },
             )
@@ -440,7 +446,7 @@ mod tests {
             let tx = tx.clone();
             store.write(
                 Write::Submit {
-                    task: task(&agent),
+                    task: Box::new(task(&agent)),
                     idempotency: Some(idem(body)),
                 },
                 Box::new(move |r| tx.send(r).unwrap()),
@@ -465,7 +471,7 @@ mod tests {
             let Written::Accepted(mut t) = blocking(
                 &store,
                 Write::Submit {
-                    task: task(&agent),
+                    task: Box::new(task(&agent)),
                     idempotency: None,
                 },
             )
@@ -479,7 +485,14 @@ mod tests {
                 memory: serde_json::json!({"x": 1}),
                 ticks: 1,
             };
-            blocking(&store, Write::Complete { task: *t, state }).unwrap();
+            blocking(
+                &store,
+                Write::Complete {
+                    task: Arc::new(*t),
+                    state,
+                },
+            )
+            .unwrap();
             blocking(
                 &store,
                 Write::SetToken {
@@ -520,7 +533,7 @@ mod tests {
         let res = rt.block_on(write_async(
             store.as_ref(),
             Write::Submit {
-                task: task(&agent),
+                task: Box::new(task(&agent)),
                 idempotency: None,
             },
         ));
