@@ -89,6 +89,19 @@ impl Mailbox {
 /// from the store when its turn comes.
 const QUEUED_IN_MEMORY: usize = 1024;
 
+/// How a tick's turn ended, with the agent's memory handed back either way.
+enum Ran {
+    /// The runner ran; `memory` is what it was given.
+    Ticked {
+        task: Box<Task>,
+        result: std::thread::Result<Result<TickOutput, RunnerError>>,
+        elapsed: Duration,
+        memory: serde_json::Value,
+    },
+    /// The start could not be recorded and shutdown began, so the runner never ran.
+    NotStarted { memory: serde_json::Value },
+}
+
 /// First and longest wait between attempts to record a tick's start while the store fails.
 const START_RETRY_MIN: Duration = Duration::from_millis(100);
 const START_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -404,17 +417,10 @@ impl Agent {
         task.finished_at = None;
         let mut env = self.spec.env.clone();
         env.extend(task.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let input = TickInput {
-            agent: self.spec.id.to_string(),
-            task_id: task.id.to_string(),
-            tick: task.tick,
-            attempt: task.attempt,
-            title: task.title.clone(),
-            inputs: task.inputs.clone(),
-            source: task.source.clone(),
-            env,
-            memory: self.state.memory.clone(),
-        };
+        let agent_name = self.spec.id.to_string();
+        // Lent to the tick and given back in `finish` (unless the tick replaces it), so the
+        // memory is never copied; nothing reads it while the tick runs.
+        let memory = std::mem::take(&mut self.state.memory);
         let span = tracing::info_span!("tick", agent = %self.spec.id, task_id = %task.id, tick = task.tick);
         let store = self.deps.store.clone();
         let events = self.deps.events.clone();
@@ -436,7 +442,7 @@ impl Agent {
                         }
                         Err(e) if lifecycle.is_draining() => {
                             tracing::warn!(error = %e, "tick not started: its start could not be recorded and shutdown has begun");
-                            return None;
+                            return Ran::NotStarted { memory };
                         }
                         Err(e) => {
                             tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "could not record the tick's start; waiting for the store");
@@ -452,20 +458,53 @@ impl Agent {
                 // start needs no record: after a crash it simply runs as if for the first time.
                 events.publish(&task);
             }
+            // The payload and source move into the tick input and back, rather than being
+            // copied: the task's record was already written above when it had to be.
+            let mut input = TickInput {
+                agent: agent_name,
+                task_id: task.id.to_string(),
+                tick: task.tick,
+                attempt: task.attempt,
+                title: task.title.clone(),
+                inputs: std::mem::take(&mut task.inputs),
+                source: std::mem::take(&mut task.source),
+                env,
+                memory,
+            };
             let started = Instant::now();
             let result = AssertUnwindSafe(runner.tick(&input, timeout))
                 .catch_unwind()
                 .await;
-            Some((task, result, started.elapsed()))
+            let elapsed = started.elapsed();
+            task.inputs = std::mem::take(&mut input.inputs);
+            task.source = std::mem::take(&mut input.source);
+            Ran::Ticked {
+                task: Box::new(task),
+                result,
+                elapsed,
+                memory: input.memory,
+            }
         }
         .instrument(span.clone());
         Box::pin(run.into_actor(self).map(move |ran, agent, ctx| {
             let _entered = span.enter();
-            let Some((task, result, elapsed)) = ran else {
-                // Left as it is on disk (PENDING) for the next start.
-                agent.mailbox.release();
-                agent.deps.lifecycle.running.fetch_sub(1, Ordering::AcqRel);
-                return;
+            let (task, result, elapsed) = match ran {
+                Ran::Ticked {
+                    task,
+                    result,
+                    elapsed,
+                    memory,
+                } => {
+                    agent.state.memory = memory;
+                    (*task, result, elapsed)
+                }
+                Ran::NotStarted { memory } => {
+                    // Left as it is on disk (PENDING) for the next start.
+                    agent.state.memory = memory;
+                    agent.mailbox.release();
+                    agent.deps.lifecycle.running.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
             };
             let result = result.unwrap_or_else(|_| {
                 // A bug in a runner must not take the agent down for good: fail this
@@ -490,8 +529,8 @@ impl Agent {
         match result {
             Ok(out) => {
                 task.status = TaskStatus::Success;
-                task.response = out.response.clone();
                 task.result = serde_json::to_value(&out).ok();
+                task.response = out.response;
                 if let Some(memory) = out.memory {
                     self.state.memory = memory;
                 }
