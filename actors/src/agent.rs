@@ -1,6 +1,7 @@
 //! One actor per configured agent. Its mailbox *is* the agent's queue: a task reaches it as a
-//! [`RunTask`] message only once the task is on disk, and each message is handled atomically, so
-//! ticks never overlap and run in the order the store accepted them.
+//! [`RunTask`] message (or, for recovered tasks and deep queues, a [`RunStored`] id) only once the
+//! task is on disk, and each message is handled atomically, so ticks never overlap and run in the
+//! order the store accepted them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
