@@ -87,6 +87,14 @@ runner = { kind = "echo" }
     let query = server.get("/api/task_status");
     assert_eq!(query.status, 400);
     assert_eq!(query.error_code(), "bad_request");
+    assert!(
+        query.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("task_id"),
+        "the message names the missing parameter: {}",
+        query.text
+    );
     let bad_wait = post_json(&url, &json!({"wait": "later"}));
     assert_eq!(bad_wait.status, 400);
     assert_eq!(bad_wait.error_code(), "bad_request");

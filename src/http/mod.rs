@@ -91,6 +91,14 @@ impl AppState {
 
 /// Registers every route. Admin routes exist only when an admin token is configured.
 pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
+    // Extractor failures say what was wrong, in the one error shape.
+    cfg.app_data(web::QueryConfig::default().error_handler(|e, _| {
+        ApiError::BadRequest(format!("the query string is invalid: {e}")).into()
+    }))
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| ApiError::BadRequest(format!("the path is invalid: {e}")).into()),
+    );
     cfg.service(
         web::resource("/webhooks/{token}")
             .route(web::post().to(webhook::post_by_token))
