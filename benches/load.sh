@@ -498,6 +498,14 @@ write_persistent_script() {
 # valid tick output, `printf '{}'` (it ignores its stdin, which tickgate allows).
 ONESHOT_RUNNER='{ kind = "command", program = "/usr/bin/printf", args = ["{}"], mode = "oneshot" }'
 
+# Starts tickgate in DIR on COUNT agents named PREFIXnnnnn running RUNNER; sets CASE_PATHS.
+start_tg_case() {
+	local dir=$1 count=$2 prefix=$3 runner=$4
+	write_tg_config "$dir/tickgate.toml" "$count" "$prefix" "$runner"
+	start_tickgate "$dir"
+	CASE_PATHS=("${PATHS[@]}")
+}
+
 # Prepares the server for case KEY in DIR and starts it; sets CASE_PATHS.
 CASE_PATHS=()
 start_case_server() {
@@ -521,37 +529,17 @@ start_case_server() {
 		start_webhook "$dir"
 		if [[ $key == go-ff ]]; then CASE_PATHS=(/hooks/ff); else CASE_PATHS=(/hooks/sync); fi
 		;;
-	tg-ff-echo | tg-sync-echo)
-		write_tg_config "$dir/tickgate.toml" 1 echo '{ kind = "echo" }'
-		start_tickgate "$dir"
-		CASE_PATHS=("${PATHS[@]}")
-		;;
-	tg-ff-fanout)
-		write_tg_config "$dir/tickgate.toml" "$FANOUT" echo '{ kind = "echo" }'
-		start_tickgate "$dir"
-		CASE_PATHS=("${PATHS[@]}")
-		;;
-	tg-sync-echo-spread)
-		write_tg_config "$dir/tickgate.toml" "$SPREAD" echo '{ kind = "echo" }'
-		start_tickgate "$dir"
-		CASE_PATHS=("${PATHS[@]}")
-		;;
+	tg-ff-echo | tg-sync-echo) start_tg_case "$dir" 1 echo '{ kind = "echo" }' ;;
+	tg-ff-fanout) start_tg_case "$dir" "$FANOUT" echo '{ kind = "echo" }' ;;
+	tg-sync-echo-spread) start_tg_case "$dir" "$SPREAD" echo '{ kind = "echo" }' ;;
 	tg-sync-persistent)
-		write_tg_config "$dir/tickgate.toml" "$SPREAD" p "{ kind = \"command\", program = \"$LINE_RUNNER\", mode = \"persistent\" }"
-		start_tickgate "$dir"
-		CASE_PATHS=("${PATHS[@]}")
+		start_tg_case "$dir" "$SPREAD" p "{ kind = \"command\", program = \"$LINE_RUNNER\", mode = \"persistent\" }"
 		;;
 	tg-sync-persistent-sh)
 		write_persistent_script "$dir/persistent.sh"
-		write_tg_config "$dir/tickgate.toml" "$SPREAD" p "{ kind = \"command\", program = \"$dir/persistent.sh\", mode = \"persistent\" }"
-		start_tickgate "$dir"
-		CASE_PATHS=("${PATHS[@]}")
+		start_tg_case "$dir" "$SPREAD" p "{ kind = \"command\", program = \"$dir/persistent.sh\", mode = \"persistent\" }"
 		;;
-	tg-sync-oneshot)
-		write_tg_config "$dir/tickgate.toml" "$SPREAD" o "$ONESHOT_RUNNER"
-		start_tickgate "$dir"
-		CASE_PATHS=("${PATHS[@]}")
-		;;
+	tg-sync-oneshot) start_tg_case "$dir" "$SPREAD" o "$ONESHOT_RUNNER" ;;
 	*) die "unknown case $key" ;;
 	esac
 	# Sync tickgate cases wait up to 10 s for the tick; a 202 then means "timed out".
