@@ -478,6 +478,15 @@ allow_get = true
         401
     );
     assert_eq!(post_signed(&format!("{url}x"), body, &good).status, 404);
+    // Mistyped URLs miss the webhook routes but still carry the token.
+    for typo in [
+        format!("{url}/"),
+        format!("{url}/extra"),
+        format!("{}/Webhooks/{pinned}", server.base),
+        format!("{}/hooks/{pinned}", server.base),
+    ] {
+        assert_eq!(post_signed(&typo, body, &good).status, 404, "{typo}");
+    }
     assert_eq!(
         send(client().get(format!("{url}?token={pinned}&q=1"))).status,
         401

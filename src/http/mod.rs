@@ -203,16 +203,33 @@ pub fn error_shape<B: MessageBody + 'static>() -> ErrorHandlers<B> {
     ErrorHandlers::new().default_handler(error::normalize)
 }
 
-/// Replaces the token in webhook paths, so access logs never hold a working URL.
-pub fn redact_path(path: &str) -> String {
-    let is_webhook = path.starts_with("/webhooks/") || path.starts_with("/api/webhooks/");
-    if !is_webhook {
-        return path.to_string();
+/// The shortest secret a webhook URL can carry (`token_env` tokens must be at least this long).
+const MIN_TOKEN_LEN: usize = 32;
+
+/// What the access log shows for a request's path, so that logs never hold a working URL or a
+/// token. Webhook routes appear as their pattern (`/webhooks/{token}`; the agent is logged
+/// beside it). Any other path appears as requested, except that every segment long enough to
+/// be a token, other than a task id after `/tasks/`, is replaced: a mistyped webhook URL (a trailing slash, a wrong
+/// prefix) misses the webhook routes but still carries the token.
+pub fn loggable_path(path: &str, pattern: Option<&str>) -> String {
+    if let Some(p) =
+        pattern.filter(|p| p.starts_with("/webhooks/") || p.starts_with("/api/webhooks/"))
+    {
+        return p.to_string();
     }
-    match path.rfind('/') {
-        Some(i) if i + 1 < path.len() => format!("{}/[redacted]", &path[..i]),
-        _ => path.to_string(),
-    }
+    let mut previous = "";
+    path.split('/')
+        .map(|segment| {
+            let task_id = previous == "tasks" && uuid::Uuid::parse_str(segment).is_ok();
+            previous = segment;
+            if segment.len() >= MIN_TOKEN_LEN && !task_id {
+                "[redacted]"
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// The agent a request was resolved to, left in the request's extensions by the webhook
@@ -228,22 +245,35 @@ pub async fn access_log(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let method = req.method().to_string();
-    let path = redact_path(req.path());
     let metrics = req
         .app_data::<web::Data<AppState>>()
         .map(|s| s.metrics.clone());
-    let span = tracing::info_span!("request", method = %method, path = %path);
+    // The path is known to be safe to show only once routing is done.
+    let raw_path = req.path().to_string();
+    let span = tracing::info_span!(
+        "request",
+        method = %method,
+        path = tracing::field::Empty,
+        agent = tracing::field::Empty
+    );
     let res = next.call(req).instrument(span.clone()).await;
     let _entered = span.enter();
     match &res {
         Ok(r) => {
             let status = r.status().as_u16();
+            let request = r.request();
+            span.record(
+                "path",
+                loggable_path(&raw_path, request.match_pattern().as_deref()).as_str(),
+            );
+            let agent = request
+                .extensions()
+                .get::<AgentLabel>()
+                .map(|a| a.0.clone());
+            if let Some(agent) = &agent {
+                span.record("agent", agent.as_str());
+            }
             if let Some(metrics) = metrics {
-                let agent = r
-                    .request()
-                    .extensions()
-                    .get::<AgentLabel>()
-                    .map(|a| a.0.clone());
                 metrics.request(agent.as_deref().unwrap_or("none"), status);
             }
             tracing::info!(
@@ -252,30 +282,55 @@ pub async fn access_log(
                 "request"
             )
         }
-        Err(e) => tracing::info!(
-            status = e.as_response_error().status_code().as_u16(),
-            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
-        ),
+        Err(e) => {
+            span.record("path", loggable_path(&raw_path, None).as_str());
+            tracing::info!(
+                status = e.as_response_error().status_code().as_u16(),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            )
+        }
     }
     res
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact_path;
+    use super::loggable_path;
 
     #[test]
     fn webhook_tokens_are_redacted() {
-        assert_eq!(redact_path("/webhooks/abc"), "/webhooks/[redacted]");
+        let token = "YDpamW_BnUbzSE7xSG4xoHKISLLH8asFnKNUdN53I7Y";
+        let named = "/webhooks/{namespace}/{agent}/{token}";
         assert_eq!(
-            redact_path("/webhooks/ns/a/abc"),
-            "/webhooks/ns/a/[redacted]"
+            loggable_path(&format!("/webhooks/ns/a/{token}"), Some(named)),
+            named
         );
         assert_eq!(
-            redact_path("/api/webhooks/agents/abc"),
-            "/api/webhooks/agents/[redacted]"
+            loggable_path(&format!("/webhooks/{token}"), Some("/webhooks/{token}")),
+            "/webhooks/{token}"
         );
-        assert_eq!(redact_path("/tasks/1"), "/tasks/1");
+        // Unmatched: a trailing slash, an extra segment, a wrong prefix or case.
+        for path in [
+            format!("/webhooks/{token}/"),
+            format!("/webhooks/{token}/extra"),
+            format!("/webhooks/x/y/{token}/z"),
+            format!("/Webhooks/{token}"),
+            format!("//webhooks//{token}"),
+            "/webhooks/5676e39f-4c30-4628-8368-61e91f909049/".to_string(),
+        ] {
+            let logged = loggable_path(&path, None);
+            assert!(
+                !logged.contains(token) && !logged.contains("5676e39f"),
+                "{logged}"
+            );
+            assert!(logged.contains("[redacted]"), "{logged}");
+        }
+        let id = "5676e39f-4c30-4628-8368-61e91f909049";
+        assert_eq!(
+            loggable_path(&format!("/tasks/{id}"), Some("/tasks/{id}")),
+            format!("/tasks/{id}")
+        );
+        assert_eq!(loggable_path("/nope", None), "/nope");
     }
 }
