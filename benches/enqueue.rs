@@ -119,15 +119,7 @@ fn store_append(c: &mut Criterion) {
             task,
             |t| {
                 let (tx, rx) = mpsc::channel();
-                store.write(
-                    Write::Submit {
-                        task: Box::new(t),
-                        idempotency: None,
-                    },
-                    Box::new(move |r| {
-                        let _ = tx.send(r.is_ok());
-                    }),
-                );
+                submit(&store, t, tx);
                 assert!(rx.recv().unwrap());
             },
             BatchSize::SmallInput,
@@ -141,16 +133,7 @@ fn store_append(c: &mut Criterion) {
             |tasks| {
                 let (tx, rx) = mpsc::channel();
                 for t in tasks {
-                    let tx = tx.clone();
-                    store.write(
-                        Write::Submit {
-                            task: Box::new(t),
-                            idempotency: None,
-                        },
-                        Box::new(move |r| {
-                            let _ = tx.send(r.is_ok());
-                        }),
-                    );
+                    submit(&store, t, tx.clone());
                 }
                 for _ in 0..BURST {
                     assert!(rx.recv().unwrap());
@@ -160,6 +143,19 @@ fn store_append(c: &mut Criterion) {
         )
     });
     g.finish();
+}
+
+/// Queues a submission whose outcome (stored or not) arrives on `done`.
+fn submit(store: &SledStore, task: Task, done: mpsc::Sender<bool>) {
+    store.write(
+        Write::Submit {
+            task: Box::new(task),
+            idempotency: None,
+        },
+        Box::new(move |r| {
+            let _ = done.send(r.is_ok());
+        }),
+    );
 }
 
 criterion_group!(benches, parsing, signatures, store_append);

@@ -214,11 +214,11 @@ impl AgentHandle {
                         mailbox.release();
                         Ok(Submitted::Conflict(id))
                     }
-                    Ok(Written::Done) => {
+                    Ok(other @ (Written::Done | Written::Purged(_))) => {
                         mailbox.release();
-                        Err(SubmitError::Store(StoreError::Backend(
-                            "store answered a submission as a plain write".into(),
-                        )))
+                        Err(SubmitError::Store(StoreError::Backend(format!(
+                            "store answered a submission with {other:?}"
+                        ))))
                     }
                     Err(e) => {
                         mailbox.release();

@@ -1,5 +1,6 @@
-//! Maps webhook tokens to agents. The registry actor owns the digest → agent map, so lookups,
-//! rotations and listings are serialized through one mailbox and never race each other.
+//! Maps webhook tokens to agents. The registry actor owns the digest → agent map and is its only
+//! writer (start-up, rotation, one at a time through its mailbox); it publishes the map as a
+//! [`TokenIndex`] that the HTTP edge reads on every trigger without a message round trip.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -196,36 +197,6 @@ impl Registry {
 
 impl Actor for Registry {
     type Context = Context<Self>;
-}
-
-/// Finds the agent a token belongs to (the `/webhooks/{token}` form).
-#[derive(Message)]
-#[rtype(result = "Option<AgentHandle>")]
-pub struct Resolve(pub [u8; 32]);
-
-impl Handler<Resolve> for Registry {
-    type Result = Option<AgentHandle>;
-    fn handle(&mut self, Resolve(digest): Resolve, _: &mut Context<Self>) -> Self::Result {
-        self.index.resolve(&digest)
-    }
-}
-
-/// Checks a token against one named agent (the `/webhooks/{namespace}/{agent}/{token}` form),
-/// telling an unknown agent (404) from a wrong token (401).
-#[derive(Message)]
-#[rtype(result = "Result<AgentHandle, ResolveError>")]
-pub struct ResolveFor {
-    /// The agent named in the path.
-    pub agent: AgentId,
-    /// Digest of the token in the path.
-    pub digest: [u8; 32],
-}
-
-impl Handler<ResolveFor> for Registry {
-    type Result = Result<AgentHandle, ResolveError>;
-    fn handle(&mut self, msg: ResolveFor, _: &mut Context<Self>) -> Self::Result {
-        self.index.resolve_for(&msg.agent, &msg.digest)
-    }
 }
 
 /// Looks an agent up by id, for admin and readiness routes.

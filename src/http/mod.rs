@@ -209,8 +209,8 @@ const MIN_TOKEN_LEN: usize = 32;
 /// What the access log shows for a request's path, so that logs never hold a working URL or a
 /// token. Webhook routes appear as their pattern (`/webhooks/{token}`; the agent is logged
 /// beside it). Any other path appears as requested, except that every segment long enough to
-/// be a token, other than a task id after `/tasks/`, is replaced: a mistyped webhook URL (a trailing slash, a wrong
-/// prefix) misses the webhook routes but still carries the token.
+/// be a token, other than a task id after `/tasks/`, is replaced: a mistyped webhook URL (a
+/// trailing slash, a wrong prefix) misses the webhook routes but still carries the token.
 pub fn loggable_path(path: &str, pattern: Option<&str>) -> String {
     if let Some(p) =
         pattern.filter(|p| p.starts_with("/webhooks/") || p.starts_with("/api/webhooks/"))

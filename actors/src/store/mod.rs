@@ -64,6 +64,15 @@ pub enum Write {
         /// The agent's state after the tick.
         state: AgentState,
     },
+    /// Up to `limit` tasks that finished before `finished_before_ms` are removed, with their
+    /// idempotency keys. Goes through the writer like every other write, so the store has one
+    /// flusher and a purge is ordered with the submissions that might reuse a key.
+    Purge {
+        /// Unix milliseconds; tasks finished earlier go.
+        finished_before_ms: u64,
+        /// Most tasks removed by this write, so one purge never holds the writer for long.
+        limit: usize,
+    },
     /// An agent's webhook token changed: the old digest stops resolving in the same write.
     SetToken {
         /// Whose token.
@@ -82,6 +91,8 @@ pub enum Written {
     Duplicate(TaskId),
     /// The idempotency key was seen before with a different body: nothing was written.
     Conflict(TaskId),
+    /// A purge removed this many tasks.
+    Purged(usize),
     /// Any other write is done.
     Done,
 }

@@ -24,6 +24,10 @@ const AGENT_TOKEN: &[u8] = b"d/";
 const AGENT: &[u8] = b"a/";
 const FINISHED: &[u8] = b"f/";
 
+/// Most finished tasks one purge write removes; a purge of more takes several writes, so
+/// submissions are never held behind a long one.
+const PURGE_CHUNK: usize = 1000;
+
 /// Largest number of requests folded into one batch; bounds the latency of the first of them.
 const MAX_BATCH: usize = 4096;
 
@@ -260,6 +264,32 @@ fn stage(
             );
             Ok(Written::Done)
         }
+        Write::Purge {
+            finished_before_ms,
+            limit,
+        } => {
+            let mut end = FINISHED.to_vec();
+            end.extend_from_slice(&finished_before_ms.to_be_bytes());
+            let mut purged = 0;
+            for entry in db.range(FINISHED.to_vec()..end).take(limit) {
+                let (k, id) = entry.map_err(backend)?;
+                batch.remove(k);
+                let Ok(bytes) = <[u8; 16]>::try_from(id.as_ref()) else {
+                    continue;
+                };
+                let id = TaskId::from_bytes(bytes);
+                let key = task_key(&id);
+                if let Some(raw) = db.get(&key).map_err(backend)? {
+                    let task: Task = serde_json::from_slice(&raw).map_err(backend)?;
+                    if let Some(idem) = &task.idempotency_key {
+                        batch.remove(idem_key(&task.agent, idem));
+                    }
+                }
+                batch.remove(key);
+                purged += 1;
+            }
+            Ok(Written::Purged(purged))
+        }
         Write::SetToken { agent, digest } => {
             batch.insert(
                 key(AGENT_TOKEN, &[agent.to_string().as_bytes()]),
@@ -347,30 +377,27 @@ impl Store for SledStore {
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
-        let cutoff = now_ms().saturating_sub(older_than.as_millis() as u64);
-        let mut end = FINISHED.to_vec();
-        end.extend_from_slice(&cutoff.to_be_bytes());
+        let finished_before_ms = now_ms().saturating_sub(older_than.as_millis() as u64);
         let mut purged = Purged::default();
-        let mut batch = sled::Batch::default();
-        for entry in self.db.range(FINISHED.to_vec()..end) {
-            let (k, id) = entry.map_err(backend)?;
-            batch.remove(k);
-            if let Ok(bytes) = <[u8; 16]>::try_from(id.as_ref()) {
-                let id = TaskId::from_bytes(bytes);
-                if let Some(task) = self.task(id)? {
-                    if let Some(idem) = &task.idempotency_key {
-                        batch.remove(idem_key(&task.agent, idem));
+        loop {
+            let write = Write::Purge {
+                finished_before_ms,
+                limit: PURGE_CHUNK,
+            };
+            match super::write_blocking(self, write)? {
+                Written::Purged(n) => {
+                    purged.tasks += n;
+                    if n < PURGE_CHUNK {
+                        return Ok(purged);
                     }
                 }
-                batch.remove(task_key(&id));
-                purged.tasks += 1;
+                other => {
+                    return Err(StoreError::Backend(format!(
+                        "store answered a purge with {other:?}"
+                    )))
+                }
             }
         }
-        if purged.tasks > 0 {
-            self.db.apply_batch(batch).map_err(backend)?;
-            self.db.flush().map_err(backend)?;
-        }
-        Ok(purged)
     }
 
     fn healthy(&self) -> bool {
@@ -510,6 +537,67 @@ mod tests {
         assert_eq!(store.token_digest(&agent).unwrap(), Some([7; 32]));
         assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 1);
         assert!(store.task(id).unwrap().is_none());
+    }
+
+    #[test]
+    fn purge_removes_old_tasks_and_their_keys_in_chunks_and_keeps_recent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let key = |n: usize| IdempotencyKey {
+            key: format!("k{n}"),
+            body_sha256: [1; 32],
+        };
+        let finish = |n: usize, finished_at: u64| {
+            let Written::Accepted(mut t) = blocking(
+                &store,
+                Write::Submit {
+                    task: Box::new(task(&agent)),
+                    idempotency: Some(key(n)),
+                },
+            )
+            .unwrap() else {
+                panic!("not accepted")
+            };
+            t.status = TaskStatus::Success;
+            t.finished_at = Some(finished_at);
+            let id = t.id;
+            let state = AgentState::default();
+            blocking(
+                &store,
+                Write::Complete {
+                    task: Arc::new(*t),
+                    state,
+                },
+            )
+            .unwrap();
+            id
+        };
+        let old = now_ms() - 3_600_000;
+        let total = PURGE_CHUNK * 2 + 500;
+        let first_old = finish(0, old);
+        for n in 1..total {
+            finish(n, old);
+        }
+        let recent = finish(total, now_ms());
+
+        let purged = store.purge(Duration::from_secs(60)).unwrap();
+        assert_eq!(purged.tasks, total);
+        assert!(store.task(first_old).unwrap().is_none());
+        assert!(store.task(recent).unwrap().is_some());
+        // The purged keys are free again; the recent one still deduplicates.
+        let again = |n: usize| {
+            blocking(
+                &store,
+                Write::Submit {
+                    task: Box::new(task(&agent)),
+                    idempotency: Some(key(n)),
+                },
+            )
+            .unwrap()
+        };
+        assert!(matches!(again(0), Written::Accepted(_)));
+        assert_eq!(again(total), Written::Duplicate(recent));
     }
 
     #[test]
