@@ -572,7 +572,8 @@ enum OverrideError {
 /// reported against the variable that carries it.
 fn override_value(key: &str, raw: &str) -> Result<toml::Value, String> {
     match key {
-        "max_body_bytes" | "workers" | "max_inflight_body_bytes" => match raw.trim().parse::<i64>() {
+        "max_body_bytes" | "workers" | "max_inflight_body_bytes" => match raw.trim().parse::<i64>()
+        {
             Ok(n) if n >= 1 => Ok(toml::Value::Integer(n)),
             _ => Err(format!("{raw:?} is not a whole number of at least 1")),
         },
@@ -693,9 +694,18 @@ mod tests {
             format!("[[agent]]\nname = \"a\"\nrunner = {{ kind = \"echo\" }}\n[agent.webhook]\ntoken_env = \"{a}\"\n[[agent]]\nname = \"b\"\nrunner = {{ kind = \"echo\" }}\n[agent.webhook]\ntoken_env = \"{b}\"\n")
         };
         let e = parse(&two("PINNED", "PINNED")).err().unwrap().to_string();
-        assert!(e.contains("default/a") && e.contains("default/b") && e.contains("PINNED"), "{e}");
-        let e = parse(&two("PINNED", "PINNED_TOO")).err().unwrap().to_string();
-        assert!(e.contains("default/a") && e.contains("default/b") && e.contains("same webhook token"), "{e}");
+        assert!(
+            e.contains("default/a") && e.contains("default/b") && e.contains("PINNED"),
+            "{e}"
+        );
+        let e = parse(&two("PINNED", "PINNED_TOO"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("default/a") && e.contains("default/b") && e.contains("same webhook token"),
+            "{e}"
+        );
         let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[agent.webhook]\ntoken_env = \"PERCENT\"\n")
             .err()
             .unwrap()

@@ -102,9 +102,10 @@ runner = { kind = "echo" }
     );
     let url = server.url("default/echo").to_string();
     let conn = stalled_post(&server, &url, 2000, 1500);
-    assert!(wait_until(
-        || metric(&server, "tickgate_inflight_body_bytes") == Some(1500.0)
-    ));
+    assert!(wait_until(|| metric(
+        &server,
+        "tickgate_inflight_body_bytes"
+    ) == Some(1500.0)));
     let body = json!({ "pad": "x".repeat(1000) });
     let refused = post_json(&url, &body);
     assert_eq!(refused.status, 503, "{}", refused.text);
@@ -112,9 +113,10 @@ runner = { kind = "echo" }
     assert!(refused.header("retry-after").is_some());
     // A sender that gives up gives its bytes back.
     drop(conn);
-    assert!(wait_until(
-        || metric(&server, "tickgate_inflight_body_bytes") == Some(0.0)
-    ));
+    assert!(wait_until(|| metric(
+        &server,
+        "tickgate_inflight_body_bytes"
+    ) == Some(0.0)));
     let accepted = post_json(&url, &body);
     assert_eq!(accepted.status, 202, "{}", accepted.text);
 }
@@ -276,7 +278,10 @@ fn config_refuses_shared_and_unsafe_tokens_at_check_and_serve() {
                 ("TICKGATE_SERVER_LISTEN", "127.0.0.1:0"),
             ],
         ));
-        assert!(err.contains("TOKEN_B") && err.contains("A-Z"), "{cmd}: {err}");
+        assert!(
+            err.contains("TOKEN_B") && err.contains("A-Z"),
+            "{cmd}: {err}"
+        );
         assert!(!err.contains(&percent), "the token leaked: {err}");
     }
     let other = "u".repeat(40);

@@ -105,7 +105,11 @@ pub async fn read_body(
     if let Some(encoding) = req
         .headers()
         .get(header::CONTENT_ENCODING)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_ascii_lowercase())
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .trim()
+                .to_ascii_lowercase()
+        })
         .map(|e| e.chars().take(64).collect::<String>())
         .filter(|e| !e.is_empty() && e != "identity")
     {
