@@ -744,6 +744,24 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn override_values_are_accepted_only_when_usable(raw in "\\PC{0,24}") {
+            for key in ["workers", "max_wait", "listen", "public_url", "path", "token_env"] {
+                let accepted = override_value(key, &raw).is_ok();
+                let usable = match key {
+                    "workers" => raw.trim().parse::<i64>().is_ok_and(|n| n >= 1),
+                    "max_wait" => humantime::parse_duration(&raw).is_ok(),
+                    "listen" => raw.parse::<SocketAddr>().is_ok(),
+                    "public_url" => raw.starts_with("http://") || raw.starts_with("https://"),
+                    "path" => !raw.is_empty(),
+                    _ => is_env_name(&raw),
+                };
+                proptest::prop_assert_eq!(accepted, usable, "{} = {:?}", key, raw);
+            }
+        }
+    }
+
     #[test]
     fn env_overrides_apply_to_scalars_only() {
         let mut doc = toml::Table::new();

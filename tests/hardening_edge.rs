@@ -81,6 +81,34 @@ runner = { kind = "echo" }
         wait_until(|| metric(&server, "tickgate_inflight_body_bytes") == Some(0.0)),
         "bytes of the cut-off body are still held"
     );
+    // A sender that trickles a byte at a time is cut off by the same deadline: the limit is on
+    // the whole body, not on the gap between bytes.
+    let mut trickle = stalled_post(&server, &url, 1_000_000, 1);
+    let mut writer = trickle.try_clone().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let started = Instant::now();
+        while started.elapsed() < DEADLINE {
+            if writer.write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    });
+    let started = Instant::now();
+    let answer = read_to_close(&mut trickle);
+    assert!(
+        started.elapsed() < DEADLINE,
+        "the trickle was never cut off"
+    );
+    if !answer.is_empty() {
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    }
+    drop(trickle);
+    feeder.join().unwrap();
+    assert!(wait_until(|| metric(
+        &server,
+        "tickgate_inflight_body_bytes"
+    ) == Some(0.0)));
     // The server is unharmed.
     let ok = post_json(&url, &json!({"after": "stall"}));
     assert_eq!(ok.status, 202, "{}", ok.text);
