@@ -46,6 +46,15 @@ pub enum AppError {
 /// Client addresses whose failed authentications are remembered at once (oldest forgotten first).
 const FAILURE_CLIENTS: usize = 100_000;
 
+/// Time a client has to send a request's head (line and headers) after connecting or after the
+/// previous response on a kept-alive connection; actix answers 408 and closes after it. The
+/// body has its own, longer deadline (`server.body_timeout`).
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a closing connection gets to finish its shutdown before it is dropped; without it a
+/// client that never reads the last response could keep the socket.
+const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long in-flight HTTP requests (sync waiters) get once the drain is over.
 const HTTP_STOP_GRACE: u64 = 2;
 
@@ -187,6 +196,10 @@ pub async fn run(
     on_bound(bound);
 
     let admin_enabled = settings.admin_token.is_some();
+    let body_budget = http::BodyBudget::new(
+        settings.config.server.max_inflight_body_bytes,
+        metrics.inflight_body_bytes.clone(),
+    );
     let state = web::Data::new(AppState {
         registry,
         tokens: token_index,
@@ -207,6 +220,11 @@ pub async fn run(
             FAILURE_CLIENTS,
         ),
         admin_token: settings.admin_token.clone(),
+        body_limits: http::BodyLimits {
+            max_bytes: settings.config.server.max_body_bytes,
+            timeout: settings.config.server.body_timeout.0,
+        },
+        body_budget,
     });
     spawn_retention(store.clone(), settings.config.store.task_retention.0);
 
@@ -219,6 +237,8 @@ pub async fn run(
             .default_service(web::to(http::not_found))
     })
     .workers(settings.config.server.workers.unwrap_or(threads))
+    .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+    .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
     .disable_signals()
     .shutdown_timeout(HTTP_STOP_GRACE)
     .listen(listener)

@@ -92,6 +92,11 @@ pub struct ServerConfig {
     /// Per client address: unknown tokens and bad signatures allowed before 429, so that
     /// guessing tokens or brute-forcing signatures is throttled.
     pub auth_failures: RateLimitConfig,
+    /// Time a request body may take to arrive (408 after it), so slow senders cannot hold
+    /// connections and memory indefinitely.
+    pub body_timeout: Dur,
+    /// Bytes all bodies still being received may hold together; past it triggers get 503.
+    pub max_inflight_body_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -108,6 +113,8 @@ impl Default for ServerConfig {
                 per_second: 2.0,
                 burst: 20,
             },
+            body_timeout: Dur(Duration::from_secs(30)),
+            max_inflight_body_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -237,8 +244,10 @@ pub struct RateLimitConfig {
 
 /// Server-level settings overridable from the environment as `TICKGATE_<SECTION>_<KEY>`.
 /// Limited to scalars so that an override can never restructure agents.
-const ENV_OVERRIDES: [(&str, &str); 9] = [
+const ENV_OVERRIDES: [(&str, &str); 11] = [
     ("server", "listen"),
+    ("server", "body_timeout"),
+    ("server", "max_inflight_body_bytes"),
     ("server", "public_url"),
     ("server", "max_body_bytes"),
     ("server", "max_wait"),
@@ -301,7 +310,13 @@ impl Config {
             message,
         };
         let mut doc: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        apply_env_overrides(&mut doc, &|name| std::env::var(name).ok()).map_err(err)?;
+        apply_env_overrides(&mut doc, &|name| std::env::var(name).ok()).map_err(|e| match e {
+            OverrideError::Value { var, message } => ConfigError {
+                source_name: format!("environment variable {var}"),
+                message,
+            },
+            OverrideError::NotATable(section) => err(format!("{section}: must be a table")),
+        })?;
         let config =
             Config::deserialize(toml::Value::Table(doc)).map_err(|e| err(e.to_string()))?;
         Ok((config, source_name))
@@ -337,6 +352,15 @@ impl Config {
             return Err(err("server.max_body_bytes: must be at least 1".into()));
         }
         check_rate("server.auth_failures", &self.server.auth_failures).map_err(err)?;
+        if self.server.body_timeout.0.is_zero() {
+            return Err(err("server.body_timeout: must be more than zero".into()));
+        }
+        if self.server.max_inflight_body_bytes < self.server.max_body_bytes {
+            return Err(err(format!(
+                "server.max_inflight_body_bytes: must be at least server.max_body_bytes ({})",
+                self.server.max_body_bytes
+            )));
+        }
         if self.server.workers == Some(0) {
             return Err(err("server.workers: must be at least 1".into()));
         }
@@ -367,6 +391,7 @@ impl Config {
             }
             agents.push(validate_agent(a, id, &at, env).map_err(err)?);
         }
+        check_unique_tokens(&self.agents, &agents).map_err(err)?;
         Ok(Settings {
             config: self,
             source_name,
@@ -441,9 +466,9 @@ fn validate_agent(
                     "{at}: webhook.token_env: the variable {var} holds fewer than {MIN_PINNED_LEN} characters"
                 ))
             }
-            Some(t) if t.contains('/') || t.contains('?') || t.contains('#') || t.contains(char::is_whitespace) => {
+            Some(t) if !t.bytes().all(is_token_byte) => {
                 return Err(format!(
-                    "{at}: webhook.token_env: the token in {var} must be usable in a URL path (no '/', '?', '#' or spaces)"
+                    "{at}: webhook.token_env: the token in {var} may only contain A-Z, a-z, 0-9, '-' and '_', so that its URL is the same before and after percent-decoding"
                 ))
             }
             Some(t) => Some(t),
@@ -480,6 +505,39 @@ fn validate_agent(
     })
 }
 
+/// Whether `b` may appear in a pinned webhook token: the URL-safe alphabet, which no URL
+/// encoding or decoding step changes.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// Two agents sharing a webhook token would silently send every trigger to one of them: refuse
+/// the same `token_env` variable and the same token value, naming both agents.
+fn check_unique_tokens(configs: &[AgentConfig], agents: &[AgentSetup]) -> Result<(), String> {
+    for (j, later) in agents.iter().enumerate() {
+        for (i, earlier) in agents[..j].iter().enumerate() {
+            let (Some(a), Some(b)) = (&earlier.pinned_token, &later.pinned_token) else {
+                continue;
+            };
+            let var_a = configs[i].webhook.token_env.as_deref().unwrap_or_default();
+            let var_b = configs[j].webhook.token_env.as_deref().unwrap_or_default();
+            if var_a == var_b {
+                return Err(format!(
+                    "agents {} and {}: both pin their webhook token to the variable {var_a}; every agent needs its own token",
+                    earlier.spec.id, later.spec.id
+                ));
+            }
+            if bool::from(subtle::ConstantTimeEq::ct_eq(a.as_bytes(), b.as_bytes())) {
+                return Err(format!(
+                    "agents {} and {}: the variables {var_a} and {var_b} hold the same webhook token; every agent needs its own token",
+                    earlier.spec.id, later.spec.id
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether `name` is a portable environment variable name.
 pub fn is_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
@@ -494,20 +552,60 @@ fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
+/// Why an environment override could not be applied.
+#[derive(Debug, thiserror::Error)]
+enum OverrideError {
+    /// The variable's value is unusable; the message names the variable, not the file.
+    #[error("{var}: {message}")]
+    Value {
+        /// The variable, e.g. `TICKGATE_SERVER_WORKERS`.
+        var: String,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// The file has the section, but not as a table.
+    #[error("{0}: must be a table")]
+    NotATable(&'static str),
+}
+
+/// Checks one override's value the way validation would check the key, so that a bad value is
+/// reported against the variable that carries it.
+fn override_value(key: &str, raw: &str) -> Result<toml::Value, String> {
+    match key {
+        "max_body_bytes" | "workers" | "max_inflight_body_bytes" => match raw.trim().parse::<i64>()
+        {
+            Ok(n) if n >= 1 => Ok(toml::Value::Integer(n)),
+            _ => Err(format!("{raw:?} is not a whole number of at least 1")),
+        },
+        "max_wait" | "shutdown_grace" | "task_retention" | "body_timeout" => {
+            humantime::parse_duration(raw)
+                .map(|_| toml::Value::String(raw.to_string()))
+                .map_err(|e| format!("{raw:?} is not a duration such as \"30s\" or \"5m\": {e}"))
+        }
+        "listen" => raw
+            .parse::<SocketAddr>()
+            .map(|_| toml::Value::String(raw.to_string()))
+            .map_err(|e| format!("{raw:?} is not an address such as 127.0.0.1:8080: {e}")),
+        "public_url" if !(raw.starts_with("http://") || raw.starts_with("https://")) => {
+            Err(format!("{raw:?} must start with http:// or https://"))
+        }
+        "path" if raw.is_empty() => Err("must not be empty".into()),
+        "token_env" if !is_env_name(raw) => {
+            Err(format!("{raw:?} is not a valid environment variable name"))
+        }
+        _ => Ok(toml::Value::String(raw.to_string())),
+    }
+}
+
 fn apply_env_overrides(
     doc: &mut toml::Table,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(), String> {
+) -> Result<(), OverrideError> {
     for (section, key) in ENV_OVERRIDES {
         let var = format!("TICKGATE_{}_{}", section.to_uppercase(), key.to_uppercase());
         let Some(raw) = env(&var) else { continue };
-        let value = match key {
-            "max_body_bytes" | "workers" => raw
-                .parse::<i64>()
-                .map(toml::Value::Integer)
-                .map_err(|_| format!("{var}: {raw:?} is not a whole number"))?,
-            _ => toml::Value::String(raw),
-        };
+        let value =
+            override_value(key, &raw).map_err(|message| OverrideError::Value { var, message })?;
         let table = doc
             .entry(section)
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -515,7 +613,7 @@ fn apply_env_overrides(
             toml::Value::Table(t) => {
                 t.insert(key.to_string(), value);
             }
-            _ => return Err(format!("{section}: must be a table")),
+            _ => return Err(OverrideError::NotATable(section)),
         }
     }
     Ok(())
@@ -528,6 +626,8 @@ mod tests {
     fn parse(text: &str) -> Result<Settings, ConfigError> {
         let env = |name: &str| match name {
             "PINNED" => Some("p".repeat(40)),
+            "PINNED_TOO" => Some("p".repeat(40)),
+            "PERCENT" => Some(format!("{}%41", "p".repeat(40))),
             "SHORT" => Some("short".into()),
             _ => None,
         };
@@ -586,6 +686,80 @@ mod tests {
     fn pinned_token_is_read_from_env() {
         let s = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[agent.webhook]\ntoken_env = \"PINNED\"\n").unwrap();
         assert_eq!(s.agents[0].pinned_token.as_deref().map(str::len), Some(40));
+    }
+
+    #[test]
+    fn shared_or_unsafe_pinned_tokens_are_refused() {
+        let two = |a: &str, b: &str| {
+            format!("[[agent]]\nname = \"a\"\nrunner = {{ kind = \"echo\" }}\n[agent.webhook]\ntoken_env = \"{a}\"\n[[agent]]\nname = \"b\"\nrunner = {{ kind = \"echo\" }}\n[agent.webhook]\ntoken_env = \"{b}\"\n")
+        };
+        let e = parse(&two("PINNED", "PINNED")).err().unwrap().to_string();
+        assert!(
+            e.contains("default/a") && e.contains("default/b") && e.contains("PINNED"),
+            "{e}"
+        );
+        let e = parse(&two("PINNED", "PINNED_TOO"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("default/a") && e.contains("default/b") && e.contains("same webhook token"),
+            "{e}"
+        );
+        let e = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[agent.webhook]\ntoken_env = \"PERCENT\"\n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("PERCENT") && !e.contains("ppp"), "{e}");
+    }
+
+    #[test]
+    fn bad_override_names_the_variable() {
+        for (var, value) in [
+            ("TICKGATE_SERVER_WORKERS", "many"),
+            ("TICKGATE_SERVER_MAX_WAIT", "soon"),
+            ("TICKGATE_SERVER_LISTEN", "nowhere"),
+            ("TICKGATE_SERVER_BODY_TIMEOUT", "-1"),
+            ("TICKGATE_SERVER_MAX_BODY_BYTES", "0"),
+            ("TICKGATE_SERVER_PUBLIC_URL", "example.com"),
+        ] {
+            let env = |name: &str| (name == var).then(|| value.to_string());
+            let e = apply_env_overrides(&mut toml::Table::new(), &env)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.starts_with(var), "{e}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn accepted_pinned_tokens_survive_percent_decoding(token in "[ -~]{32,48}") {
+            let env = |name: &str| (name == "T").then(|| token.clone());
+            let config: Config = toml::from_str("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[agent.webhook]\ntoken_env = \"T\"\n").unwrap();
+            if let Ok(s) = config.validate("t".into(), &env) {
+                let t = s.agents[0].pinned_token.clone().unwrap();
+                proptest::prop_assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn override_values_are_accepted_only_when_usable(raw in "\\PC{0,24}") {
+            for key in ["workers", "max_wait", "listen", "public_url", "path", "token_env"] {
+                let accepted = override_value(key, &raw).is_ok();
+                let usable = match key {
+                    "workers" => raw.trim().parse::<i64>().is_ok_and(|n| n >= 1),
+                    "max_wait" => humantime::parse_duration(&raw).is_ok(),
+                    "listen" => raw.parse::<SocketAddr>().is_ok(),
+                    "public_url" => raw.starts_with("http://") || raw.starts_with("https://"),
+                    "path" => !raw.is_empty(),
+                    _ => is_env_name(&raw),
+                };
+                proptest::prop_assert_eq!(accepted, usable, "{} = {:?}", key, raw);
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 use actix::prelude::*;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tickgate_actors::agent::TickOutcome;
 
@@ -19,6 +20,8 @@ pub struct Metrics {
     pub queued: IntGaugeVec,
     /// 0 closed, 1 half-open, 2 open, per agent, set at scrape time.
     pub breaker: IntGaugeVec,
+    /// Bytes held by request bodies still being received (slow senders show up here).
+    pub inflight_body_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -69,6 +72,11 @@ impl Metrics {
             &["agent"],
         )
         .expect("metric definition");
+        let inflight_body_bytes = IntGauge::new(
+            "tickgate_inflight_body_bytes",
+            "Bytes held by request bodies still being received",
+        )
+        .expect("metric definition");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ticks.clone()),
@@ -76,6 +84,7 @@ impl Metrics {
             Box::new(flush_seconds.clone()),
             Box::new(queued.clone()),
             Box::new(breaker.clone()),
+            Box::new(inflight_body_bytes.clone()),
         ] {
             registry.register(m).expect("unique metric names");
         }
@@ -87,6 +96,7 @@ impl Metrics {
             flush_seconds,
             queued,
             breaker,
+            inflight_body_bytes,
         }
     }
 
@@ -141,6 +151,7 @@ fn code_label(code: u16) -> &'static str {
         403 => "403",
         404 => "404",
         405 => "405",
+        408 => "408",
         409 => "409",
         413 => "413",
         415 => "415",

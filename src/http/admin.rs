@@ -23,27 +23,49 @@ impl FromRequest for Admin {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let expected = req
-            .app_data::<web::Data<AppState>>()
-            .and_then(|s| s.admin_token.clone());
-        let presented = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        let ok = match (expected, presented) {
-            (Some(expected), Some(presented)) => {
-                bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
-            }
-            _ => false,
-        };
-        ready(if ok {
-            Ok(Admin)
-        } else {
-            Err(ApiError::Unauthorized)
-        })
+        ready(authenticate(req))
     }
+}
+
+/// Checks the admin token. Clients that keep presenting wrong tokens share the webhook routes'
+/// auth-failure limiter, so guessing the admin token is throttled like guessing webhook tokens.
+fn authenticate(req: &HttpRequest) -> Result<Admin, ApiError> {
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::Internal("admin route without app state".into()))?;
+    let client = state.client_ip(req);
+    if let Err(wait) = state.failures.check(client) {
+        return Err(ApiError::RateLimited {
+            retry_after: wait.as_secs_f64().ceil() as u64,
+        });
+    }
+    let presented = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token);
+    let ok = match (&state.admin_token, presented) {
+        (Some(expected), Some(presented)) => {
+            bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(Admin)
+    } else {
+        state.failures.failed(client);
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` value. The scheme is matched without
+/// regard to case, as HTTP auth schemes are case-insensitive (RFC 9110 §11.1).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// `GET /admin/agents`: every agent with its queue and tick count; never a token.
@@ -125,4 +147,34 @@ pub async fn restart_agent(
     handle.addr.do_send(Restart);
     tracing::info!(agent = %agent, "agent restart requested by admin");
     Ok(HttpResponse::Accepted().json(json!({ "agent": agent.to_string(), "restart": "queued" })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn any_case_of_bearer_is_read(token in "[A-Za-z0-9_-]{1,40}", mask in any::<u8>()) {
+            let scheme: String = "bearer"
+                .chars()
+                .enumerate()
+                .map(|(i, c)| if mask >> i & 1 == 1 { c.to_ascii_uppercase() } else { c })
+                .collect();
+            let header = format!("{scheme} {token}");
+            prop_assert_eq!(bearer_token(&header), Some(token.as_str()));
+        }
+    }
 }

@@ -85,6 +85,18 @@ pub enum ApiError {
     /// A bug or an unexpected failure; details are in the log only.
     #[error("internal error")]
     Internal(String),
+    /// The body declares a `Content-Encoding`; bodies are not decoded.
+    #[error("content encoding {0:?} is not accepted; send the body unencoded")]
+    UnsupportedEncoding(String),
+    /// The body did not arrive within `server.body_timeout`.
+    #[error("the request body did not arrive within {}", humantime::format_duration(*.after))]
+    RequestTimeout {
+        /// The configured body timeout.
+        after: std::time::Duration,
+    },
+    /// Bodies being received already hold `server.max_inflight_body_bytes`.
+    #[error("the server is receiving too many request bodies; retry later")]
+    Overloaded,
 }
 
 impl ApiError {
@@ -108,12 +120,18 @@ impl ApiError {
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Store(_) => "store_unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::UnsupportedEncoding(_) => "unsupported_media_type",
+            ApiError::RequestTimeout { .. } => "request_timeout",
+            ApiError::Overloaded => "overloaded",
         }
     }
 
     fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::MailboxFull | ApiError::ShuttingDown | ApiError::Store(_) => Some(1),
+            ApiError::MailboxFull
+            | ApiError::ShuttingDown
+            | ApiError::Store(_)
+            | ApiError::Overloaded => Some(1),
             ApiError::RateLimited { retry_after } | ApiError::BreakerOpen { retry_after } => {
                 Some((*retry_after).max(1))
             }
@@ -170,6 +188,9 @@ impl ResponseError for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -182,6 +203,10 @@ impl ResponseError for ApiError {
         let mut resp = HttpResponse::build(self.status_code());
         if let Some(secs) = self.retry_after() {
             resp.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if matches!(self, ApiError::RequestTimeout { .. }) {
+            // The rest of a stalled body may still come; the connection is not reusable.
+            resp.force_close();
         }
         resp.json(error_body(self.code(), &self.to_string()))
     }
@@ -210,6 +235,8 @@ pub fn normalize<B: MessageBody + 'static>(
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "headers_too_large",
         s if s.is_server_error() => "internal",
         _ => "bad_request",
     };

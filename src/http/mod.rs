@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod error;
 pub mod health;
+mod limits;
 pub mod tasks;
 pub mod webhook;
 
@@ -31,6 +32,7 @@ use crate::ingress::rate_limit::FailureLimiter;
 use crate::ingress::Gate;
 use crate::metrics::Metrics;
 use error::ApiError;
+pub use limits::{BodyBudget, BodyLimits};
 
 /// State shared by every handler; built once at start-up and never mutated, so no handler holds
 /// a lock across an await.
@@ -65,6 +67,10 @@ pub struct AppState {
     pub failures: FailureLimiter,
     /// Admin bearer token; `None` disables the admin API.
     pub admin_token: Option<String>,
+    /// Size and time limits for one request body.
+    pub body_limits: limits::BodyLimits,
+    /// Bytes held by all bodies being received, bounded.
+    pub body_budget: limits::BodyBudget,
 }
 
 impl AppState {

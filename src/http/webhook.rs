@@ -10,7 +10,6 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::HttpMessage;
 use actix_web::{web, HttpRequest, HttpResponse};
-use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tickgate_actors::agent::{AgentHandle, Submitted};
@@ -21,6 +20,7 @@ use tickgate_actors::store::IdempotencyKey;
 use tickgate_actors::token;
 
 use super::error::ApiError;
+use super::limits;
 use super::tasks::{load, wait_for, TaskRecord};
 use super::{AgentLabel, AppState};
 use crate::ingress::body::{self, BodyError, TriggerBody};
@@ -46,7 +46,7 @@ pub async fn post_by_token(
 ) -> Result<HttpResponse, ApiError> {
     let client = state.client_ip(&req);
     let agent = resolve(&state, &req, client, None, &token).await?;
-    let body = read_body(payload, &req, state.max_body_bytes).await?;
+    let body = limits::read_body(payload, &req, state.body_limits, &state.body_budget).await?;
     trigger(&state, &agent, &req, client, &body, None).await
 }
 
@@ -60,7 +60,7 @@ pub async fn post_named(
     let (namespace, name, token) = path.into_inner();
     let client = state.client_ip(&req);
     let agent = resolve(&state, &req, client, Some((&namespace, &name)), &token).await?;
-    let body = read_body(payload, &req, state.max_body_bytes).await?;
+    let body = limits::read_body(payload, &req, state.body_limits, &state.body_budget).await?;
     trigger(&state, &agent, &req, client, &body, None).await
 }
 
@@ -152,32 +152,6 @@ fn gate<'a>(state: &'a AppState, agent: &AgentHandle) -> &'a Gate {
         .expect("every registered agent has a gate")
 }
 
-/// Reads the body once, refusing it as soon as it is known to exceed the limit.
-async fn read_body(
-    mut payload: web::Payload,
-    req: &HttpRequest,
-    limit: usize,
-) -> Result<web::Bytes, ApiError> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::BadRequest(format!("could not read the body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body.freeze())
-}
-
 fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
@@ -212,6 +186,7 @@ async fn trigger(
         },
         None => body::parse(header_str(req, "content-type"), raw_body).map_err(body_error)?,
     };
+    limits::check_env(&parsed.env)?;
     if let Some(name) = parsed
         .env
         .keys()
