@@ -19,6 +19,7 @@ pub struct Metrics {
     pub queued: IntGaugeVec,
     /// 0 closed, 1 half-open, 2 open, per agent, set at scrape time.
     pub breaker: IntGaugeVec,
+    schedule_skipped: IntCounterVec,
 }
 
 impl Metrics {
@@ -69,6 +70,17 @@ impl Metrics {
             &["agent"],
         )
         .expect("metric definition");
+        let schedule_skipped = IntCounterVec::new(
+            Opts::new(
+                "tickgate_schedule_skipped_total",
+                "Schedule slots that created no task, by agent and reason",
+            ),
+            &["agent", "reason"],
+        )
+        .expect("metric definition");
+        registry
+            .register(Box::new(schedule_skipped.clone()))
+            .expect("unique metric names");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ticks.clone()),
@@ -87,7 +99,15 @@ impl Metrics {
             flush_seconds,
             queued,
             breaker,
+            schedule_skipped,
         }
+    }
+
+    /// Counts a schedule slot that was skipped (`mailbox_full`, `breaker_open`, `store`, ...).
+    pub fn schedule_skipped(&self, agent: &str, reason: &str) {
+        self.schedule_skipped
+            .with_label_values(&[agent, reason])
+            .inc();
     }
 
     /// Counts one HTTP request; `agent` is "none" when no agent was resolved.

@@ -65,6 +65,8 @@ pub struct AppState {
     pub failures: FailureLimiter,
     /// Admin bearer token; `None` disables the admin API.
     pub admin_token: Option<String>,
+    /// Each scheduled agent's entries, for `/admin/agents`.
+    pub schedules: HashMap<AgentId, Vec<tickgate_actors::schedule::Entry>>,
 }
 
 impl AppState {
