@@ -660,9 +660,15 @@ mod tests {
         assert_eq!(plain.agents[0].catch_up, CatchUp::Latest);
         for (entry, needle) in [
             ("{ cron = \"99 * * * *\" }", "schedule[1]: cron"),
-            ("{ cron = \"* * * * *\", timezone = \"Nowhere/Land\" }", "schedule[1]: timezone"),
+            (
+                "{ cron = \"* * * * *\", timezone = \"Nowhere/Land\" }",
+                "schedule[1]: timezone",
+            ),
             ("{ every = \"often\" }", "schedule[1]: every"),
-            ("{ every = \"5m\", cron = \"* * * * *\" }", "schedule[1]: give either"),
+            (
+                "{ every = \"5m\", cron = \"* * * * *\" }",
+                "schedule[1]: give either",
+            ),
             ("{ inputs = {} }", "schedule[1]: needs"),
         ] {
             let text = format!("[[agent]]\nname = \"d\"\nrunner = {{ kind = \"echo\" }}\nschedule = [{{ every = \"1m\" }}, {entry}]\n");

@@ -239,7 +239,9 @@ async fn load_cursor(deps: &SchedulerDeps, key: &ScheduleKey) -> Option<Schedule
                     key: key.clone(),
                     cursor,
                 };
-                write_async(deps.store.as_ref(), write).await.map(|_| cursor)
+                write_async(deps.store.as_ref(), write)
+                    .await
+                    .map(|_| cursor)
             }
             Err(e) => Err(e),
         };

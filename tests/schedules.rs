@@ -36,7 +36,9 @@ fn ticks(env: &Env, file: &str) -> Vec<Value> {
 
 /// The slot (Unix seconds) of a recorded tick.
 fn slot(tick: &Value) -> u64 {
-    let at = tick["source"]["scheduled_at"].as_str().expect("scheduled_at");
+    let at = tick["source"]["scheduled_at"]
+        .as_str()
+        .expect("scheduled_at");
     humantime::parse_rfc3339(at)
         .expect("RFC 3339")
         .duration_since(UNIX_EPOCH)
@@ -113,7 +115,11 @@ schedule = [{ every = "1s" }]
     // Only the agents with a webhook get a URL.
     assert!(server.urls.contains_key("default/hooked"));
     assert!(server.urls.contains_key("default/slow"));
-    assert!(!server.urls.contains_key("default/sched"), "{:?}", server.urls);
+    assert!(
+        !server.urls.contains_key("default/sched"),
+        "{:?}",
+        server.urls
+    );
     assert!(server.logs().contains("agent default/sched: no webhook"));
     let named = send(client().post(format!(
         "{}/webhooks/default/sched/{}",
@@ -180,10 +186,9 @@ schedule = [{ every = "1s" }]
 
     // A slot that finds the mailbox full (one slow tick running, mailbox 1) is skipped and counted.
     let counted = wait_for(limit, || {
-        server
-            .get("/metrics")
-            .text
-            .contains(r#"tickgate_schedule_skipped_total{agent="default/slow",reason="mailbox_full"}"#)
+        server.get("/metrics").text.contains(
+            r#"tickgate_schedule_skipped_total{agent="default/slow",reason="mailbox_full"}"#,
+        )
     });
     assert!(counted, "{}", server.get("/metrics").text);
     assert!(server.logs().contains("schedule slot skipped"));
@@ -258,7 +263,10 @@ enabled = false
         .copied()
         .filter(|s| *s > last_latest && *s <= restart)
         .collect();
-    assert!(missed_latest >= last_latest + 8, "several slots were missed");
+    assert!(
+        missed_latest >= last_latest + 8,
+        "several slots were missed"
+    );
     assert_eq!(caught_up, vec![missed_latest], "fired: {latest:?}");
 
     // "none": nothing missed fired.
@@ -299,7 +307,9 @@ fn bad_entries_stop_check_naming_the_entry() {
         );
         assert!(!out.status.success(), "{entry} was accepted: {text}");
         assert!(
-            text.contains("default/digest") && text.contains("schedule[1]") && text.contains(needle),
+            text.contains("default/digest")
+                && text.contains("schedule[1]")
+                && text.contains(needle),
             "{text}"
         );
     }

@@ -256,9 +256,9 @@ impl Handler<Rotate> for Registry {
             ))));
         }
         if self.no_webhook.contains(&agent) {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(
-                RotateError::NoWebhook(agent),
-            ))));
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(RotateError::NoWebhook(
+                agent,
+            )))));
         }
         if self.pinned.contains(&agent) {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Err(RotateError::Pinned(

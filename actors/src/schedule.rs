@@ -30,7 +30,9 @@ pub enum ScheduleError {
         reason: String,
     },
     /// The timezone is not an IANA zone name.
-    #[error("timezone {0:?} is not an IANA time zone name (for example \"Europe/Berlin\" or \"UTC\")")]
+    #[error(
+        "timezone {0:?} is not an IANA time zone name (for example \"Europe/Berlin\" or \"UTC\")"
+    )]
     Zone(String),
     /// The `every` period does not parse or is not a whole, positive number of seconds.
     #[error("every {expression:?}: {reason}")]
@@ -124,7 +126,9 @@ impl Entry {
         };
         let period = humantime::parse_duration(expression).map_err(|e| bad(e.to_string()))?;
         if period.subsec_nanos() != 0 || period.as_secs() == 0 {
-            return Err(bad("the period must be a whole number of seconds, at least 1s".into()));
+            return Err(bad(
+                "the period must be a whole number of seconds, at least 1s".into(),
+            ));
         }
         Ok(Self {
             expression: expression.to_string(),
@@ -316,7 +320,10 @@ mod tests {
         assert!(!p.passed_over);
         // After downtime: only the latest missed slot.
         let p = plan(&e, 100, 1_005, CatchUp::Latest);
-        assert_eq!((p.fire, p.considered, p.next), (Some(1_000), 1_000, Some(1_010)));
+        assert_eq!(
+            (p.fire, p.considered, p.next),
+            (Some(1_000), 1_000, Some(1_010))
+        );
         assert!(p.passed_over);
         let p = plan(&e, 100, 1_005, CatchUp::None);
         assert_eq!((p.fire, p.considered, p.next), (None, 1_000, Some(1_010)));

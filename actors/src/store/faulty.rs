@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{
-    AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, Write,
-};
+use super::{AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, Write};
 use crate::model::{AgentId, Task, TaskId};
 
 /// Delegates to `inner` unless writes are switched to fail.
