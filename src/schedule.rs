@@ -266,3 +266,87 @@ async fn sleep_until(slot: u64, lifecycle: &Lifecycle) {
         tokio::time::sleep(Duration::from_millis(target - now).min(MAX_NAP)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix::Actor;
+    use tickgate_actors::agent::{self, AgentDeps, AgentSpec};
+    use tickgate_actors::breaker::BreakerPolicy;
+    use tickgate_actors::events::TaskEvents;
+    use tickgate_actors::runner::RunnerSpec;
+    use tickgate_actors::store::sled::SledStore;
+    use tickgate_actors::store::AgentState;
+
+    #[actix_rt::test]
+    async fn a_slot_fires_once_and_nothing_fires_while_draining() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = SledStore::open(dir.path()).unwrap();
+        let id: tickgate_actors::model::AgentId = "sched".parse().unwrap();
+        let breaker = BreakerActor::new(vec![(
+            id.clone(),
+            BreakerPolicy {
+                failures: 5,
+                open_for: Duration::from_secs(30),
+            },
+        )]);
+        let closed_breakers = breaker.closed();
+        let breaker = breaker.start();
+        let lifecycle = Arc::new(Lifecycle::default());
+        let handle = agent::start(
+            AgentSpec {
+                id: id.clone(),
+                runner: RunnerSpec::Echo,
+                tick_timeout: Duration::from_secs(10),
+                mailbox: 8,
+                env: Default::default(),
+                allow_env: Default::default(),
+            },
+            AgentState::default(),
+            AgentDeps {
+                store: store.clone(),
+                events: Arc::new(TaskEvents::default()),
+                outcomes: vec![],
+                lifecycle: lifecycle.clone(),
+            },
+            &actix::Arbiter::current(),
+        );
+        let deps = SchedulerDeps {
+            store: store.clone(),
+            breaker,
+            closed_breakers,
+            lifecycle: lifecycle.clone(),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let entry = Entry::every("2s", serde_json::json!({"k": 1})).unwrap();
+
+        let Fired::Task(first) = fire_slot(&deps, &handle, 0, &entry, 1_000).await else {
+            panic!("the slot did not fire");
+        };
+        let task = store.task(first).unwrap().unwrap();
+        assert_eq!(task.source.method, "SCHEDULE");
+        assert_eq!(task.source.schedule.as_deref(), Some("2s"));
+        assert_eq!(task.idempotency_key.as_deref(), Some("schedule:0:1000"));
+        assert_eq!(task.inputs, serde_json::json!({"k": 1}));
+        // The same slot again (a cursor advance lost in a crash): already fired, no new task.
+        match fire_slot(&deps, &handle, 0, &entry, 1_000).await {
+            Fired::Already(again) => assert_eq!(again, first),
+            other => panic!("fired twice: {other:?}"),
+        }
+        // An edited entry at the same index meeting the same slot: also already fired.
+        let edited = Entry::every("4s", serde_json::json!({})).unwrap();
+        assert!(matches!(
+            fire_slot(&deps, &handle, 0, &edited, 1_000).await,
+            Fired::Already(_)
+        ));
+        assert!(matches!(
+            fire_slot(&deps, &handle, 1, &entry, 1_000).await,
+            Fired::Task(_)
+        ));
+        lifecycle.drain();
+        assert!(matches!(
+            fire_slot(&deps, &handle, 0, &entry, 1_002).await,
+            Fired::ShuttingDown
+        ));
+    }
+}

@@ -181,6 +181,27 @@ schedule = [{ every = "1s" }]
         let next = humantime::parse_rfc3339(s["next_at"].as_str().unwrap()).unwrap();
         assert!(next > SystemTime::now() - Duration::from_secs(5), "{s}");
     }
+    // A scheduled-only agent has no token to rotate, through the API or the CLI.
+    let rotate = send(
+        client()
+            .post(format!("{}/admin/agents/default/sched/token", server.base))
+            .bearer_auth(ADMIN),
+    );
+    assert_eq!(rotate.status, 409, "{}", rotate.text);
+    assert_eq!(rotate.error_code(), "conflict");
+    let config_path = env.path().join("tickgate.toml");
+    let cli = env.run(
+        &[
+            "token",
+            "rotate",
+            "default/sched",
+            "--config",
+            config_path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!cli.status.success());
+    assert!(String::from_utf8_lossy(&cli.stderr).contains("no webhook"));
     let hooked = agents.iter().find(|a| a["id"] == "default/hooked").unwrap();
     assert_eq!(hooked["schedules"], serde_json::json!([]));
 
