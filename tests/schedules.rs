@@ -164,6 +164,17 @@ schedule = [{ every = "1s" }]
     assert_eq!(source["event"], Value::Null);
     assert_eq!(source["schedule"], all[0]["source"]["schedule"]);
 
+    // Webhook tasks show their source the same way, with no schedule.
+    let posted = post_json(
+        &format!("{}?wait=30", server.url("default/hooked")),
+        &serde_json::json!({"x": 1}),
+    );
+    assert_eq!(posted.status, 200, "{}", posted.text);
+    assert_eq!(
+        posted.json["source"],
+        serde_json::json!({"method": "POST", "event": null, "schedule": null})
+    );
+
     // /admin/agents lists the entries with their next slot.
     let list = send(
         client()

@@ -108,14 +108,23 @@ impl Entry {
             None => Tz::UTC,
             Some(name) => Tz::from_str(name).map_err(|_| ScheduleError::Zone(name.to_string()))?,
         };
-        Ok(Self {
+        let entry = Self {
             expression: expression.to_string(),
             inputs,
             rule: Rule::Cron {
                 cron: Box::new(cron),
                 zone,
             },
-        })
+        };
+        // An expression like "0 0 30 2 *" parses but names no real date; say so at start-up
+        // rather than schedule nothing in silence.
+        if entry.next_after(0).is_none() {
+            return Err(ScheduleError::Cron {
+                expression: expression.to_string(),
+                reason: "it matches no date".into(),
+            });
+        }
+        Ok(entry)
     }
 
     /// A fixed-period entry (`"30s"`, `"5m"`, `"1h"`): whole seconds, at least one.
@@ -291,6 +300,11 @@ mod tests {
             Entry::cron("61 * * * *", None, json!({})),
             Err(ScheduleError::Cron { .. })
         ));
+        assert!(matches!(
+            Entry::cron("0 0 30 2 *", None, json!({})),
+            Err(ScheduleError::Cron { .. })
+        ));
+        assert!(Entry::cron("0 0 29 2 *", None, json!({})).is_ok());
         assert!(matches!(
             Entry::cron("* * * *", None, json!({})),
             Err(ScheduleError::Cron { .. })
