@@ -279,7 +279,7 @@ mod tests {
     use tickgate_actors::store::AgentState;
 
     #[actix_rt::test]
-    async fn a_slot_fires_once_and_nothing_fires_while_draining() {
+    async fn a_slot_fires_once_and_open_breakers_and_draining_fire_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = SledStore::open(dir.path()).unwrap();
         let id: tickgate_actors::model::AgentId = "sched".parse().unwrap();
@@ -343,6 +343,22 @@ mod tests {
             fire_slot(&deps, &handle, 1, &entry, 1_000).await,
             Fired::Task(_)
         ));
+        // An open breaker skips the slot.
+        for _ in 0..5 {
+            deps.breaker
+                .send(agent::TickOutcome {
+                    agent: id.clone(),
+                    task_id: first,
+                    success: false,
+                    duration: Duration::ZERO,
+                })
+                .await
+                .unwrap();
+        }
+        match fire_slot(&deps, &handle, 0, &entry, 1_004).await {
+            Fired::Skipped { reason, .. } => assert_eq!(reason, "breaker_open"),
+            other => panic!("fired through an open breaker: {other:?}"),
+        }
         lifecycle.drain();
         assert!(matches!(
             fire_slot(&deps, &handle, 0, &entry, 1_002).await,
