@@ -105,7 +105,19 @@ pub async fn run(
     stop: impl Future<Output = ()>,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), AppError> {
-    let ids: Vec<_> = settings.agents.iter().map(|a| a.spec.id.clone()).collect();
+    // Scheduled-only agents (`webhook.enabled = false`) get no token at all.
+    let ids: Vec<_> = settings
+        .agents
+        .iter()
+        .filter(|a| a.webhook_enabled)
+        .map(|a| a.spec.id.clone())
+        .collect();
+    let no_webhook: HashSet<_> = settings
+        .agents
+        .iter()
+        .filter(|a| !a.webhook_enabled)
+        .map(|a| a.spec.id.clone())
+        .collect();
     let pinned: BTreeMap<_, _> = settings
         .agents
         .iter()
@@ -170,12 +182,20 @@ pub async fn run(
     if recovered > 0 {
         tracing::info!(tasks = recovered, "re-queued tasks found in the store");
     }
+    let scheduled: Vec<_> = settings
+        .agents
+        .iter()
+        .zip(&handles)
+        .filter(|(setup, _)| !setup.schedule.is_empty())
+        .map(|(setup, handle)| (handle.clone(), setup.schedule.clone(), setup.catch_up))
+        .collect();
     let registry = Registry::new(
         handles,
         tokens.digests,
         pinned.keys().cloned().collect::<HashSet<_>>(),
         store.clone(),
-    );
+    )
+    .without_webhook(no_webhook);
     let token_index = registry.index();
     let registry = registry.start();
 
@@ -200,6 +220,13 @@ pub async fn run(
         settings.config.server.max_inflight_body_bytes,
         metrics.inflight_body_bytes.clone(),
     );
+    let scheduler_deps = crate::schedule::SchedulerDeps {
+        store: store.clone(),
+        breaker: breaker.clone(),
+        closed_breakers: closed_breakers.clone(),
+        lifecycle: lifecycle.clone(),
+        metrics: metrics.clone(),
+    };
     let state = web::Data::new(AppState {
         registry,
         tokens: token_index,
@@ -225,7 +252,14 @@ pub async fn run(
             timeout: settings.config.server.body_timeout.0,
         },
         body_budget,
+        schedules: scheduled
+            .iter()
+            .map(|(handle, entries, _)| (handle.spec.id.clone(), entries.clone()))
+            .collect(),
     });
+    for (handle, entries, catch_up) in scheduled {
+        crate::schedule::start(scheduler_deps.clone(), handle, entries, catch_up);
+    }
     spawn_retention(store.clone(), settings.config.store.task_retention.0);
 
     let server = HttpServer::new(move || {
@@ -301,7 +335,13 @@ fn announce(settings: &Settings, bound: &str, public_url: &str, created: &[NewTo
     }
     let fresh: HashSet<_> = created.iter().map(|c| &c.agent).collect();
     for setup in &settings.agents {
-        if !fresh.contains(&setup.spec.id) && setup.pinned_token.is_none() {
+        if !setup.webhook_enabled {
+            println!(
+                "agent {}: no webhook (scheduled only, {} schedule entries)",
+                setup.spec.id,
+                setup.schedule.len()
+            );
+        } else if !fresh.contains(&setup.spec.id) && setup.pinned_token.is_none() {
             println!(
                 "agent {}: webhook token issued earlier (new one: tickgate token rotate {})",
                 setup.spec.id, setup.spec.id

@@ -76,6 +76,11 @@ pub fn rotate(settings: &Settings, agent: &str) -> Result<String, String> {
         .iter()
         .find(|a| a.spec.id == agent)
         .ok_or_else(|| format!("no agent {agent} in {}", settings.source_name))?;
+    if !setup.webhook_enabled {
+        return Err(format!(
+            "{agent} has no webhook (webhook.enabled = false); there is no token to rotate"
+        ));
+    }
     if setup.pinned_token.is_some() {
         return Err(format!(
             "the token of {agent} is pinned by webhook.token_env; change that variable instead"

@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 use tickgate_actors::agent::AgentSpec;
 use tickgate_actors::model::AgentId;
 use tickgate_actors::runner::{CommandMode, RunnerSpec};
+use tickgate_actors::schedule::{CatchUp, Entry};
 use tickgate_actors::token::MIN_PINNED_LEN;
 
 use crate::ingress::client_ip::parse_cidrs;
@@ -183,6 +184,26 @@ pub struct AgentConfig {
     /// Ingress rules.
     #[serde(default)]
     pub webhook: WebhookConfig,
+    /// Scheduled ticks: `schedule = [{ cron, timezone, inputs } | { every, inputs }]`.
+    #[serde(default)]
+    pub schedule: Vec<ScheduleConfig>,
+    /// What a start does with slots missed while no server ran: `"latest"` (default) or `"none"`.
+    #[serde(default)]
+    pub catch_up: CatchUp,
+}
+
+/// One `schedule` entry as written; exactly one of `cron` and `every`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Five-field cron, or six with a leading seconds field.
+    pub cron: Option<String>,
+    /// IANA zone the cron is read in; UTC when absent. Only with `cron`.
+    pub timezone: Option<String>,
+    /// A fixed period (`"5m"`), slots aligned to the Unix epoch.
+    pub every: Option<String>,
+    /// The tasks' `inputs`; `{}` when absent.
+    pub inputs: Option<serde_json::Value>,
 }
 
 fn default_namespace() -> String {
@@ -230,6 +251,9 @@ pub struct WebhookConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// Whether GET with a query string triggers a tick.
     pub allow_get: bool,
+    /// `false` for a scheduled-only agent: no token is created or printed and no webhook route
+    /// resolves to it. Absent means enabled.
+    pub enabled: Option<bool>,
 }
 
 /// `rate_limit = { per_second = 10, burst = 20 }`.
@@ -276,6 +300,12 @@ pub struct AgentSetup {
     pub allow_get: bool,
     /// Breaker thresholds.
     pub breaker: BreakerConfig,
+    /// Whether the agent has a webhook at all (`[agent.webhook] enabled`).
+    pub webhook_enabled: bool,
+    /// Parsed `schedule` entries, in file order (their index is part of each slot's key).
+    pub schedule: Vec<Entry>,
+    /// `catch_up` policy for the schedule.
+    pub catch_up: CatchUp,
 }
 
 /// A validated configuration with secrets resolved.
@@ -486,6 +516,18 @@ fn validate_agent(
     if let Some(r) = &a.webhook.rate_limit {
         check_rate(&format!("{at}: webhook.rate_limit"), r)?;
     }
+    let webhook_enabled = a.webhook.enabled.unwrap_or(true);
+    if !webhook_enabled && a.webhook.token_env.is_some() {
+        return Err(format!(
+            "{at}: webhook.token_env: set, but webhook.enabled = false gives the agent no webhook"
+        ));
+    }
+    let schedule = a
+        .schedule
+        .iter()
+        .enumerate()
+        .map(|(i, e)| schedule_entry(e).map_err(|m| format!("{at}: schedule[{i}]: {m}")))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(AgentSetup {
         spec: AgentSpec {
             id,
@@ -502,6 +544,9 @@ fn validate_agent(
         rate_limit: a.webhook.rate_limit,
         allow_get: a.webhook.allow_get,
         breaker: a.breaker.clone(),
+        webhook_enabled,
+        schedule,
+        catch_up: a.catch_up,
     })
 }
 
@@ -536,6 +581,21 @@ fn check_unique_tokens(configs: &[AgentConfig], agents: &[AgentSetup]) -> Result
         }
     }
     Ok(())
+}
+
+fn schedule_entry(e: &ScheduleConfig) -> Result<Entry, String> {
+    let inputs = e.inputs.clone().unwrap_or_else(|| serde_json::json!({}));
+    match (&e.cron, &e.every) {
+        (Some(cron), None) => {
+            Entry::cron(cron, e.timezone.as_deref(), inputs).map_err(|err| err.to_string())
+        }
+        (None, Some(every)) if e.timezone.is_some() => Err(format!(
+            "timezone applies to cron entries only, not to every = {every:?}"
+        )),
+        (None, Some(every)) => Entry::every(every, inputs).map_err(|err| err.to_string()),
+        (Some(_), Some(_)) => Err("give either cron or every, not both".into()),
+        (None, None) => Err("needs cron = \"...\" or every = \"...\"".into()),
+    }
 }
 
 /// Whether `name` is a portable environment variable name.
@@ -680,6 +740,41 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn schedules_parse_and_errors_name_the_entry() {
+        let s = parse(
+            "[[agent]]\nname = \"d\"\nrunner = { kind = \"echo\" }\ncatch_up = \"none\"\nschedule = [{ cron = \"0 9 * * 1-5\", timezone = \"Europe/Berlin\", inputs = { kind = \"daily\" } }, { every = \"5m\" }]\n[agent.webhook]\nenabled = false\n",
+        )
+        .unwrap();
+        let a = &s.agents[0];
+        assert!(!a.webhook_enabled);
+        assert_eq!(a.catch_up, CatchUp::None);
+        assert_eq!(a.schedule.len(), 2);
+        assert_eq!(a.schedule[0].expression, "0 9 * * 1-5");
+        assert_eq!(a.schedule[0].inputs["kind"], "daily");
+        assert_eq!(a.schedule[1].inputs, serde_json::json!({}));
+        let plain = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n").unwrap();
+        assert!(plain.agents[0].webhook_enabled);
+        assert_eq!(plain.agents[0].catch_up, CatchUp::Latest);
+        for (entry, needle) in [
+            ("{ cron = \"99 * * * *\" }", "schedule[1]: cron"),
+            (
+                "{ cron = \"* * * * *\", timezone = \"Nowhere/Land\" }",
+                "schedule[1]: timezone",
+            ),
+            ("{ every = \"often\" }", "schedule[1]: every"),
+            (
+                "{ every = \"5m\", cron = \"* * * * *\" }",
+                "schedule[1]: give either",
+            ),
+            ("{ inputs = {} }", "schedule[1]: needs"),
+        ] {
+            let text = format!("[[agent]]\nname = \"d\"\nrunner = {{ kind = \"echo\" }}\nschedule = [{{ every = \"1m\" }}, {entry}]\n");
+            let e = parse(&text).err().unwrap().to_string();
+            assert!(e.contains("default/d") && e.contains(needle), "{e}");
+        }
     }
 
     #[test]

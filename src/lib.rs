@@ -7,3 +7,4 @@ pub mod config;
 pub mod http;
 pub mod ingress;
 pub mod metrics;
+mod schedule;

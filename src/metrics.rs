@@ -22,6 +22,7 @@ pub struct Metrics {
     pub breaker: IntGaugeVec,
     /// Bytes held by request bodies still being received (slow senders show up here).
     pub inflight_body_bytes: IntGauge,
+    schedule_skipped: IntCounterVec,
 }
 
 impl Metrics {
@@ -77,6 +78,17 @@ impl Metrics {
             "Bytes held by request bodies still being received",
         )
         .expect("metric definition");
+        let schedule_skipped = IntCounterVec::new(
+            Opts::new(
+                "tickgate_schedule_skipped_total",
+                "Schedule slots that created no task, by agent and reason",
+            ),
+            &["agent", "reason"],
+        )
+        .expect("metric definition");
+        registry
+            .register(Box::new(schedule_skipped.clone()))
+            .expect("unique metric names");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ticks.clone()),
@@ -97,7 +109,15 @@ impl Metrics {
             queued,
             breaker,
             inflight_body_bytes,
+            schedule_skipped,
         }
+    }
+
+    /// Counts a schedule slot that was skipped (`mailbox_full`, `breaker_open`, `store`, ...).
+    pub fn schedule_skipped(&self, agent: &str, reason: &str) {
+        self.schedule_skipped
+            .with_label_values(&[agent, reason])
+            .inc();
     }
 
     /// Counts one HTTP request; `agent` is "none" when no agent was resolved.

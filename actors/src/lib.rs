@@ -8,5 +8,6 @@ pub mod events;
 pub mod model;
 pub mod registry;
 pub mod runner;
+pub mod schedule;
 pub mod store;
 pub mod token;

@@ -186,6 +186,14 @@ pub struct Source {
     pub event: Option<String>,
     /// Request headers with lower-case names, minus credentials.
     pub headers: BTreeMap<String, String>,
+    /// For `SCHEDULE` tasks, the entry's expression as written (`"0 9 * * 1-5"`, `"5m"`);
+    /// `null` otherwise. Defaulted so that records stored before schedules existed still read.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// For `SCHEDULE` tasks, the slot the task was fired for (RFC 3339), which may be earlier
+    /// than `created_at` for a catch-up; lets an agent tell which run it is doing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<String>,
 }
 
 /// One accepted trigger and, once it ran, its outcome. This is the stored record and, rendered by

@@ -33,6 +33,9 @@ pub enum RotateError {
     /// The token comes from `token_env`; rotating it means changing that variable.
     #[error("the token of {0} is pinned by token_env; change the variable to rotate it")]
     Pinned(AgentId),
+    /// The agent is scheduled-only (`webhook.enabled = false`): it has no token to rotate.
+    #[error("{0} has no webhook (webhook.enabled = false)")]
+    NoWebhook(AgentId),
     /// The new token could not be stored; the old one still works.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -143,7 +146,12 @@ impl TokenIndex {
     ) -> Result<AgentHandle, ResolveError> {
         let handle = self.agents.get(agent).ok_or(ResolveError::UnknownAgent)?;
         let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        let expected = tokens.of_agent.get(agent).ok_or(ResolveError::WrongToken)?;
+        // An agent without a token has no webhook (`webhook.enabled = false`): as far as
+        // webhook routes are concerned it does not exist.
+        let expected = tokens
+            .of_agent
+            .get(agent)
+            .ok_or(ResolveError::UnknownAgent)?;
         if bool::from(expected.ct_eq(digest)) {
             Ok(handle.clone())
         } else {
@@ -165,6 +173,7 @@ pub struct Registry {
     index: Arc<TokenIndex>,
     pinned: HashSet<AgentId>,
     store: Arc<dyn Store>,
+    no_webhook: HashSet<AgentId>,
 }
 
 impl Registry {
@@ -186,7 +195,15 @@ impl Registry {
             }),
             pinned,
             store,
+            no_webhook: HashSet::new(),
         }
+    }
+
+    /// Marks agents that have no webhook (`webhook.enabled = false`): they get no digest from
+    /// [`bootstrap_tokens`] and a rotation must not give them one.
+    pub fn without_webhook(mut self, agents: HashSet<AgentId>) -> Self {
+        self.no_webhook = agents;
+        self
     }
 
     /// The read side of the token map, for the HTTP edge's per-request lookups.
@@ -237,6 +254,11 @@ impl Handler<Rotate> for Registry {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Err(
                 RotateError::UnknownAgent(agent),
             ))));
+        }
+        if self.no_webhook.contains(&agent) {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(Err(RotateError::NoWebhook(
+                agent,
+            )))));
         }
         if self.pinned.contains(&agent) {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Err(RotateError::Pinned(

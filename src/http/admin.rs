@@ -9,7 +9,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tickgate_actors::agent::Restart;
 use tickgate_actors::breaker::{BreakerState, Reset, Snapshot};
-use tickgate_actors::model::AgentId;
+use tickgate_actors::model::{now_ms, rfc3339, AgentId};
 use tickgate_actors::registry::{Find, List, Rotate, RotateError};
 
 use super::error::ApiError;
@@ -72,6 +72,7 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 pub async fn list_agents(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let agents = state.registry.send(List).await?;
     let breakers = state.breaker.send(Snapshot).await?;
+    let now = now_ms() / 1000;
     let agents: Vec<_> = agents
         .iter()
         .map(|a| {
@@ -83,10 +84,30 @@ pub async fn list_agents(_: Admin, state: web::Data<AppState>) -> Result<HttpRes
                 "queued": a.mailbox.queued(),
                 "mailbox": a.mailbox.capacity(),
                 "ticks": a.ticks.load(std::sync::atomic::Ordering::Acquire),
+                "schedules": schedules(&state, &a.spec.id, now),
             })
         })
         .collect();
     Ok(HttpResponse::Ok().json(json!({ "agents": agents })))
+}
+
+/// An agent's schedule entries with their next slot (`null` if the entry never fires again).
+fn schedules(state: &AppState, agent: &AgentId, now: u64) -> Vec<serde_json::Value> {
+    state
+        .schedules
+        .get(agent)
+        .map(|entries| {
+            entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "expression": e.expression,
+                        "next_at": e.next_after(now).map(|s| rfc3339(s * 1000)),
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// `POST /admin/agents/{namespace}/{agent}/token`: a new token, shown in this answer only.
@@ -104,7 +125,7 @@ pub async fn rotate_token(
         .await?
         .map_err(|e| match e {
             RotateError::UnknownAgent(a) => ApiError::NotFound(format!("no agent {a}")),
-            RotateError::Pinned(_) => ApiError::Conflict(e.to_string()),
+            RotateError::Pinned(_) | RotateError::NoWebhook(_) => ApiError::Conflict(e.to_string()),
             RotateError::Store(e) => ApiError::Store(e),
         })?;
     tracing::info!(agent = %agent, "webhook token rotated");

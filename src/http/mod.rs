@@ -71,6 +71,8 @@ pub struct AppState {
     pub body_limits: limits::BodyLimits,
     /// Bytes held by all bodies being received, bounded.
     pub body_budget: limits::BodyBudget,
+    /// Each scheduled agent's entries, for `/admin/agents`.
+    pub schedules: HashMap<AgentId, Vec<tickgate_actors::schedule::Entry>>,
 }
 
 impl AppState {

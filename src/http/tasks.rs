@@ -30,10 +30,20 @@ pub struct TaskRecord<'a> {
     result: &'a Option<Value>,
     error: &'a Option<String>,
     poll_url: String,
+    source: SourceRecord<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duplicate: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     timed_out: Option<bool>,
+}
+
+/// Where a task came from, as the task record shows it (SPEC section 7): never headers or
+/// addresses, which stay between tickgate and the runner.
+#[derive(Debug, Serialize)]
+struct SourceRecord<'a> {
+    method: &'a str,
+    event: &'a Option<String>,
+    schedule: &'a Option<String>,
 }
 
 impl<'a> TaskRecord<'a> {
@@ -54,6 +64,11 @@ impl<'a> TaskRecord<'a> {
             result: &task.result,
             error: &task.error,
             poll_url: state.poll_url(&task.id),
+            source: SourceRecord {
+                method: &task.source.method,
+                event: &task.source.event,
+                schedule: &task.source.schedule,
+            },
             duplicate: None,
             timed_out: None,
         }

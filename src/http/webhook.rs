@@ -355,6 +355,7 @@ fn source(req: &HttpRequest, client: IpAddr, gate: &Gate) -> Source {
         remote_ip: client.to_string(),
         event: None,
         headers,
+        ..Source::default()
     }
 }
 

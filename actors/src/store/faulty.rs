@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{AgentState, OnWritten, Purged, Store, StoreError, Write};
+use super::{AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, Write};
 use crate::model::{AgentId, Task, TaskId};
 
 /// Delegates to `inner` unless writes are switched to fail.
@@ -65,6 +65,10 @@ impl Store for FaultyStore {
 
     fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError> {
         self.inner.token_digest(agent)
+    }
+
+    fn schedule_cursor(&self, key: &ScheduleKey) -> Result<Option<ScheduleCursor>, StoreError> {
+        self.inner.schedule_cursor(key)
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {

@@ -80,6 +80,35 @@ pub enum Write {
         /// SHA-256 of the new token.
         digest: [u8; 32],
     },
+    /// A schedule entry's cursor moved (or the entry was seen for the first time).
+    SetScheduleCursor {
+        /// Which entry.
+        key: ScheduleKey,
+        /// Its new cursor.
+        cursor: ScheduleCursor,
+    },
+}
+
+/// Identifies one schedule entry's cursor: the agent, the entry's index and its fingerprint
+/// (expression and zone), so that an edited entry counts as new and its earlier slots never fire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleKey {
+    /// Whose schedule.
+    pub agent: AgentId,
+    /// 0-based index in the agent's `schedule` list.
+    pub index: usize,
+    /// What the entry says, see `schedule::Entry::fingerprint`.
+    pub fingerprint: String,
+}
+
+/// How far a schedule entry has got, in Unix seconds. Slots at or before `considered` have been
+/// fired or skipped; `first_seen` is kept for operators reading the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleCursor {
+    /// When a running server first saw the entry.
+    pub first_seen: u64,
+    /// Every slot at or before this time has been dealt with.
+    pub considered: u64,
 }
 
 /// What a write achieved, beyond being on disk.
@@ -136,6 +165,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// The digest of an agent's current webhook token, if it has one.
     fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError>;
+
+    /// A schedule entry's cursor, if a running server has seen the entry before.
+    fn schedule_cursor(&self, key: &ScheduleKey) -> Result<Option<ScheduleCursor>, StoreError>;
 
     /// Removes finished tasks (and their idempotency keys) that finished more than `older_than` ago.
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError>;

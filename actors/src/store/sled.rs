@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{AgentState, OnWritten, Purged, Store, StoreError, Write, Written};
+use super::{
+    AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, Write, Written,
+};
 use crate::model::{now_ms, AgentId, Task, TaskId};
 
 const TASK: &[u8] = b"t/";
@@ -23,6 +25,7 @@ const IDEM: &[u8] = b"i/";
 const AGENT_TOKEN: &[u8] = b"d/";
 const AGENT: &[u8] = b"a/";
 const FINISHED: &[u8] = b"f/";
+const SCHEDULE: &[u8] = b"s/";
 
 /// Most finished tasks one purge write removes; a purge of more takes several writes, so
 /// submissions are never held behind a long one.
@@ -149,6 +152,17 @@ fn idem_key(agent: &AgentId, idem_key: &str) -> Vec<u8> {
 
 fn finished_key(at_ms: u64, id: &TaskId) -> Vec<u8> {
     key(FINISHED, &[&at_ms.to_be_bytes(), id.as_bytes()])
+}
+
+fn schedule_key(k: &ScheduleKey) -> Vec<u8> {
+    key(
+        SCHEDULE,
+        &[
+            k.agent.to_string().as_bytes(),
+            &(k.index as u64).to_be_bytes(),
+            k.fingerprint.as_bytes(),
+        ],
+    )
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -297,6 +311,10 @@ fn stage(
             );
             Ok(Written::Done)
         }
+        Write::SetScheduleCursor { key, cursor } => {
+            batch.insert(schedule_key(&key), encode(&cursor)?);
+            Ok(Written::Done)
+        }
     }
 }
 
@@ -374,6 +392,13 @@ impl Store for SledStore {
             .get(key(AGENT_TOKEN, &[agent.to_string().as_bytes()]))
             .map_err(backend)?;
         Ok(raw.and_then(|r| <[u8; 32]>::try_from(r.as_ref()).ok()))
+    }
+
+    fn schedule_cursor(&self, k: &ScheduleKey) -> Result<Option<ScheduleCursor>, StoreError> {
+        match self.db.get(schedule_key(k)).map_err(backend)? {
+            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(backend),
+            None => Ok(None),
+        }
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
@@ -598,6 +623,41 @@ mod tests {
         };
         assert!(matches!(again(0), Written::Accepted(_)));
         assert_eq!(again(total), Written::Duplicate(recent));
+    }
+
+    #[test]
+    fn schedule_cursors_are_keyed_by_entry_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let k = |index: usize, fingerprint: &str| ScheduleKey {
+            agent: agent.clone(),
+            index,
+            fingerprint: fingerprint.into(),
+        };
+        let cursor = ScheduleCursor {
+            first_seen: 10,
+            considered: 20,
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            assert_eq!(store.schedule_cursor(&k(0, "every 5s")).unwrap(), None);
+            blocking(
+                &store,
+                Write::SetScheduleCursor {
+                    key: k(0, "every 5s"),
+                    cursor,
+                },
+            )
+            .unwrap();
+            store.close().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.schedule_cursor(&k(0, "every 5s")).unwrap(),
+            Some(cursor)
+        );
+        assert_eq!(store.schedule_cursor(&k(0, "every 6s")).unwrap(), None);
+        assert_eq!(store.schedule_cursor(&k(1, "every 5s")).unwrap(), None);
     }
 
     #[test]
