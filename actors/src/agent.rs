@@ -471,6 +471,7 @@ impl Agent {
                 source: std::mem::take(&mut task.source),
                 env,
                 memory,
+                resume: task.resume.clone(),
             };
             let started = Instant::now();
             let result = AssertUnwindSafe(runner.tick(&input, timeout))

@@ -144,7 +144,8 @@ impl fmt::Display for TaskId {
     }
 }
 
-/// The task life cycle of SPEC section 1. Only `SUCCESS` and `FAILURE` are terminal.
+/// The task life cycle of SPEC sections 1 and 8. `SUCCESS`, `FAILURE` and `REVOKED` are terminal;
+/// `AWAITING_INPUT` is a stopping point (a sync wait returns there) but not an end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TaskStatus {
@@ -152,26 +153,87 @@ pub enum TaskStatus {
     Pending,
     /// Its tick is running (or was running when the process died).
     Started,
+    /// An attempt failed and the next one is scheduled at `next_attempt_at`.
+    Retry,
+    /// The tick asked for input; the task is parked until someone answers or it expires.
+    AwaitingInput,
     /// The tick finished and reported success.
     Success,
-    /// The tick failed, timed out, or produced unusable output.
+    /// The tick failed, timed out, or produced unusable output, with no retry left.
     Failure,
+    /// Cancelled by an operator before it finished.
+    Revoked,
 }
 
 impl TaskStatus {
-    /// Whether nothing will change this task any more; waiters and SSE streams stop here.
+    /// Whether nothing will change this task any more; SSE streams close here.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskStatus::Success | TaskStatus::Failure)
+        matches!(
+            self,
+            TaskStatus::Success | TaskStatus::Failure | TaskStatus::Revoked
+        )
+    }
+
+    /// Whether a synchronous wait returns here: a terminal status, or a task waiting for input
+    /// (nothing more happens until someone answers).
+    pub fn is_stopping_point(self) -> bool {
+        self.is_terminal() || self == TaskStatus::AwaitingInput
     }
 
     /// The `phase` field that DocsGPT-style clients poll instead of `status`.
     pub fn phase(self) -> &'static str {
         match self {
-            TaskStatus::Pending | TaskStatus::Started => "Running",
+            TaskStatus::Pending | TaskStatus::Started | TaskStatus::Retry => "Running",
+            TaskStatus::AwaitingInput => "Waiting",
             TaskStatus::Success => "Complete",
             TaskStatus::Failure => "Error",
+            TaskStatus::Revoked => "Canceled",
         }
     }
+}
+
+/// One attempt of a task's tick, kept on the record so a retried task shows its history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1 for the first try.
+    pub attempt: u32,
+    /// Unix milliseconds.
+    pub started_at: u64,
+    /// Unix milliseconds; `None` while it runs.
+    pub finished_at: Option<u64>,
+    /// Why it failed; `None` when it succeeded (or parked for input).
+    pub error: Option<String>,
+}
+
+/// What a parked task is waiting for (SPEC section 8, ticks that wait for input).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Awaiting {
+    /// The tick's `await.request`, shown to whoever answers.
+    pub request: Value,
+    /// When the task parked, Unix milliseconds.
+    pub since: u64,
+    /// When an unanswered task fails, Unix milliseconds.
+    pub expires_at: u64,
+}
+
+/// The question and its answer, handed to the continuation tick of a resumed task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The `await.request` the task parked with.
+    pub request: Value,
+    /// The answer from `POST /tasks/{id}/resume` (or an A2A message).
+    pub response: Value,
+}
+
+/// A tick output's request for input: `"await": {"request": …, "timeout": "1h"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AwaitRequest {
+    /// Anything the answering party needs to see.
+    #[serde(default)]
+    pub request: Value,
+    /// How long to wait for the answer (humantime, e.g. `"1h"`); 24 h when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
 }
 
 /// Where a trigger came from, as the runner sees it. Headers are kept so that a runner can read
@@ -235,6 +297,21 @@ pub struct Task {
     /// The idempotency key it was accepted under, so the purge can drop the key with the task.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Every attempt so far, oldest first (SPEC section 8).
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+    /// When a task in `RETRY` re-enters its agent's queue, Unix milliseconds.
+    #[serde(default)]
+    pub next_attempt_at: Option<u64>,
+    /// Set while the task is `AWAITING_INPUT`.
+    #[serde(default)]
+    pub awaiting: Option<Awaiting>,
+    /// The answer the next (continuation) tick receives; set by a resume.
+    #[serde(default)]
+    pub resume: Option<Resume>,
+    /// The task this one replays, when it was created by a replay.
+    #[serde(default)]
+    pub replay_of: Option<TaskId>,
 }
 
 impl Task {
@@ -258,6 +335,11 @@ impl Task {
             result: None,
             error: None,
             idempotency_key: None,
+            attempts: Vec::new(),
+            next_attempt_at: None,
+            awaiting: None,
+            resume: None,
+            replay_of: None,
         }
     }
 }
@@ -283,6 +365,9 @@ pub struct TickInput {
     pub env: BTreeMap<String, String>,
     /// The agent's memory as the previous tick left it.
     pub memory: Value,
+    /// On a continuation tick: the question the task parked with and its answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
 }
 
 /// What a runner returns; every field is optional so that a minimal program can answer `{}`.
@@ -303,6 +388,9 @@ pub struct TickOutput {
     /// When present, replaces the agent's memory atomically with the task's completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Value>,
+    /// Parks the task as `AWAITING_INPUT` until someone answers (SPEC section 8).
+    #[serde(rename = "await", default, skip_serializing_if = "Option::is_none")]
+    pub await_input: Option<AwaitRequest>,
     /// Fields tickgate does not know, kept so that `result` shows the runner's whole output.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, Value>,

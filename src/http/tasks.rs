@@ -31,6 +31,10 @@ pub struct TaskRecord<'a> {
     error: &'a Option<String>,
     poll_url: String,
     source: SourceRecord<'a>,
+    attempts: Vec<AttemptRecord<'a>>,
+    next_attempt_at: Option<String>,
+    awaiting: Option<AwaitingRecord<'a>>,
+    replay_of: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duplicate: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -44,6 +48,24 @@ struct SourceRecord<'a> {
     method: &'a str,
     event: &'a Option<String>,
     schedule: &'a Option<String>,
+}
+
+/// One attempt as the task record shows it (SPEC section 8).
+#[derive(Debug, Serialize)]
+struct AttemptRecord<'a> {
+    attempt: u32,
+    started_at: String,
+    finished_at: Option<String>,
+    error: &'a Option<String>,
+}
+
+/// What a parked task waits for, with the URL that answers it (SPEC section 8).
+#[derive(Debug, Serialize)]
+struct AwaitingRecord<'a> {
+    request: &'a Value,
+    since: String,
+    expires_at: String,
+    resume_url: String,
 }
 
 impl<'a> TaskRecord<'a> {
@@ -69,6 +91,24 @@ impl<'a> TaskRecord<'a> {
                 event: &task.source.event,
                 schedule: &task.source.schedule,
             },
+            attempts: task
+                .attempts
+                .iter()
+                .map(|a| AttemptRecord {
+                    attempt: a.attempt,
+                    started_at: rfc3339(a.started_at),
+                    finished_at: a.finished_at.map(rfc3339),
+                    error: &a.error,
+                })
+                .collect(),
+            next_attempt_at: task.next_attempt_at.map(rfc3339),
+            awaiting: task.awaiting.as_ref().map(|w| AwaitingRecord {
+                request: &w.request,
+                since: rfc3339(w.since),
+                expires_at: rfc3339(w.expires_at),
+                resume_url: format!("{}/resume", state.poll_url(&task.id)),
+            }),
+            replay_of: task.replay_of.map(|id| id.to_string()),
             duplicate: None,
             timed_out: None,
         }
@@ -162,7 +202,8 @@ fn progress(task: &Task) -> (u32, u8) {
     let rank = match task.status {
         TaskStatus::Pending => 0,
         TaskStatus::Started => 1,
-        TaskStatus::Success | TaskStatus::Failure => 2,
+        TaskStatus::Retry | TaskStatus::AwaitingInput => 2,
+        TaskStatus::Success | TaskStatus::Failure | TaskStatus::Revoked => 3,
     };
     (task.attempt, rank)
 }

@@ -387,6 +387,7 @@ pub(super) mod test_support {
             source: Source::default(),
             env: BTreeMap::from([("AGENT_VAR".to_string(), "from-agent".to_string())]),
             memory: json!({}),
+            resume: None,
         }
     }
 
