@@ -120,6 +120,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Finished tasks and their idempotency keys are purged after this.
     pub task_retention: Dur,
+    /// What an acknowledged write survives: `flush` (a killed process) or `fsync` (also power
+    /// loss and OS crashes, at the cost of an `fdatasync` per group commit).
+    pub sync: tickgate_actors::store::sled::SyncMode,
 }
 
 impl Default for StoreConfig {
@@ -127,6 +130,7 @@ impl Default for StoreConfig {
         Self {
             path: PathBuf::from("data"),
             task_retention: Dur(Duration::from_secs(7 * 24 * 3600)),
+            sync: tickgate_actors::store::sled::SyncMode::Flush,
         }
     }
 }
@@ -237,7 +241,7 @@ pub struct RateLimitConfig {
 
 /// Server-level settings overridable from the environment as `TICKGATE_<SECTION>_<KEY>`.
 /// Limited to scalars so that an override can never restructure agents.
-const ENV_OVERRIDES: [(&str, &str); 9] = [
+const ENV_OVERRIDES: [(&str, &str); 10] = [
     ("server", "listen"),
     ("server", "public_url"),
     ("server", "max_body_bytes"),
@@ -246,6 +250,7 @@ const ENV_OVERRIDES: [(&str, &str); 9] = [
     ("server", "workers"),
     ("store", "path"),
     ("store", "task_retention"),
+    ("store", "sync"),
     ("admin", "token_env"),
 ];
 
