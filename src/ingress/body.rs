@@ -264,7 +264,7 @@ mod tests {
     fn depth_counts_levels() {
         assert_eq!(depth(&json!(1)), 0);
         assert_eq!(depth(&json!({})), 1);
-        assert_eq!(depth(&json!({"a": [1, {"b": []}], "c": 2})), 3);
+        assert_eq!(depth(&json!({"a": [1, {"b": []}], "c": 2})), 4);
     }
 
     #[test]
