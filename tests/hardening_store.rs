@@ -286,10 +286,7 @@ fn a_full_disk_is_recovered_from_within_seconds_without_a_restart() {
     let recovered_in = freed.elapsed();
     eprintln!("store recovered {recovered_in:?} after space was freed");
 
-    let accepted = post_json(
-        &server.url("default/echo").to_string(),
-        &json!({"after": 1}),
-    );
+    let accepted = post_json(server.url("default/echo"), &json!({"after": 1}));
     assert_eq!(accepted.status, 202, "{}", accepted.text);
     let id = accepted.json["task_id"].as_str().unwrap().to_string();
     let task = server.finished(&id);
