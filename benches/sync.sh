@@ -44,7 +44,8 @@ LUA
 
 # run MODE CASE QUERY -> "req/s p99"
 run() {
-	local mode=$1 case=$2 query=$3 dir=$WORK/$mode-$case-$RANDOM url out rps p99
+	local mode=$1 case=$2 query=$3 dir url out rps p99
+	dir=$WORK/$mode-$case-$RANDOM
 	mkdir -p "$dir"
 	cat >"$dir/tickgate.toml" <<-'TOML'
 		[[agent]]
