@@ -15,7 +15,7 @@ use tickgate_actors::agent::{self, AgentDeps, Lifecycle};
 use tickgate_actors::breaker::{BreakerActor, BreakerPolicy};
 use tickgate_actors::events::TaskEvents;
 use tickgate_actors::registry::{bootstrap_tokens, NewToken, Registry};
-use tickgate_actors::store::sled::SledStore;
+use tickgate_actors::store::sled::{Options, SledStore};
 use tickgate_actors::store::{Store, StoreError};
 
 use crate::config::Settings;
@@ -62,12 +62,12 @@ const HTTP_STOP_GRACE: u64 = 2;
 pub fn serve(settings: Settings) -> Result<(), AppError> {
     actix_rt::System::new().block_on(async move {
         let metrics = Arc::new(Metrics::new());
-        let hook_metrics = metrics.clone();
-        let store = SledStore::open_with(
+        let store = SledStore::open_opts(
             &settings.config.store.path,
-            Some(Arc::new(move |took: Duration, _requests| {
-                hook_metrics.flush(took.as_secs_f64())
-            })),
+            Options {
+                sync: settings.config.store.sync,
+                observer: Some(metrics.clone()),
+            },
         )?;
         let served = run(settings, store.clone(), metrics, shutdown_signal(), |_| {}).await;
         store.close()?;

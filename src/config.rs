@@ -128,6 +128,9 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Finished tasks and their idempotency keys are purged after this.
     pub task_retention: Dur,
+    /// What an acknowledged write survives: `flush` (a killed process) or `fsync` (also power
+    /// loss and OS crashes, at the cost of an `fdatasync` per group commit).
+    pub sync: tickgate_actors::store::sled::SyncMode,
 }
 
 impl Default for StoreConfig {
@@ -135,6 +138,7 @@ impl Default for StoreConfig {
         Self {
             path: PathBuf::from("data"),
             task_retention: Dur(Duration::from_secs(7 * 24 * 3600)),
+            sync: tickgate_actors::store::sled::SyncMode::Flush,
         }
     }
 }
@@ -268,7 +272,7 @@ pub struct RateLimitConfig {
 
 /// Server-level settings overridable from the environment as `TICKGATE_<SECTION>_<KEY>`.
 /// Limited to scalars so that an override can never restructure agents.
-const ENV_OVERRIDES: [(&str, &str); 11] = [
+const ENV_OVERRIDES: [(&str, &str); 12] = [
     ("server", "listen"),
     ("server", "body_timeout"),
     ("server", "max_inflight_body_bytes"),
@@ -279,6 +283,7 @@ const ENV_OVERRIDES: [(&str, &str); 11] = [
     ("server", "workers"),
     ("store", "path"),
     ("store", "task_retention"),
+    ("store", "sync"),
     ("admin", "token_env"),
 ];
 

@@ -4,8 +4,8 @@
 
 use actix::prelude::*;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tickgate_actors::agent::TickOutcome;
 
@@ -16,6 +16,8 @@ pub struct Metrics {
     ticks: IntCounterVec,
     tick_seconds: HistogramVec,
     flush_seconds: HistogramVec,
+    fsyncs: IntCounter,
+    unreadable: IntCounter,
     /// Tasks waiting or running per agent, set at scrape time.
     pub queued: IntGaugeVec,
     /// 0 closed, 1 half-open, 2 open, per agent, set at scrape time.
@@ -60,6 +62,16 @@ impl Metrics {
             &[],
         )
         .expect("metric definition");
+        let fsyncs = IntCounter::new(
+            "tickgate_store_fsync_total",
+            "Group commits made durable with fdatasync ([store] sync = \"fsync\")",
+        )
+        .expect("metric definition");
+        let unreadable = IntCounter::new(
+            "tickgate_store_unreadable_records_total",
+            "Distinct stored records found undecodable since start (each is logged with its key)",
+        )
+        .expect("metric definition");
         let queued = IntGaugeVec::new(
             Opts::new("tickgate_queue_depth", "Tasks waiting or running per agent"),
             &["agent"],
@@ -94,6 +106,8 @@ impl Metrics {
             Box::new(ticks.clone()),
             Box::new(tick_seconds.clone()),
             Box::new(flush_seconds.clone()),
+            Box::new(fsyncs.clone()),
+            Box::new(unreadable.clone()),
             Box::new(queued.clone()),
             Box::new(breaker.clone()),
             Box::new(inflight_body_bytes.clone()),
@@ -106,6 +120,8 @@ impl Metrics {
             ticks,
             tick_seconds,
             flush_seconds,
+            fsyncs,
+            unreadable,
             queued,
             breaker,
             inflight_body_bytes,
@@ -132,6 +148,11 @@ impl Metrics {
         self.flush_seconds
             .with_label_values(&[] as &[&str])
             .observe(seconds);
+    }
+
+    /// Stored records found undecodable since start; shown in the `/ready` body.
+    pub fn unreadable_records(&self) -> u64 {
+        self.unreadable.get()
     }
 
     /// Records a finished tick.
@@ -182,6 +203,21 @@ fn code_label(code: u16) -> &'static str {
         c if c < 300 => "2xx",
         c if c < 500 => "4xx",
         _ => "5xx",
+    }
+}
+
+/// The store reports group commits, fsyncs and undecodable records here.
+impl tickgate_actors::store::sled::Observer for Metrics {
+    fn flushed(&self, took: std::time::Duration, _requests: usize) {
+        self.flush(took.as_secs_f64());
+    }
+
+    fn fsynced(&self) {
+        self.fsyncs.inc();
+    }
+
+    fn unreadable(&self, _record: &str) {
+        self.unreadable.inc();
     }
 }
 

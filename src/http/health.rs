@@ -25,8 +25,14 @@ fn agent_entry(handle: &AgentHandle, breaker: Option<&BreakerState>) -> Value {
     })
 }
 
-fn answer(ready: bool, agents: BTreeMap<String, Value>) -> HttpResponse {
-    let body = json!({ "ready": ready, "agents": agents });
+fn answer(ready: bool, agents: BTreeMap<String, Value>, state: &AppState) -> HttpResponse {
+    // Undecodable records do not make the service unready (everything else still works), but
+    // the operator must see them: each is also logged with its key.
+    let store = json!({
+        "healthy": state.store.healthy(),
+        "unreadable_records": state.metrics.unreadable_records(),
+    });
+    let body = json!({ "ready": ready, "agents": agents, "store": store });
     if ready {
         HttpResponse::Ok().json(body)
     } else {
@@ -54,7 +60,7 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         })
         .collect();
     let serving = state.store.healthy() && !state.lifecycle.is_draining();
-    Ok(answer(serving && any_usable, agents))
+    Ok(answer(serving && any_usable, agents, &state))
 }
 
 /// `GET /ready/{namespace}/{agent}`: the same for one agent, whose breaker alone decides.
@@ -73,7 +79,7 @@ pub async fn ready_agent(
     let usable = breaker != Some(&BreakerState::Open);
     let serving = state.store.healthy() && !state.lifecycle.is_draining();
     let agents = BTreeMap::from([(id.to_string(), agent_entry(&handle, breaker))]);
-    Ok(answer(serving && usable, agents))
+    Ok(answer(serving && usable, agents, &state))
 }
 
 /// `GET /metrics`: Prometheus text exposition. Gauges describing current state are refreshed

@@ -34,6 +34,12 @@ pub enum BodyError {
     InvalidField(String),
 }
 
+/// Deepest nesting of arrays and objects a trigger's `inputs` may have (`{}` is 1, `{"a":[]}` is
+/// 2). serde_json refuses more than 128 levels, but a stored task wraps `inputs` a level or two
+/// deeper and every later reader (the store, runners, callers of `GET /tasks`) must be able to
+/// read it back; 64 leaves that margin and is far beyond what real webhook payloads use.
+pub const MAX_DEPTH: usize = 64;
+
 /// The wait that `"wait": true` asks for.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 
@@ -58,7 +64,15 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<TriggerBody, Bod
         });
     }
     let inputs = if mime.is_empty() || mime == "application/json" || mime.ends_with("+json") {
-        serde_json::from_slice(body).map_err(|e| BodyError::InvalidJson(e.to_string()))?
+        let inputs: Value =
+            serde_json::from_slice(body).map_err(|e| BodyError::InvalidJson(e.to_string()))?;
+        let depth = depth(&inputs);
+        if depth > MAX_DEPTH {
+            return Err(BodyError::InvalidJson(format!(
+                "the JSON body nests arrays and objects {depth} levels deep; at most {MAX_DEPTH} are accepted"
+            )));
+        }
+        inputs
     } else if mime == "application/x-www-form-urlencoded" {
         form_to_object(body)?
     } else {
@@ -75,9 +89,18 @@ fn form_to_object(body: &[u8]) -> Result<Value, BodyError> {
     let mut obj = Map::new();
     for (k, v) in pairs {
         let value = if k == "payload" {
-            serde_json::from_str(&v).map_err(|e| {
+            let payload: Value = serde_json::from_str(&v).map_err(|e| {
                 BodyError::InvalidJson(format!("the form field `payload` is not valid JSON: {e}"))
-            })?
+            })?;
+            // The payload sits inside the form's object, one level down.
+            let depth = depth(&payload);
+            if depth > MAX_DEPTH - 1 {
+                return Err(BodyError::InvalidJson(format!(
+                    "the form field `payload` nests arrays and objects {depth} levels deep; at most {} are accepted ({MAX_DEPTH} with the form's own object)",
+                    MAX_DEPTH - 1
+                )));
+            }
+            payload
         } else {
             Value::String(v)
         };
@@ -93,6 +116,24 @@ fn form_to_object(body: &[u8]) -> Result<Value, BodyError> {
         }
     }
     Ok(Value::Object(obj))
+}
+
+/// Nesting depth of arrays and objects in `value` (a scalar is 0), walked without recursion so
+/// that measuring a hostile value cannot exhaust the stack.
+pub fn depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, above)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(map) => Box::new(map.values()),
+            _ => continue,
+        };
+        let level = above + 1;
+        deepest = deepest.max(level);
+        stack.extend(children.map(|c| (c, level)));
+    }
+    deepest
 }
 
 fn controls(inputs: Value) -> Result<TriggerBody, BodyError> {
@@ -215,7 +256,58 @@ mod tests {
         assert_eq!(parse(Some("text/plain"), b"").unwrap().inputs, json!({}));
     }
 
+    fn nested(levels: usize) -> String {
+        format!("{}1{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn depth_counts_levels() {
+        assert_eq!(depth(&json!(1)), 0);
+        assert_eq!(depth(&json!({})), 1);
+        assert_eq!(depth(&json!({"a": [1, {"b": []}], "c": 2})), 4);
+    }
+
+    #[test]
+    fn json_deeper_than_the_limit_is_refused_naming_it() {
+        assert!(parse(None, nested(MAX_DEPTH).as_bytes()).is_ok());
+        let Err(BodyError::InvalidJson(msg)) = parse(None, nested(MAX_DEPTH + 1).as_bytes()) else {
+            panic!("accepted")
+        };
+        assert!(msg.contains(&MAX_DEPTH.to_string()), "{msg}");
+    }
+
+    #[test]
+    fn form_payload_deeper_than_the_limit_is_refused_naming_it() {
+        let form =
+            |levels: usize| serde_urlencoded::to_string([("payload", nested(levels))]).unwrap();
+        let ok = parse(
+            Some("application/x-www-form-urlencoded"),
+            form(MAX_DEPTH - 1).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(depth(&ok.inputs), MAX_DEPTH);
+        let Err(BodyError::InvalidJson(msg)) = parse(
+            Some("application/x-www-form-urlencoded"),
+            form(MAX_DEPTH).as_bytes(),
+        ) else {
+            panic!("accepted")
+        };
+        assert!(
+            msg.contains("payload") && msg.contains(&MAX_DEPTH.to_string()),
+            "{msg}"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn depth_matches_a_recursive_count(levels in 0usize..100, wide in 0usize..4) {
+            let mut v = json!(1);
+            for i in 0..levels {
+                v = if i % 2 == 0 { json!([v]) } else { json!({"k": v, "w": vec![0; wide]}) };
+            }
+            prop_assert_eq!(depth(&v), levels);
+        }
+
         #[test]
         fn never_panics(ct in proptest::option::of("[a-z/+;= -]{0,40}"), body in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = parse(ct.as_deref(), &body);

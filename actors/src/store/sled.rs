@@ -3,15 +3,30 @@
 //! land together or not at all. One writer thread owns all writes: it blocks for the first
 //! request, takes whatever else is queued, applies one batch and flushes once for all of them.
 //! sled 0.34's concurrent `flush_async` stalls (sled issue 1308), so a single flusher is the
-//! design rather than an optimisation; `../shared/notes/durable-accept.md` has the measurements.
+//! design rather than an optimisation.
+//!
+//! Three things this module does beyond storing, each because sled alone gets it wrong:
+//! - **Recovery from a failed write.** sled 0.34 keeps the first I/O error (e.g. `ENOSPC`) as a
+//!   "global error" and fails every later write with it until the `Db` is reopened. After a
+//!   failed group commit the writer probes on a backoff (a small file written and synced in the
+//!   store directory, so a full disk is detected without touching sled), then reopens the `Db`
+//!   and proves it with a probe write + flush; only then is the store healthy again.
+//! - **Durability modes.** [`SyncMode::Fsync`] adds an `fdatasync` of sled's data file (and of any
+//!   new blob file) to every group commit, on the writer thread.
+//! - **Records that cannot be decoded** are never skipped silently: each is logged with its key
+//!   once, and reported to the [`Observer`] (a metric, the `/ready` body).
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -26,6 +41,8 @@ const AGENT_TOKEN: &[u8] = b"d/";
 const AGENT: &[u8] = b"a/";
 const FINISHED: &[u8] = b"f/";
 const SCHEDULE: &[u8] = b"s/";
+/// The record the writer rewrites to prove a reopened store takes writes again.
+const PROBE: &[u8] = b"p/probe";
 
 /// Most finished tasks one purge write removes; a purge of more takes several writes, so
 /// submissions are never held behind a long one.
@@ -33,6 +50,21 @@ const PURGE_CHUNK: usize = 1000;
 
 /// Largest number of requests folded into one batch; bounds the latency of the first of them.
 const MAX_BATCH: usize = 4096;
+
+/// First and longest wait between recovery probes after a failed write: recovery is noticed
+/// within a fraction of a second, and a disk that stays full costs one small probe every 2 s.
+const PROBE_MIN: Duration = Duration::from_millis(100);
+const PROBE_MAX: Duration = Duration::from_secs(2);
+
+/// Size of the file written to check that the disk takes writes again. It is larger than what
+/// one small group commit needs, so a disk with a few free bytes is not mistaken for a healthy
+/// one, and small enough to cost nothing.
+const PROBE_FILE_BYTES: usize = 256 * 1024;
+const PROBE_FILE: &str = "tickgate-probe.tmp";
+
+/// How long a reopen waits for readers to drop their handles on the old `Db` (sled holds an
+/// exclusive file lock until the last handle is gone).
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
 
 struct Job {
     write: Write,
@@ -50,41 +82,145 @@ struct IdemRecord {
 /// carried; metrics hang off it without the store knowing about them.
 pub type FlushHook = Arc<dyn Fn(Duration, usize) + Send + Sync>;
 
+/// When a group commit counts as durable (`[store] sync`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// sled's flush (write + `sync_file_range`): survives the process being killed (`kill -9`);
+    /// power loss or an OS crash can lose what was acknowledged since sled's own background
+    /// `fsync` (every 500 ms).
+    #[default]
+    Flush,
+    /// sled's flush followed by `fdatasync` of its data file (and new blob files): an
+    /// acknowledged write also survives power loss and OS crashes.
+    Fsync,
+}
+
+/// Receives what the store wants counted, so metrics live in the binary and the store does not
+/// depend on them. Every method runs on the thread where the event happened and must be quick.
+pub trait Observer: Send + Sync {
+    /// A group commit ended (successfully or not) after `took`, carrying `requests` writes.
+    fn flushed(&self, _took: Duration, _requests: usize) {}
+    /// A group commit was made durable with `fdatasync` ([`SyncMode::Fsync`]).
+    fn fsynced(&self) {}
+    /// A record was found that cannot be decoded; reported once per record per process.
+    fn unreadable(&self, _record: &str) {}
+}
+
+/// How to open a [`SledStore`].
+#[derive(Clone, Default)]
+pub struct Options {
+    /// Durability of each group commit.
+    pub sync: SyncMode,
+    /// Where counts go.
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+struct FlushOnly(FlushHook);
+
+impl Observer for FlushOnly {
+    fn flushed(&self, took: Duration, requests: usize) {
+        (self.0)(took, requests)
+    }
+}
+
+/// What the store handle and its writer thread share.
+struct Shared {
+    /// The open `Db`; `None` only while the writer reopens it after a failure.
+    db: RwLock<Option<sled::Db>>,
+    healthy: AtomicBool,
+    /// Records already reported as undecodable, so each is logged and counted once.
+    unreadable: Mutex<BTreeSet<String>>,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl Shared {
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        self.db
+            .read()
+            .ok()
+            .and_then(|db| db.clone())
+            .ok_or_else(|| {
+                StoreError::Backend("the store is being reopened after a write failure".into())
+            })
+    }
+
+    fn report_unreadable(&self, record: String, error: &serde_json::Error) {
+        let new = self
+            .unreadable
+            .lock()
+            .map(|mut seen| seen.insert(record.clone()))
+            .unwrap_or(true);
+        if new {
+            tracing::error!(record = %record, error = %error, "a stored record cannot be decoded; it is left as it is");
+            if let Some(o) = &self.observer {
+                o.unreadable(&record);
+            }
+        }
+    }
+}
+
 /// sled-backed [`Store`].
 pub struct SledStore {
-    db: sled::Db,
+    path: PathBuf,
+    sync: SyncMode,
+    shared: Arc<Shared>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    healthy: Arc<AtomicBool>,
 }
 
 impl SledStore {
     /// Opens (or creates) the store at `path` and starts its writer thread.
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
-        Self::open_with(path, None)
+        Self::open_opts(path, Options::default())
     }
 
     /// Like [`SledStore::open`], reporting every group commit to `on_flush`.
     pub fn open_with(path: &Path, on_flush: Option<FlushHook>) -> Result<Arc<Self>, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| open_error(path, e))?;
-        let (tx, rx) = mpsc::channel::<Job>();
-        let healthy = Arc::new(AtomicBool::new(true));
-        let writer = {
-            let db = db.clone();
-            let healthy = healthy.clone();
-            std::thread::Builder::new()
-                .name("tickgate-store-writer".into())
-                .spawn(move || writer_loop(db, rx, healthy, on_flush))
-                .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?
+        Self::open_opts(
+            path,
+            Options {
+                observer: on_flush.map(|f| Arc::new(FlushOnly(f)) as Arc<dyn Observer>),
+                ..Options::default()
+            },
+        )
+    }
+
+    /// Opens the store with a durability mode and an observer for its counts.
+    pub fn open_opts(path: &Path, options: Options) -> Result<Arc<Self>, StoreError> {
+        let db = open_db(path)?;
+        let durable = match options.sync {
+            SyncMode::Flush => None,
+            SyncMode::Fsync => Some(Durable::new(path).map_err(|e| {
+                StoreError::Backend(format!("cannot fsync the store at {}: {e}", path.display()))
+            })?),
         };
+        let shared = Arc::new(Shared {
+            db: RwLock::new(Some(db.clone())),
+            healthy: AtomicBool::new(true),
+            unreadable: Mutex::new(BTreeSet::new()),
+            observer: options.observer,
+        });
+        let (tx, rx) = mpsc::channel::<Job>();
+        let writer = Writer {
+            path: path.to_path_buf(),
+            shared: shared.clone(),
+            db: Some(db),
+            durable,
+            sync: options.sync,
+            broken: false,
+            last_error: None,
+        };
+        let writer = std::thread::Builder::new()
+            .name("tickgate-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
         Ok(Arc::new(Self {
-            db,
+            path: path.to_path_buf(),
+            sync: options.sync,
+            shared,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
-            healthy,
         }))
     }
 
@@ -100,6 +236,34 @@ impl SledStore {
         }
         self.flush()
     }
+
+    /// Records found undecodable so far (by key), for operators and tests.
+    pub fn unreadable_records(&self) -> Vec<String> {
+        self.shared
+            .unreadable
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        record: impl FnOnce() -> String,
+        raw: &[u8],
+    ) -> Result<T, StoreError> {
+        decode(raw).map_err(|e| {
+            let record = record();
+            self.shared.report_unreadable(record.clone(), &e);
+            StoreError::Backend(format!("the stored {record} cannot be decoded: {e}"))
+        })
+    }
+}
+
+fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(path)
+        .open()
+        .map_err(|e| open_error(path, e))
 }
 
 fn open_error(path: &Path, e: sled::Error) -> StoreError {
@@ -117,6 +281,18 @@ fn open_error(path: &Path, e: sled::Error) -> StoreError {
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+/// Decodes a record without serde_json's nesting limit of 128. What the store wrote it must read
+/// back: a task wraps its `inputs` one level deeper than they arrived, so an input that passed
+/// the parser's limit could otherwise be stored and never read again. The depth of what is
+/// written is bounded by the parsers in front of the store, so the recursion here is too.
+fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
 }
 
 fn key(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
@@ -173,42 +349,171 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(backend)
 }
 
-fn writer_loop(
-    db: sled::Db,
-    rx: mpsc::Receiver<Job>,
-    healthy: Arc<AtomicBool>,
-    on_flush: Option<FlushHook>,
-) {
-    let mut jobs = Vec::new();
-    while let Ok(first) = rx.recv() {
-        jobs.push(first);
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+/// `fdatasync` of sled's files for [`SyncMode::Fsync`]. sled keeps everything but large values
+/// in its `db` file; values above its blob threshold go to files under `blobs/`, which sled
+/// writes without syncing, so new ones are synced here (with their directory).
+struct Durable {
+    db_file: File,
+    blobs_dir: PathBuf,
+    synced_blobs: HashSet<OsString>,
+}
+
+impl Durable {
+    fn new(path: &Path) -> std::io::Result<Self> {
+        let db_file = File::open(path.join("db"))?;
+        // The files sled just created must be reachable after a crash too.
+        File::open(path)?.sync_all()?;
+        let mut durable = Self {
+            db_file,
+            blobs_dir: path.join("blobs"),
+            synced_blobs: HashSet::new(),
+        };
+        durable.sync()?;
+        Ok(durable)
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.db_file.sync_data()?;
+        let entries = match std::fs::read_dir(&self.blobs_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut new_blob = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !self.synced_blobs.contains(&name) {
+                File::open(entry.path())?.sync_data()?;
+                new_blob = true;
             }
+            present.insert(name);
         }
+        if new_blob {
+            File::open(&self.blobs_dir)?.sync_all()?;
+        }
+        self.synced_blobs = present;
+        Ok(())
+    }
+}
+
+/// Checks that the disk under `dir` takes a write again, without touching sled: a file of
+/// [`PROBE_FILE_BYTES`] is written, synced and removed.
+fn probe_space(dir: &Path) -> std::io::Result<()> {
+    let path = dir.join(PROBE_FILE);
+    let written = File::create(&path).and_then(|mut f| {
+        f.write_all(&vec![0u8; PROBE_FILE_BYTES])?;
+        f.sync_data()
+    });
+    let removed = std::fs::remove_file(&path);
+    written?;
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The single writer: group commits, durability, and recovery after a failed commit.
+struct Writer {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    /// The writer's handle; `None` after a failure until a reopen succeeds.
+    db: Option<sled::Db>,
+    durable: Option<Durable>,
+    sync: SyncMode,
+    /// A commit failed: sled holds a global error and must be reopened before writing again.
+    broken: bool,
+    last_error: Option<StoreError>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut jobs = Vec::new();
+        let mut backoff = PROBE_MIN;
+        loop {
+            let first = if self.healthy() {
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(backoff) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        backoff = if self.recover() {
+                            PROBE_MIN
+                        } else {
+                            (backoff * 2).min(PROBE_MAX)
+                        };
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            jobs.push(first);
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            if !self.healthy() && !self.recover() {
+                let error = self.last_error.clone().unwrap_or_else(|| {
+                    StoreError::Backend("the store is recovering from a write failure".into())
+                });
+                for job in jobs.drain(..) {
+                    (job.done)(Err(error.clone()));
+                }
+                continue;
+            }
+            backoff = PROBE_MIN;
+            self.commit(&mut jobs);
+        }
+        // Shutting down: a store that never recovered is tried once more, so that a clean stop
+        // after the disk was freed does not fail on a stale error.
+        if !self.healthy() {
+            self.recover();
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    fn commit(&mut self, jobs: &mut Vec<Job>) {
+        let Some(db) = self.db.clone() else {
+            // Only healthy stores commit, and a healthy store has a handle; answer anyway.
+            for job in jobs.drain(..) {
+                (job.done)(Err(StoreError::Backend("the store is not open".into())));
+            }
+            return;
+        };
         let mut batch = sled::Batch::default();
         let mut staged = Staged::default();
         // Each write is consumed by staging: an accepted task moves into its answer rather than
         // being copied, which matters on this one thread every write goes through.
         let staged_jobs: Vec<(OnWritten, Result<Written, StoreError>)> = jobs
             .drain(..)
-            .map(|job| (job.done, stage(&db, &mut batch, &mut staged, job.write)))
+            .map(|job| {
+                let outcome = stage(&db, &self.shared, &mut batch, &mut staged, job.write);
+                (job.done, outcome)
+            })
             .collect();
         let requests = staged_jobs.len();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let committed = db
             .apply_batch(batch)
             .and_then(|()| db.flush().map(|_| ()))
-            .map_err(backend);
-        if let Some(hook) = &on_flush {
-            hook(started.elapsed(), requests);
+            .map_err(backend)
+            .and_then(|()| self.make_durable());
+        if let Some(o) = &self.shared.observer {
+            o.flushed(started.elapsed(), requests);
         }
         if let Err(e) = &committed {
-            tracing::error!(error = %e, requests, "store write failed");
+            tracing::error!(error = %e, requests, "store write failed; retrying on a backoff");
+            self.fail(e.clone());
         }
-        healthy.store(committed.is_ok(), Ordering::Relaxed);
         for (done, outcome) in staged_jobs {
             let result = match &committed {
                 Ok(()) => outcome,
@@ -216,6 +521,97 @@ fn writer_loop(
             };
             done(result);
         }
+    }
+
+    fn make_durable(&mut self) -> Result<(), StoreError> {
+        let Some(durable) = &mut self.durable else {
+            return Ok(());
+        };
+        durable
+            .sync()
+            .map_err(|e| StoreError::Backend(format!("fdatasync of the store failed: {e}")))?;
+        if let Some(o) = &self.shared.observer {
+            o.fsynced();
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: StoreError) {
+        self.broken = true;
+        self.last_error = Some(e);
+        self.shared.healthy.store(false, Ordering::Relaxed);
+    }
+
+    /// One recovery attempt: is there space again, then reopen sled (dropping its global error)
+    /// and prove it with a probe write. Returns whether the store is healthy.
+    fn recover(&mut self) -> bool {
+        if let Err(e) = probe_space(&self.path) {
+            self.last_error = Some(StoreError::Backend(format!(
+                "the store's disk does not take writes: {e}"
+            )));
+            return false;
+        }
+        if self.broken {
+            if let Err(e) = self.reopen() {
+                tracing::warn!(error = %e, "store reopen failed; retrying");
+                self.last_error = Some(e);
+                return false;
+            }
+            self.broken = false;
+        }
+        let Some(db) = self.db.clone() else {
+            self.broken = true;
+            return false;
+        };
+        let probed = db
+            .insert(PROBE, now_ms().to_be_bytes().to_vec())
+            .and_then(|_| db.flush().map(|_| ()))
+            .map_err(backend)
+            .and_then(|()| self.make_durable());
+        match probed {
+            Ok(()) => {
+                self.last_error = None;
+                self.shared.healthy.store(true, Ordering::Relaxed);
+                tracing::info!("store writes work again");
+                true
+            }
+            Err(e) => {
+                self.fail(e);
+                false
+            }
+        }
+    }
+
+    /// Drops every handle on the failed `Db` (readers get a 503 meanwhile) and opens it again;
+    /// sled's recovery discards whatever the failed commit left half-written.
+    fn reopen(&mut self) -> Result<(), StoreError> {
+        self.db = None;
+        self.durable = None;
+        let old = self.shared.db.write().ok().and_then(|mut db| db.take());
+        drop(old);
+        let deadline = Instant::now() + REOPEN_WAIT;
+        let db = loop {
+            match open_db(&self.path) {
+                Ok(db) => break db,
+                // A reader still holds a clone of the old handle for a moment.
+                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if self.sync == SyncMode::Fsync {
+            self.durable =
+                Some(Durable::new(&self.path).map_err(|e| {
+                    StoreError::Backend(format!("fdatasync of the store failed: {e}"))
+                })?);
+        }
+        if let Ok(mut shared) = self.shared.db.write() {
+            *shared = Some(db.clone());
+        }
+        self.db = Some(db);
+        tracing::info!(path = %self.path.display(), "store reopened after a write failure");
+        Ok(())
     }
 }
 
@@ -227,6 +623,7 @@ struct Staged {
 
 fn stage(
     db: &sled::Db,
+    shared: &Shared,
     batch: &mut sled::Batch,
     staged: &mut Staged,
     write: Write,
@@ -294,9 +691,15 @@ fn stage(
                 let id = TaskId::from_bytes(bytes);
                 let key = task_key(&id);
                 if let Some(raw) = db.get(&key).map_err(backend)? {
-                    let task: Task = serde_json::from_slice(&raw).map_err(backend)?;
-                    if let Some(idem) = &task.idempotency_key {
-                        batch.remove(idem_key(&task.agent, idem));
+                    // A finished record that cannot be decoded is past its retention all the
+                    // same: it goes, and only its idempotency key (unknown) stays behind.
+                    match decode::<Task>(&raw) {
+                        Ok(task) => {
+                            if let Some(idem) = &task.idempotency_key {
+                                batch.remove(idem_key(&task.agent, idem));
+                            }
+                        }
+                        Err(e) => shared.report_unreadable(format!("task {id}"), &e),
                     }
                 }
                 batch.remove(key);
@@ -329,7 +732,7 @@ fn seen_key(
     let Some(raw) = db.get(k).map_err(backend)? else {
         return Ok(None);
     };
-    let record: IdemRecord = serde_json::from_slice(&raw).map_err(backend)?;
+    let record: IdemRecord = decode(&raw).map_err(backend)?;
     let mut digest = [0u8; 32];
     for (i, d) in digest.iter_mut().enumerate() {
         *d = record
@@ -354,19 +757,20 @@ impl Store for SledStore {
     }
 
     fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
-        match self.db.get(task_key(&id)).map_err(backend)? {
-            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(backend),
+        match self.shared.db()?.get(task_key(&id)).map_err(backend)? {
+            Some(raw) => self.decode(|| format!("task {id}"), &raw).map(Some),
             None => Ok(None),
         }
     }
 
     fn agent_state(&self, agent: &AgentId) -> Result<AgentState, StoreError> {
         match self
-            .db
+            .shared
+            .db()?
             .get(key(AGENT, &[agent.to_string().as_bytes()]))
             .map_err(backend)?
         {
-            Some(raw) => serde_json::from_slice(&raw).map_err(backend),
+            Some(raw) => self.decode(|| format!("state of agent {agent}"), &raw),
             None => Ok(AgentState {
                 memory: serde_json::json!({}),
                 ticks: 0,
@@ -376,11 +780,18 @@ impl Store for SledStore {
 
     fn queued(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
         let mut ids = Vec::new();
-        for entry in self.db.scan_prefix(queue_prefix(agent)) {
-            let (_, id) = entry.map_err(backend)?;
+        for entry in self.shared.db()?.scan_prefix(queue_prefix(agent)) {
+            let (k, id) = entry.map_err(backend)?;
             match <[u8; 16]>::try_from(id.as_ref()) {
                 Ok(bytes) => ids.push(TaskId::from_bytes(bytes)),
-                Err(_) => tracing::warn!(agent = %agent, "skipping a malformed queue entry"),
+                Err(_) => {
+                    let record = format!("queue entry {} of agent {agent}", hex(&k));
+                    let e = <serde_json::Error as serde::de::Error>::custom(format!(
+                        "a task id is 16 bytes, found {}",
+                        id.len()
+                    ));
+                    self.shared.report_unreadable(record, &e);
+                }
             }
         }
         Ok(ids)
@@ -388,15 +799,18 @@ impl Store for SledStore {
 
     fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError> {
         let raw = self
-            .db
+            .shared
+            .db()?
             .get(key(AGENT_TOKEN, &[agent.to_string().as_bytes()]))
             .map_err(backend)?;
         Ok(raw.and_then(|r| <[u8; 32]>::try_from(r.as_ref()).ok()))
     }
 
     fn schedule_cursor(&self, k: &ScheduleKey) -> Result<Option<ScheduleCursor>, StoreError> {
-        match self.db.get(schedule_key(k)).map_err(backend)? {
-            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(backend),
+        match self.shared.db()?.get(schedule_key(k)).map_err(backend)? {
+            Some(raw) => self
+                .decode(|| format!("schedule cursor of agent {}", k.agent), &raw)
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -426,11 +840,17 @@ impl Store for SledStore {
     }
 
     fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.shared.healthy.load(Ordering::Relaxed)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(backend)
+        self.shared.db()?.flush().map_err(backend)?;
+        if self.sync == SyncMode::Fsync {
+            File::open(self.path.join("db"))
+                .and_then(|f| f.sync_data())
+                .map_err(|e| StoreError::Backend(format!("fdatasync of the store failed: {e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -623,6 +1043,104 @@ mod tests {
         };
         assert!(matches!(again(0), Written::Accepted(_)));
         assert_eq!(again(total), Written::Duplicate(recent));
+    }
+
+    #[derive(Default)]
+    struct Counts {
+        fsyncs: std::sync::atomic::AtomicUsize,
+        unreadable: Mutex<Vec<String>>,
+    }
+
+    impl Observer for Counts {
+        fn fsynced(&self) {
+            self.fsyncs.fetch_add(1, Ordering::SeqCst);
+        }
+        fn unreadable(&self, record: &str) {
+            self.unreadable.lock().unwrap().push(record.to_string());
+        }
+    }
+
+    fn open_counting(path: &Path, sync: SyncMode) -> (Arc<SledStore>, Arc<Counts>) {
+        let counts = Arc::new(Counts::default());
+        let store = SledStore::open_opts(
+            path,
+            Options {
+                sync,
+                observer: Some(counts.clone()),
+            },
+        )
+        .unwrap();
+        (store, counts)
+    }
+
+    #[test]
+    fn fsync_mode_syncs_once_per_group_commit_and_flush_mode_never() {
+        for (sync, expected) in [(SyncMode::Fsync, 3), (SyncMode::Flush, 0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, counts) = open_counting(dir.path(), sync);
+            let agent: AgentId = "a".parse().unwrap();
+            for _ in 0..3 {
+                let w = Write::Submit {
+                    task: Box::new(task(&agent)),
+                    idempotency: None,
+                };
+                assert!(matches!(blocking(&store, w), Ok(Written::Accepted(_))));
+            }
+            // The sync at open is not a commit and is not counted.
+            assert_eq!(counts.fsyncs.load(Ordering::SeqCst), expected, "{sync:?}");
+            store.close().unwrap();
+        }
+    }
+
+    #[test]
+    fn inputs_deeper_than_serde_json_default_limit_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let mut inputs = serde_json::json!(1);
+        for _ in 0..127 {
+            inputs = serde_json::json!([inputs]);
+        }
+        let t = Task::new(agent.clone(), inputs.clone(), Source::default());
+        let Written::Accepted(t) = blocking(
+            &store,
+            Write::Submit {
+                task: Box::new(t),
+                idempotency: None,
+            },
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(store.task(t.id).unwrap().unwrap().inputs, inputs);
+    }
+
+    #[test]
+    fn undecodable_records_are_reported_once_and_purge_still_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, counts) = open_counting(dir.path(), SyncMode::Flush);
+        let agent: AgentId = "a".parse().unwrap();
+        let id = TaskId::from_bytes([9; 16]);
+        let db = store.shared.db().unwrap();
+        db.insert(task_key(&id), b"{not json".to_vec()).unwrap();
+        db.insert(finished_key(1, &id), id.as_bytes().to_vec())
+            .unwrap();
+        db.insert(key(AGENT, &[agent.to_string().as_bytes()]), b"[".to_vec())
+            .unwrap();
+        drop(db);
+        for _ in 0..2 {
+            assert!(
+                matches!(store.task(id), Err(StoreError::Backend(m)) if m.contains(&id.to_string()))
+            );
+        }
+        assert!(store.agent_state(&agent).is_err());
+        let reported = counts.unreadable.lock().unwrap().clone();
+        assert_eq!(reported.len(), 2, "{reported:?}");
+        assert!(reported.contains(&format!("task {id}")));
+        assert_eq!(store.unreadable_records().len(), 2);
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 1);
+        assert!(store.task(id).unwrap().is_none());
+        assert!(store.healthy());
     }
 
     #[test]
