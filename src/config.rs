@@ -223,6 +223,10 @@ pub struct WebhookConfig {
     pub rate_limit: Option<RateLimitConfig>,
     /// Whether GET with a query string triggers a tick.
     pub allow_get: bool,
+    /// Where the sender puts its delivery id: `"/json/pointer"` or `"header:Name"`.
+    pub delivery_id: Option<String>,
+    /// Fixed answer replacing the fire-and-forget (and duplicate) answer.
+    pub ack: Option<crate::ingress::delivery::AckConfig>,
 }
 
 /// `rate_limit = { per_second = 10, burst = 20 }`.
@@ -265,6 +269,8 @@ pub struct AgentSetup {
     pub rate_limit: Option<RateLimitConfig>,
     /// GET with a query string triggers.
     pub allow_get: bool,
+    /// Delivery ids, handshakes and the fixed acknowledgement.
+    pub delivery: crate::ingress::delivery::Delivery,
     /// Breaker thresholds.
     pub breaker: BreakerConfig,
 }
@@ -461,6 +467,12 @@ fn validate_agent(
     if let Some(r) = &a.webhook.rate_limit {
         check_rate(&format!("{at}: webhook.rate_limit"), r)?;
     }
+    let delivery = crate::ingress::delivery::Delivery::new(
+        a.webhook.delivery_id.as_deref(),
+        a.webhook.ack.as_ref(),
+        signature.as_ref().map(|v| v.scheme()),
+    )
+    .map_err(|e| format!("{at}: {e}"))?;
     Ok(AgentSetup {
         spec: AgentSpec {
             id,
@@ -476,6 +488,7 @@ fn validate_agent(
         signature_header: a.webhook.signature.as_ref().and_then(|s| s.header.clone()),
         rate_limit: a.webhook.rate_limit,
         allow_get: a.webhook.allow_get,
+        delivery,
         breaker: a.breaker.clone(),
     })
 }
