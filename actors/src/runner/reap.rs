@@ -20,14 +20,15 @@
 //! that fast on Linux in practice.
 //!
 //! Zombies: when tickgate is a subreaper, orphans that exit become its zombies. tokio reaps only
-//! the leaders it spawned, so a sweep reaps every zombie child that is not such a leader; the
-//! set of leaders ([`LEADERS`]) is updated under a lock held across `spawn`, so a sweep can never
-//! steal a leader's exit status from tokio.
+//! the leaders it spawned, so a sweep reaps every zombie child that is not such a leader. A spawn
+//! holds [`SPAWN_GATE`] for reading until its pid is in [`LEADERS`], and the reaping step holds it
+//! for writing, so a sweep can never steal a leader's exit status from tokio, while spawns on
+//! different threads never wait for each other.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use tokio::process::{Child, Command};
 
@@ -36,6 +37,9 @@ static SUBREAPER: AtomicBool = AtomicBool::new(false);
 
 /// Pids of runner leaders that tokio will reap; a sweep never reaps these.
 static LEADERS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+
+/// Read-held from a spawn until its pid is in [`LEADERS`]; write-held while zombies are reaped.
+static SPAWN_GATE: RwLock<()> = RwLock::new(());
 
 /// How many scan-and-kill passes a sweep makes at most: a process forking while it is being
 /// killed can create a new descendant after a scan, which the next pass catches.
@@ -92,10 +96,14 @@ impl Marker {
 /// Spawns `command` and records its pid as a leader tokio will reap, under the lock sweeps take,
 /// so that a sweep never sees the new process without knowing it is a leader.
 pub(super) fn spawn_leader(command: &mut Command) -> io::Result<Child> {
-    let mut leaders = LEADERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let _spawning = SPAWN_GATE.read().unwrap_or_else(PoisonError::into_inner);
     let child = command.spawn()?;
     if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
-        leaders.get_or_insert_with(HashSet::new).insert(pid);
+        LEADERS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(HashSet::new)
+            .insert(pid);
     }
     Ok(child)
 }
@@ -215,7 +223,7 @@ pub(super) fn kill_tree(root: Option<i32>, marker: &Marker) -> usize {
             .clone()
             .unwrap_or_default();
         if subreaper {
-            reap_zombies(&table, me, &leaders);
+            reap_zombies(&table, me);
         }
         let mut targets = match root {
             Some(root) if table.contains_key(&root) => descendants(&table, &[root]),
@@ -252,12 +260,7 @@ pub(super) fn kill_tree(root: Option<i32>, marker: &Marker) -> usize {
         killed.extend(targets);
     }
     if subreaper && !killed.is_empty() {
-        let leaders = LEADERS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or_default();
-        reap_zombies(&scan(), me, &leaders);
+        reap_zombies(&scan(), me);
     }
     killed.len()
 }
@@ -279,7 +282,18 @@ pub(super) fn sweep_detached(marker: Marker) {
     }
 }
 
-fn reap_zombies(table: &HashMap<i32, Proc>, me: i32, leaders: &HashSet<i32>) {
+/// Reaps tickgate's zombie children that are not leaders. A zombie's pid cannot be reused, and
+/// with the gate held for writing every spawned leader is already in [`LEADERS`].
+fn reap_zombies(table: &HashMap<i32, Proc>, me: i32) {
+    if !table.values().any(|p| p.ppid == me && p.zombie) {
+        return;
+    }
+    let _reaping = SPAWN_GATE.write().unwrap_or_else(PoisonError::into_inner);
+    let leaders = LEADERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+        .unwrap_or_default();
     for (&pid, p) in table {
         if p.ppid == me && p.zombie && !leaders.contains(&pid) {
             let mut status = 0;
