@@ -60,6 +60,11 @@ const HTTP_STOP_GRACE: u64 = 2;
 
 /// Runs the service on the sled store until SIGTERM or SIGINT.
 pub fn serve(settings: Settings) -> Result<(), AppError> {
+    // Orphans of runner processes (a `setsid` child whose parent exited) become tickgate's
+    // children, so that the runner sweeps can find and reap them.
+    if let Err(e) = tickgate_actors::runner::become_subreaper() {
+        tracing::warn!("cannot become a child subreaper ({e}); escaped runner processes are found by their environment only");
+    }
     actix_rt::System::new().block_on(async move {
         let metrics = Arc::new(Metrics::new());
         let store = SledStore::open_opts(

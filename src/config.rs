@@ -258,6 +258,10 @@ pub struct WebhookConfig {
     /// `false` for a scheduled-only agent: no token is created or printed and no webhook route
     /// resolves to it. Absent means enabled.
     pub enabled: Option<bool>,
+    /// Where the sender puts its delivery id: `"/json/pointer"` or `"header:Name"`.
+    pub delivery_id: Option<String>,
+    /// Fixed answer replacing the fire-and-forget (and duplicate) answer.
+    pub ack: Option<crate::ingress::delivery::AckConfig>,
 }
 
 /// `rate_limit = { per_second = 10, burst = 20 }`.
@@ -303,6 +307,8 @@ pub struct AgentSetup {
     pub rate_limit: Option<RateLimitConfig>,
     /// GET with a query string triggers.
     pub allow_get: bool,
+    /// Delivery ids, handshakes and the fixed acknowledgement.
+    pub delivery: crate::ingress::delivery::Delivery,
     /// Breaker thresholds.
     pub breaker: BreakerConfig,
     /// Whether the agent has a webhook at all (`[agent.webhook] enabled`).
@@ -533,6 +539,12 @@ fn validate_agent(
         .enumerate()
         .map(|(i, e)| schedule_entry(e).map_err(|m| format!("{at}: schedule[{i}]: {m}")))
         .collect::<Result<Vec<_>, _>>()?;
+    let delivery = crate::ingress::delivery::Delivery::new(
+        a.webhook.delivery_id.as_deref(),
+        a.webhook.ack.as_ref(),
+        signature.as_ref().map(|v| v.scheme()),
+    )
+    .map_err(|e| format!("{at}: {e}"))?;
     Ok(AgentSetup {
         spec: AgentSpec {
             id,
@@ -548,6 +560,7 @@ fn validate_agent(
         signature_header: a.webhook.signature.as_ref().and_then(|s| s.header.clone()),
         rate_limit: a.webhook.rate_limit,
         allow_get: a.webhook.allow_get,
+        delivery,
         breaker: a.breaker.clone(),
         webhook_enabled,
         schedule,

@@ -25,6 +25,11 @@ pub struct Metrics {
     /// Bytes held by request bodies still being received (slow senders show up here).
     pub inflight_body_bytes: IntGauge,
     schedule_skipped: IntCounterVec,
+    /// Runner stderr bytes read but not logged (over the per-tick log limit); brought up to the
+    /// runners' own counter at scrape time.
+    stderr_dropped: IntCounter,
+    /// Serialises that catch-up, so two concurrent scrapes cannot both add the same bytes.
+    stderr_catch_up: std::sync::Mutex<()>,
 }
 
 impl Metrics {
@@ -101,6 +106,14 @@ impl Metrics {
         registry
             .register(Box::new(schedule_skipped.clone()))
             .expect("unique metric names");
+        let stderr_dropped = IntCounter::new(
+            "tickgate_runner_stderr_dropped_bytes_total",
+            "Runner stderr bytes not logged because a tick exceeded its stderr log limit",
+        )
+        .expect("metric definition");
+        registry
+            .register(Box::new(stderr_dropped.clone()))
+            .expect("unique metric names");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ticks.clone()),
@@ -126,6 +139,8 @@ impl Metrics {
             breaker,
             inflight_body_bytes,
             schedule_skipped,
+            stderr_dropped,
+            stderr_catch_up: std::sync::Mutex::new(()),
         }
     }
 
@@ -171,6 +186,16 @@ impl Metrics {
 
     /// The text exposition.
     pub fn render(&self) -> String {
+        {
+            let _one_at_a_time = self
+                .stderr_catch_up
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let dropped = tickgate_actors::runner::STDERR_DROPPED_BYTES
+                .load(std::sync::atomic::Ordering::Relaxed);
+            self.stderr_dropped
+                .inc_by(dropped.saturating_sub(self.stderr_dropped.get()));
+        }
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

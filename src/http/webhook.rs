@@ -11,12 +11,10 @@ use actix_web::http::header;
 use actix_web::HttpMessage;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
-use sha2::{Digest, Sha256};
 use tickgate_actors::agent::{AgentHandle, Submitted};
 use tickgate_actors::breaker::{Admission, Admit, TrialAbandoned};
 use tickgate_actors::model::{AgentId, Source, Task};
 use tickgate_actors::registry::ResolveError;
-use tickgate_actors::store::IdempotencyKey;
 use tickgate_actors::token;
 
 use super::error::ApiError;
@@ -25,17 +23,6 @@ use super::tasks::{load, wait_for, TaskRecord};
 use super::{AgentLabel, AppState};
 use crate::ingress::body::{self, BodyError, TriggerBody};
 use crate::ingress::{title, Gate, GateError};
-
-/// Headers whose value identifies a delivery, in order of preference. Provider delivery ids make
-/// redeliveries idempotent without the sender doing anything.
-const IDEMPOTENCY_HEADERS: [&str; 4] = [
-    "idempotency-key",
-    "x-github-delivery",
-    "webhook-id",
-    "linear-delivery",
-];
-
-const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// `POST /webhooks/{token}` and `POST /api/webhooks/agents/{token}`.
 pub async fn post_by_token(
@@ -175,6 +162,10 @@ async fn trigger(
         state.failures.failed(client);
         return Err(gate_error(e));
     }
+    // Provider handshake (Slack's url_verification): answered here, no task.
+    if let Some(answer) = gate.handshake(raw_body) {
+        return Ok(HttpResponse::Ok().json(answer));
+    }
     gate.check_rate().map_err(gate_error)?;
 
     let parsed = match query_inputs {
@@ -195,7 +186,11 @@ async fn trigger(
         return Err(ApiError::EnvNotAllowed(name.clone()));
     }
     let wait = requested_wait(req, parsed.wait)?.map(|w| w.min(state.max_wait));
-    let idempotency = idempotency_key(req, raw_body)?;
+    // Delivery id (configured rule, headers, provider body id): see ingress::delivery.
+    let idempotency = gate
+        .delivery
+        .key(&lookup, &parsed.inputs, raw_body)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
 
     let derived = title::derive(&lookup, &parsed.inputs, &agent.spec.id);
     let mut source = source(req, client, gate);
@@ -230,10 +225,18 @@ async fn trigger(
                     wait_for(state, sub, Arc::unwrap_or_clone(task), wait).await?;
                 Ok(finished_or_pending(state, &task, timed_out, false))
             }
-            _ => Ok(accepted(state, &task)),
+            // `webhook.ack` replaces the fire-and-forget answer.
+            _ => Ok(gate
+                .delivery
+                .ack()
+                .unwrap_or_else(|| accepted(state, &task))),
         },
         Submitted::Duplicate(id) => {
             drop(sub);
+            // `webhook.ack` replaces a fire-and-forget duplicate's answer too.
+            if let (None, Some(ack)) = (wait, gate.delivery.ack()) {
+                return Ok(ack);
+            }
             let sub = wait.map(|_| state.events.subscribe(id));
             let original = load(state, id).await?.ok_or_else(|| {
                 ApiError::Internal(format!("idempotency key points at missing task {id}"))
@@ -310,26 +313,6 @@ fn parse_wait(v: &str) -> Result<Option<Duration>, ApiError> {
         "false" => Ok(None),
         _ => body::seconds(v.parse::<f64>().ok()).map_err(body_error),
     }
-}
-
-fn idempotency_key(req: &HttpRequest, raw_body: &[u8]) -> Result<Option<IdempotencyKey>, ApiError> {
-    let Some(key) = IDEMPOTENCY_HEADERS
-        .iter()
-        .find_map(|name| header_str(req, name))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-    else {
-        return Ok(None);
-    };
-    if key.len() > MAX_IDEMPOTENCY_KEY {
-        return Err(ApiError::BadRequest(format!(
-            "the idempotency key is longer than {MAX_IDEMPOTENCY_KEY} characters"
-        )));
-    }
-    Ok(Some(IdempotencyKey {
-        key: key.to_string(),
-        body_sha256: Sha256::digest(raw_body).into(),
-    }))
 }
 
 /// Request metadata for the tick, without credentials.

@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod client_ip;
+pub mod delivery;
 pub mod rate_limit;
 pub mod signature;
 pub mod title;
@@ -26,6 +27,8 @@ pub struct Gate {
     pub allow_get: bool,
     /// Header names that carry credentials for this agent; kept out of the tick's `source`.
     pub secret_headers: Vec<String>,
+    /// Delivery ids, provider handshakes and the fixed acknowledgement.
+    pub delivery: delivery::Delivery,
 }
 
 /// Why the gate refused a request.
@@ -55,6 +58,7 @@ impl Gate {
             "stripe-signature".to_string(),
             "x-slack-signature".to_string(),
             "webhook-signature".to_string(),
+            "svix-signature".to_string(),
             "x-signature".to_string(),
         ];
         if let Some(h) = &setup.signature_header {
@@ -68,7 +72,14 @@ impl Gate {
                 .map(|r| RateLimiter::new(r.per_second, r.burst)),
             allow_get: setup.allow_get,
             secret_headers,
+            delivery: setup.delivery.clone(),
         }
+    }
+
+    /// The immediate answer to a provider handshake (Slack's `url_verification`), if `body` is
+    /// one; such a request creates no task. Only meaningful after [`Gate::check_signature`].
+    pub fn handshake(&self, body: &[u8]) -> Option<serde_json::Value> {
+        self.delivery.handshake(body)
     }
 
     /// Source address check.

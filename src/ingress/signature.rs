@@ -40,6 +40,10 @@ const SLACK_TIMESTAMP: &str = "X-Slack-Request-Timestamp";
 const STANDARD_ID: &str = "webhook-id";
 const STANDARD_TIMESTAMP: &str = "webhook-timestamp";
 const STANDARD_SIGNATURE: &str = "webhook-signature";
+/// Svix sends Standard Webhooks under its own header names.
+const SVIX_ID: &str = "svix-id";
+const SVIX_TIMESTAMP: &str = "svix-timestamp";
+const SVIX_SIGNATURE: &str = "svix-signature";
 const GENERIC_DEFAULT_HEADER: &str = "X-Signature";
 
 /// Names the provider convention a route's webhooks are signed with, so one
@@ -437,6 +441,12 @@ fn is_header_name(name: &str) -> bool {
 }
 
 impl Verifier {
+    /// The provider convention this verifier checks; it also tells where the provider puts
+    /// delivery ids and which handshakes it sends.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
     /// Decides whether a webhook may be acted on. `headers` looks a header
     /// up by name (asked in lower case; it should return the first value,
     /// or `None` when absent or not valid UTF-8), `body` is the raw body
@@ -482,13 +492,20 @@ impl Verifier {
                 self.check_time(secs_to_millis(secs), now)
             }
             Scheme::Standard => {
-                let id = header(headers, STANDARD_ID)?;
-                let ts = header(headers, STANDARD_TIMESTAMP)?;
-                let value = header(headers, STANDARD_SIGNATURE)?;
-                let secs = parse_unix_secs(&ts).ok_or_else(|| malformed(STANDARD_TIMESTAMP))?;
+                // Svix-hosted senders use `svix-*` names for the same three headers.
+                let (id_name, ts_name, sig_name) =
+                    if headers(STANDARD_SIGNATURE).is_none() && headers(SVIX_SIGNATURE).is_some() {
+                        (SVIX_ID, SVIX_TIMESTAMP, SVIX_SIGNATURE)
+                    } else {
+                        (STANDARD_ID, STANDARD_TIMESTAMP, STANDARD_SIGNATURE)
+                    };
+                let id = header(headers, id_name)?;
+                let ts = header(headers, ts_name)?;
+                let value = header(headers, sig_name)?;
+                let secs = parse_unix_secs(&ts).ok_or_else(|| malformed(ts_name))?;
                 let sigs = parse_standard_signatures(&value);
                 if sigs.is_empty() {
-                    return Err(malformed(STANDARD_SIGNATURE));
+                    return Err(malformed(sig_name));
                 }
                 self.check_mac(&[id.as_bytes(), b".", ts.as_bytes(), b".", body], &sigs)?;
                 self.check_time(secs_to_millis(secs), now)

@@ -4,17 +4,25 @@
 //! Every process tickgate starts gets its own process group, so that killing the group takes
 //! whatever the program forked (a shell script's `sleep`, a language server) down with it. A tick
 //! owns its group: when the tick ends, times out or is dropped, nothing it started keeps running.
+//! Processes that left the group (`setsid`) are found and killed by the sweeps of
+//! [`super::reap`].
+//!
+//! A runner's stderr is logged, but at most [`STDERR_LOG_BYTES`] and [`STDERR_LOG_LINES`] per
+//! tick: the rest is still read (so the runner never blocks on a full pipe) and only counted.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex as StdMutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
+use super::reap::{self, Marker};
 use super::{tick_env, CommandSpec, RunnerError};
 use crate::model::{TickInput, TickOutput};
 
@@ -23,6 +31,14 @@ use crate::model::{TickInput, TickOutput};
 pub(super) const MAX_OUTPUT: usize = 16 << 20;
 const MAX_STDERR_LINE: usize = 4096;
 const STDERR_TAIL: usize = 500;
+/// Bytes of a runner's stderr logged per tick; a runner writing megabytes would otherwise turn
+/// into a multiple of that in the log.
+pub const STDERR_LOG_BYTES: usize = 64 << 10;
+/// Lines of a runner's stderr logged per tick: many short lines cost more log than their bytes.
+pub const STDERR_LOG_LINES: usize = 512;
+/// Runner stderr bytes read but not logged since start, for the
+/// `tickgate_runner_stderr_dropped_bytes_total` metric.
+pub static STDERR_DROPPED_BYTES: AtomicU64 = AtomicU64::new(0);
 /// How long to wait for a killed process to be reaped before leaving it to tokio's orphan reaper.
 pub(super) const REAP_GRACE: Duration = Duration::from_secs(5);
 
@@ -51,11 +67,14 @@ impl Oneshot {
             .args(&self.spec.args)
             .env_clear()
             .envs(tick_env(input));
-        let (mut child, mut group) = spawn_in_group(&mut command, &self.spec.program)?;
+        let marker = Marker::Task(input.task_id.clone());
+        let (mut child, mut group) =
+            spawn_in_group(&mut command, &self.spec.program, marker.clone())?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let pgid = group.pgid;
+        let budget = StdMutex::new(StderrBudget::default());
 
         let run = async {
             let feed = async {
@@ -75,21 +94,27 @@ impl Oneshot {
             let drain = async {
                 let mut tail = StderrTail::default();
                 if let Some(err) = stderr {
-                    pump_stderr(err, &input.agent, |bytes| tail.push(bytes)).await;
+                    pump_stderr(err, &input.agent, |bytes| tail.push(bytes), &budget).await;
                 }
                 Ok(tail)
             };
             let exit = async {
                 let status = child.wait().await.map_err(|e| Failure::Io("wait for", e))?;
                 // Stragglers still holding stdout would otherwise keep the read open until the
-                // timeout. The group id cannot have been reused while any of them lives.
+                // timeout: the group first (its id cannot have been reused while any of them
+                // lives), then whatever left the group.
                 kill_group(pgid);
+                reap::sweep(None, marker.clone()).await;
                 Ok(status)
             };
             tokio::try_join!(feed, collect, drain, exit)
         };
 
         let outcome = tokio::time::timeout(timeout, run).await;
+        budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .settle(&input.agent);
         let (stdout, tail, status) = match outcome {
             Ok(Ok(((), stdout, tail, status))) => (stdout, tail, status),
             Ok(Err(failure)) => {
@@ -142,6 +167,7 @@ pub(super) fn encode_input(input: &TickInput) -> Result<Vec<u8>, RunnerError> {
 pub(super) fn spawn_in_group(
     command: &mut Command,
     program: &Path,
+    marker: Marker,
 ) -> Result<(Child, ProcessGroup), RunnerError> {
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(RunnerError::Spawn(format!(
@@ -155,21 +181,22 @@ pub(super) fn spawn_in_group(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let child = command
-        .spawn()
+    let child = reap::spawn_leader(command)
         .map_err(|e| RunnerError::Spawn(format!("{}: {e}", program.display())))?;
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .filter(|&id| id > 1);
-    Ok((child, ProcessGroup { pgid }))
+    Ok((child, ProcessGroup { pgid, marker }))
 }
 
 /// Kills a runner's process group when dropped, so that a cancelled tick future or a discarded
 /// persistent process never leaves grandchildren behind. `kill_on_drop` alone only reaches the
-/// group leader.
+/// group leader; the marker lets a sweep find what left the group.
 pub(super) struct ProcessGroup {
+    /// The leader's pid, which is also the group id; `None` once disarmed.
     pgid: Option<i32>,
+    marker: Marker,
 }
 
 impl ProcessGroup {
@@ -181,13 +208,33 @@ impl ProcessGroup {
     /// Stops the guard from killing on drop, once the leader has been reaped and the group
     /// handled; killing later could hit a reused group id.
     pub(super) fn disarm(&mut self) {
-        self.pgid = None;
+        if let Some(pgid) = self.pgid.take() {
+            reap::forget_leader(pgid);
+        }
+    }
+
+    /// Kills what left the group: the leader's descendants while it lives, and every process
+    /// carrying this runner's marker.
+    pub(super) async fn sweep(&self) {
+        reap::sweep(self.pgid, self.marker.clone()).await;
+    }
+
+    /// Kills every process carrying this runner's marker, once the leader is gone (its pid may
+    /// have been reused, so its descendants are not looked up).
+    pub(super) async fn sweep_marked(&self) {
+        reap::sweep(None, self.marker.clone()).await;
     }
 }
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        self.kill();
+        if let Some(pgid) = self.pgid.take() {
+            kill_group(Some(pgid));
+            reap::forget_leader(pgid);
+            // The leader dies with its group and may be reaped before the sweep runs, so only
+            // the marker can be trusted by then.
+            reap::sweep_detached(self.marker.clone());
+        }
     }
 }
 
@@ -201,11 +248,16 @@ fn kill_group(pgid: Option<i32>) {
     }
 }
 
-/// Kills the whole group, reaps the leader (bounded by [`REAP_GRACE`]) and disarms the guard.
+/// Kills the whole tree (descendants first, while the leader still links them, then the group),
+/// reaps the leader (bounded by [`REAP_GRACE`]) and disarms the guard. Never waits for the
+/// runner's output pipes: an escaped process holding them is killed, not waited for.
 pub(super) async fn stop(child: &mut Child, group: &mut ProcessGroup) {
+    group.sweep().await;
     group.kill();
     let _ = tokio::time::timeout(REAP_GRACE, child.wait()).await;
     group.disarm();
+    // Whatever a dying group member started in the meantime carries the marker too.
+    group.sweep_marked().await;
 }
 
 /// How a process ended, in the words of a task's `error`.
@@ -231,15 +283,31 @@ async fn read_capped<R: AsyncRead + Unpin>(reader: R, cap: usize) -> Result<Vec<
     Ok(out)
 }
 
-/// Logs a runner's stderr line by line until it closes, handing every raw chunk to `on_bytes`
-/// as well so callers can keep a tail for error messages.
+/// Logs a runner's stderr line by line until it closes, within the tick's `budget`, handing
+/// every raw chunk to `on_bytes` as well so callers can keep a tail for error messages.
 pub(super) async fn pump_stderr<R: AsyncRead + Unpin>(
     mut reader: R,
     agent: &str,
     mut on_bytes: impl FnMut(&[u8]),
+    budget: &StdMutex<StderrBudget>,
 ) {
     let mut lines = LineSplitter::default();
-    let mut log = |line: &str| tracing::info!(target: "tickgate::runner", agent = %agent, "{line}");
+    let mut log = |line: &str| {
+        let verdict = budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit(line.len());
+        match verdict {
+            Admit::Log => tracing::info!(target: "tickgate::runner", agent = %agent, "{line}"),
+            Admit::LogLimitReached => tracing::warn!(
+                target: "tickgate::runner",
+                agent = %agent,
+                "runner stderr reached the log limit of {} KiB or {STDERR_LOG_LINES} lines per tick; the rest of this tick's stderr is counted, not logged",
+                STDERR_LOG_BYTES >> 10
+            ),
+            Admit::Drop => {}
+        }
+    };
     let mut buf = vec![0u8; 8192];
     loop {
         let n = match reader.read(&mut buf).await {
@@ -248,8 +316,69 @@ pub(super) async fn pump_stderr<R: AsyncRead + Unpin>(
         };
         on_bytes(&buf[..n]);
         lines.feed(&buf[..n], &mut log);
+        let cut = std::mem::take(&mut lines.cut);
+        if cut > 0 {
+            budget
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .count_dropped(cut);
+        }
     }
     lines.finish(&mut log);
+}
+
+/// What to do with one stderr line.
+enum Admit {
+    Log,
+    /// Drop it, and say once that the limit was reached.
+    LogLimitReached,
+    Drop,
+}
+
+/// How much of a runner's stderr this tick may still log, and how much it did not.
+#[derive(Default)]
+pub(super) struct StderrBudget {
+    bytes: usize,
+    lines: usize,
+    dropped: u64,
+    limit_said: bool,
+}
+
+impl StderrBudget {
+    fn admit(&mut self, len: usize) -> Admit {
+        if self.bytes + len <= STDERR_LOG_BYTES && self.lines < STDERR_LOG_LINES {
+            self.bytes += len;
+            self.lines += 1;
+            return Admit::Log;
+        }
+        self.count_dropped(u64::try_from(len).unwrap_or(u64::MAX).saturating_add(1));
+        if self.limit_said {
+            Admit::Drop
+        } else {
+            self.limit_said = true;
+            Admit::LogLimitReached
+        }
+    }
+
+    fn count_dropped(&mut self, bytes: u64) {
+        self.dropped = self.dropped.saturating_add(bytes);
+        STDERR_DROPPED_BYTES.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Ends a tick's budget: logs how many bytes were not logged, and starts afresh.
+    pub(super) fn settle(&mut self, agent: &str) {
+        if self.dropped > 0 {
+            tracing::warn!(
+                target: "tickgate::runner",
+                agent = %agent,
+                dropped_bytes = self.dropped,
+                "runner stderr: {} bytes not logged (limit {} KiB or {STDERR_LOG_LINES} lines per tick)",
+                self.dropped,
+                STDERR_LOG_BYTES >> 10
+            );
+        }
+        *self = Self::default();
+    }
 }
 
 /// Cuts a byte stream into lines of at most [`MAX_STDERR_LINE`] bytes, so that a runner writing
@@ -258,6 +387,8 @@ pub(super) async fn pump_stderr<R: AsyncRead + Unpin>(
 struct LineSplitter {
     line: Vec<u8>,
     truncated: bool,
+    /// Bytes cut off over-long lines since the caller last took this count.
+    cut: u64,
 }
 
 impl LineSplitter {
@@ -271,6 +402,9 @@ impl LineSplitter {
             if chunk.len() > room {
                 self.line.extend_from_slice(&chunk[..room]);
                 self.truncated = true;
+                self.cut = self
+                    .cut
+                    .saturating_add(u64::try_from(chunk.len() - room).unwrap_or(u64::MAX));
             } else {
                 self.line.extend_from_slice(chunk);
             }
@@ -341,6 +475,7 @@ pub(super) mod test_support {
     use std::collections::BTreeMap;
     use std::os::unix::fs::PermissionsExt;
     use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Once;
     use std::time::{Duration, Instant};
 
@@ -375,11 +510,18 @@ pub(super) mod test_support {
         path
     }
 
+    static NEXT_TASK: AtomicU64 = AtomicU64::new(1);
+
     /// A tick input carrying `inputs` and one agent variable, `AGENT_VAR=from-agent`.
     pub fn input(inputs: Value) -> TickInput {
         TickInput {
             agent: "test/runner".to_string(),
-            task_id: "5f0c7d9e-0000-4000-8000-000000000001".to_string(),
+            // Unique per input: a tick's sweep kills every process marked with its task id, so
+            // concurrent tests must not share one.
+            task_id: format!(
+                "5f0c7d9e-0000-4000-8000-{:012}",
+                NEXT_TASK.fetch_add(1, Ordering::Relaxed)
+            ),
             tick: 7,
             attempt: 1,
             title: None,
@@ -614,6 +756,85 @@ printf '{"response":{"secret":"%s","task":"%s","agent_var":"%s","agent":"%s"}}' 
             wait_until(Duration::from_secs(5), || process_gone(sleeper)).await,
             "the script's sleep {sleeper} survived the dropped tick"
         );
+    }
+
+    #[actix_rt::test]
+    async fn a_setsid_child_holding_stdout_dies_at_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("escaped.pid");
+        let prog = script(
+            dir.path(),
+            "escape.sh",
+            "setsid sh -c 'echo $$ > \"$1.tmp\" && mv \"$1.tmp\" \"$1\"; exec sleep 30' sh \"$1\" &\nwait",
+        );
+        let limit = Duration::from_millis(1500);
+        let err = oneshot(prog, &[pidfile.to_str().unwrap()])
+            .tick(&input(json!({})), limit)
+            .await
+            .unwrap_err();
+        assert_eq!(err, RunnerError::Timeout(limit));
+        let escaped = read_pid(&pidfile);
+        assert!(
+            wait_until(Duration::from_secs(5), || process_gone(escaped)).await,
+            "the setsid child {escaped} survived the timeout"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn a_setsid_orphan_holding_stdout_is_killed_when_the_leader_exits() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("escaped.pid");
+        let prog = script(
+            dir.path(),
+            "escape.sh",
+            "setsid sh -c 'echo $$ > \"$1.tmp\" && mv \"$1.tmp\" \"$1\"; exec sleep 30' sh \"$1\" &\nwhile [ ! -e \"$1\" ]; do sleep 0.05; done\nprintf '{\"response\":1}'",
+        );
+        let started = Instant::now();
+        let out = oneshot(prog, &[pidfile.to_str().unwrap()])
+            .tick(&input(json!({})), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(out.response, Some(json!(1)));
+        assert!(started.elapsed() < Duration::from_secs(15));
+        let escaped = read_pid(&pidfile);
+        assert!(
+            wait_until(Duration::from_secs(5), || process_gone(escaped)).await,
+            "the setsid orphan {escaped} survived its tick"
+        );
+    }
+
+    #[actix_rt::test]
+    async fn stderr_is_logged_up_to_the_budget_and_counted_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(
+            dir.path(),
+            "noisy.sh",
+            "head -c 1000000 /dev/zero | tr '\\0' 'e' | fold -w 100 >&2\nprintf '{\"response\":1}'",
+        );
+        let before = STDERR_DROPPED_BYTES.load(Ordering::Relaxed);
+        let out = oneshot(prog, &[])
+            .tick(&input(json!({})), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(out.response, Some(json!(1)));
+        let dropped = STDERR_DROPPED_BYTES.load(Ordering::Relaxed) - before;
+        // 10,000 lines of 100 bytes (+ newline); at most 512 lines were logged.
+        assert!(dropped >= 1_010_000 - 512 * 101, "{dropped}");
+    }
+
+    #[test]
+    fn the_budget_admits_bytes_and_lines_up_to_the_limits() {
+        let mut budget = StderrBudget::default();
+        assert!(matches!(budget.admit(STDERR_LOG_BYTES), Admit::Log));
+        assert!(matches!(budget.admit(1), Admit::LogLimitReached));
+        assert!(matches!(budget.admit(1), Admit::Drop));
+        assert_eq!(budget.dropped, 4);
+        budget.settle("test/runner");
+        assert_eq!(budget.dropped, 0);
+        for _ in 0..STDERR_LOG_LINES {
+            assert!(matches!(budget.admit(0), Admit::Log));
+        }
+        assert!(matches!(budget.admit(0), Admit::LogLimitReached));
     }
 
     #[actix_rt::test]

@@ -4,6 +4,10 @@
 pub mod command;
 pub mod http;
 pub mod persistent;
+mod reap;
+
+pub use command::STDERR_DROPPED_BYTES;
+pub use reap::become_subreaper;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -47,7 +51,8 @@ pub enum CommandMode {
     /// A new process per tick: simplest, isolates ticks, costs a fork+exec each time.
     #[default]
     Oneshot,
-    /// One process per agent speaking JSON Lines: no start-up cost per tick.
+    /// One process per agent speaking JSON Lines: no start-up cost per tick. Exactly one output
+    /// line per input line; see [`persistent`] for how a violation is handled.
     Persistent,
 }
 

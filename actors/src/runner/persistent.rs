@@ -1,5 +1,13 @@
 //! The `command` runner in persistent mode: one long-lived process per agent, fed one JSON line
 //! per tick, so that programs with an expensive start (an interpreter, a loaded model) pay it once.
+//!
+//! Correlation: a reader task owns the process's stdout and hands a line to a tick only when that
+//! tick is waiting for one (it has written its input). A line that arrives when no tick waits,
+//! such as the second line of a runner answering twice, is a protocol violation: it is never
+//! used, and the process is killed and restarted before the next tick. An answer that echoes a
+//! `task_id` other than the tick's fails the tick and restarts the process too; runners that
+//! echo `task_id` are therefore correlated exactly, even against a leftover line that arrives
+//! after the next input was written, which no reader can tell from an answer otherwise.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex as StdMutex, PoisonError};
@@ -7,14 +15,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::command::{
-    describe_exit, encode_input, pump_stderr, spawn_in_group, stop, ProcessGroup, StderrTail,
-    MAX_OUTPUT,
+    describe_exit, encode_input, pump_stderr, spawn_in_group, stop, ProcessGroup, StderrBudget,
+    StderrTail, MAX_OUTPUT,
 };
+use super::reap::Marker;
 use super::{CommandSpec, RunnerError};
 use crate::model::{TickInput, TickOutput};
 
@@ -44,16 +53,98 @@ struct ProcessState {
     group: ProcessGroup,
     child: Child,
     stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    inbox: Arc<Inbox>,
+    stdout_task: JoinHandle<()>,
     stderr_tail: Arc<StdMutex<StderrTail>>,
+    stderr_budget: Arc<StdMutex<StderrBudget>>,
     stderr_task: JoinHandle<()>,
 }
 
+impl Drop for ProcessState {
+    fn drop(&mut self) {
+        // The reader would end at EOF anyway (the group is being killed); aborting it frees the
+        // pipe at once even if an escaped process still held it.
+        self.stdout_task.abort();
+    }
+}
+
 /// Why the line exchange with the process broke off.
+#[derive(Debug)]
 enum Broken {
     Closed,
     Io(std::io::Error),
     TooLong,
+}
+
+/// Where the stdout reader leaves the answer for the waiting tick.
+#[derive(Default)]
+struct Inbox {
+    state: StdMutex<InboxState>,
+    arrived: Notify,
+}
+
+#[derive(Default)]
+struct InboxState {
+    /// A tick has written its input and waits for exactly one line.
+    waiting: bool,
+    answer: Option<Vec<u8>>,
+    /// Lines that arrived while no tick was waiting: protocol violations, never used.
+    unasked: u64,
+    /// How the output ended, once it has.
+    ended: Option<Broken>,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Reads the process's stdout line by line for its whole life, handing each line to the tick
+/// that waits for it or counting it as unasked.
+async fn read_answers(mut stdout: BufReader<ChildStdout>, inbox: Arc<Inbox>) {
+    loop {
+        let line = read_line(&mut stdout, MAX_OUTPUT).await;
+        let mut state = inbox.lock();
+        match line {
+            Ok(line) if state.waiting && state.answer.is_none() => {
+                state.waiting = false;
+                state.answer = Some(line);
+            }
+            Ok(_) => state.unasked = state.unasked.saturating_add(1),
+            Err(end) => {
+                state.ended = Some(end);
+                drop(state);
+                inbox.arrived.notify_one();
+                return;
+            }
+        }
+        drop(state);
+        inbox.arrived.notify_one();
+    }
+}
+
+/// What the process did with a tick's input.
+enum Reply {
+    Line(Vec<u8>),
+    Ended(Broken),
+}
+
+/// Waits for the reader to hand over this tick's line, or to report the end of the output.
+async fn next_reply(inbox: &Inbox) -> Reply {
+    loop {
+        let arrived = inbox.arrived.notified();
+        {
+            let mut state = inbox.lock();
+            if let Some(line) = state.answer.take() {
+                return Reply::Line(line);
+            }
+            if let Some(end) = state.ended.take() {
+                return Reply::Ended(end);
+            }
+        }
+        arrived.await;
+    }
 }
 
 impl Persistent {
@@ -83,6 +174,7 @@ impl Persistent {
         line.push(b'\n');
         let mut state = self.state.lock().await;
         state.forget_exited(&input.agent).await;
+        state.forget_unasked(&input.agent).await;
         if state.process.is_none() {
             state.start(&self.spec, &self.env, &input.agent).await?;
         }
@@ -92,17 +184,44 @@ impl Persistent {
                 self.spec.program.display()
             )));
         };
+        process
+            .stderr_budget
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .settle(&input.agent);
 
         let deadline = Instant::now() + timeout;
+        let inbox = Arc::clone(&process.inbox);
+        inbox.lock().waiting = true;
         let exchange = async {
             process.stdin.write_all(&line).await.map_err(Broken::Io)?;
             process.stdin.flush().await.map_err(Broken::Io)?;
-            read_line(&mut process.stdout, MAX_OUTPUT).await
+            match next_reply(&inbox).await {
+                Reply::Line(answer) => Ok(answer),
+                Reply::Ended(end) => Err(end),
+            }
         };
-        match tokio::time::timeout_at(deadline, exchange).await {
+        let outcome = tokio::time::timeout_at(deadline, exchange).await;
+        inbox.lock().waiting = false;
+        match outcome {
             Ok(Ok(answer)) => {
+                let out = TickOutput::parse(&answer).map_err(RunnerError::BadOutput)?;
+                if let Some(echoed) = out.extra.get("task_id") {
+                    if echoed.as_str() != Some(input.task_id.as_str()) {
+                        tracing::warn!(
+                            target: "tickgate::runner",
+                            agent = %input.agent,
+                            "persistent runner answered for another task; restarting it"
+                        );
+                        state.discard().await;
+                        return Err(RunnerError::BadOutput(format!(
+                            "persistent runner answered with task_id {echoed} instead of {:?}; its output is out of step, so it will be restarted",
+                            input.task_id
+                        )));
+                    }
+                }
                 state.deaths = 0;
-                TickOutput::parse(&answer).map_err(RunnerError::BadOutput)
+                Ok(out)
             }
             Ok(Err(Broken::TooLong)) => {
                 state.discard().await;
@@ -131,6 +250,24 @@ impl Persistent {
 }
 
 impl State {
+    /// Kills a process that printed lines no tick asked for (more than one line for an input,
+    /// or output between ticks), so that a leftover line can never answer the next tick.
+    async fn forget_unasked(&mut self, agent: &str) {
+        let Some(process) = self.process.as_ref() else {
+            return;
+        };
+        let unasked = process.inbox.lock().unasked;
+        if unasked == 0 {
+            return;
+        }
+        tracing::warn!(
+            target: "tickgate::runner",
+            agent = %agent,
+            "persistent runner printed {unasked} line(s) no tick asked for (the protocol is one output line per input line); the extra output is discarded and the process restarted"
+        );
+        self.discard().await;
+    }
+
     /// Drops a process that exited between ticks, so that the tick goes to a live one.
     async fn forget_exited(&mut self, agent: &str) {
         let Some(process) = self.process.as_mut() else {
@@ -169,7 +306,13 @@ impl State {
         }
         let mut command = Command::new(&spec.program);
         command.args(&spec.args).env_clear().envs(env);
-        let (mut child, group) = match spawn_in_group(&mut command, &spec.program) {
+        // The marker is what the process carries: its `TICKGATE_AGENT`.
+        let marker = Marker::Persistent(
+            env.get("TICKGATE_AGENT")
+                .cloned()
+                .unwrap_or_else(|| agent.to_string()),
+        );
+        let (mut child, group) = match spawn_in_group(&mut command, &spec.program, marker) {
             Ok(started) => started,
             Err(e) => {
                 self.deaths = self.deaths.saturating_add(1);
@@ -186,19 +329,32 @@ impl State {
             )));
         };
         let stderr_tail = Arc::new(StdMutex::new(StderrTail::default()));
+        let stderr_budget = Arc::new(StdMutex::new(StderrBudget::default()));
         let tail = Arc::clone(&stderr_tail);
+        let budget = Arc::clone(&stderr_budget);
         let agent_name = agent.to_string();
         // tickgate runs runners inside actix arbiters, which are tokio runtimes, so a plain
         // `tokio::spawn` works there (and `spawn_in_group` has checked that a runtime exists).
-        // The task outlives no one: it ends at EOF, which the group kill guarantees.
+        // The task outlives no one: it ends at EOF, which the tree kill guarantees.
         let stderr_task = tokio::spawn(async move {
-            pump_stderr(stderr, &agent_name, |bytes| {
-                tail.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(bytes)
-            })
+            pump_stderr(
+                stderr,
+                &agent_name,
+                |bytes| {
+                    tail.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(bytes)
+                },
+                &budget,
+            )
             .await;
+            budget
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .settle(&agent_name);
         });
+        let inbox = Arc::new(Inbox::default());
+        let stdout_task = tokio::spawn(read_answers(BufReader::new(stdout), Arc::clone(&inbox)));
         tracing::info!(
             target: "tickgate::runner",
             agent = %agent,
@@ -209,8 +365,10 @@ impl State {
             group,
             child,
             stdin,
-            stdout: BufReader::new(stdout),
+            inbox,
+            stdout_task,
             stderr_tail,
+            stderr_budget,
             stderr_task,
         }));
         Ok(())
@@ -239,6 +397,7 @@ impl State {
             Ok(Ok(status)) => {
                 process.group.kill();
                 process.group.disarm();
+                process.group.sweep_marked().await;
                 describe_exit(status)
             }
             _ => {
@@ -298,6 +457,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, cap: usize) -> Resul
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     use serde_json::{json, Value};
 
@@ -315,6 +475,8 @@ mod tests {
   printf '{"response":{"pid":%s}}\n' "$$"
 done"#;
 
+    static NEXT_AGENT: AtomicU64 = AtomicU64::new(1);
+
     fn persistent(program: PathBuf, args: &[&str]) -> Persistent {
         let spec = CommandSpec {
             program,
@@ -323,7 +485,11 @@ done"#;
         };
         let env = BTreeMap::from([
             ("AGENT_VAR".to_string(), "from-agent".to_string()),
-            ("TICKGATE_AGENT".to_string(), "test/runner".to_string()),
+            // Unique per runner: a sweep kills every process marked with this agent.
+            (
+                "TICKGATE_AGENT".to_string(),
+                format!("test/runner-{}", NEXT_AGENT.fetch_add(1, Ordering::Relaxed)),
+            ),
         ]);
         Persistent::new(spec, env)
     }
@@ -369,7 +535,7 @@ cat >/dev/null"#,
             Some(json!({
                 "secret": "absent",
                 "agent_var": "from-agent",
-                "agent": "test/runner",
+                "agent": runner.env["TICKGATE_AGENT"],
                 "task": "absent",
             }))
         );
@@ -444,6 +610,61 @@ cat >/dev/null"#,
             .await
             .unwrap_err();
         assert!(matches!(err, RunnerError::BadOutput(_)), "{err:?}");
+        let second = pid_of(&runner, json!({})).await;
+        assert_ne!(first, second);
+        runner.shutdown().await;
+    }
+
+    #[actix_rt::test]
+    async fn a_second_line_for_one_input_is_never_an_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(
+            dir.path(),
+            "twice.sh",
+            r#"n=0
+while IFS= read -r line; do
+  n=$((n+1))
+  printf '{"response":{"pid":%s,"n":%s}}\n{"response":"leftover"}\n' "$$" "$n"
+done"#,
+        );
+        let runner = persistent(prog, &[]);
+        for _ in 0..3 {
+            let out = runner
+                .tick(&input(json!({})), Duration::from_secs(10))
+                .await
+                .unwrap();
+            // Each answer comes from a fresh process, as its first answer: the leftover of the
+            // previous input was never used.
+            assert_eq!(out.response.as_ref().unwrap()["n"], json!(1), "{out:?}");
+        }
+        runner.shutdown().await;
+    }
+
+    #[actix_rt::test]
+    async fn an_answer_echoing_another_task_id_fails_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let prog = script(
+            dir.path(),
+            "echoing.sh",
+            r#"while IFS= read -r line; do
+  id=$(printf '%s' "$line" | sed 's/.*"task_id":"\([^"]*\)".*/\1/')
+  case "$line" in
+    *'"stale"'*) id="some-other-task" ;;
+  esac
+  printf '{"task_id":"%s","response":{"pid":%s}}\n' "$id" "$$"
+done"#,
+        );
+        let runner = persistent(prog, &[]);
+        let first = pid_of(&runner, json!({})).await;
+        let err = runner
+            .tick(&input(json!({"stale": true})), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RunnerError::BadOutput(m) if m.contains("some-other-task")),
+            "{err:?}"
+        );
+        assert!(wait_until(Duration::from_secs(5), || process_gone(first)).await);
         let second = pid_of(&runner, json!({})).await;
         assert_ne!(first, second);
         runner.shutdown().await;
