@@ -14,6 +14,7 @@ use actix_web::{web, App, HttpServer};
 use tickgate_actors::agent::{self, AgentDeps, Lifecycle};
 use tickgate_actors::breaker::{BreakerActor, BreakerPolicy};
 use tickgate_actors::events::TaskEvents;
+use tickgate_actors::intake::Intake;
 use tickgate_actors::registry::{bootstrap_tokens, NewToken, Registry};
 use tickgate_actors::store::sled::SledStore;
 use tickgate_actors::store::{Store, StoreError};
@@ -161,6 +162,13 @@ pub async fn run(
     if recovered > 0 {
         tracing::info!(tasks = recovered, "re-queued tasks found in the store");
     }
+    let intake = Arc::new(Intake::new(
+        handles.iter().cloned(),
+        breaker.clone(),
+        closed_breakers,
+        lifecycle.clone(),
+        store.clone(),
+    ));
     let registry = Registry::new(
         handles,
         tokens.digests,
@@ -191,7 +199,7 @@ pub async fn run(
         registry,
         tokens: token_index,
         breaker,
-        closed_breakers,
+        intake,
         store: store.clone(),
         events,
         lifecycle: lifecycle.clone(),
