@@ -146,8 +146,8 @@ pub async fn run(
     let mut gates = HashMap::with_capacity(settings.agents.len());
     let mut recovered = 0;
     for (i, setup) in settings.agents.iter().enumerate() {
-        let state = store.agent_state(&setup.spec.id)?;
-        let queued = store.queued(&setup.spec.id)?;
+        let state = store.agent_state(&setup.spec.id).await?;
+        let queued = store.queued(&setup.spec.id).await?;
         let handle = agent::start(
             setup.spec.clone(),
             state,

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::events::TaskEvents;
 use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus, TickInput, TickOutput};
 use crate::runner::{Runner, RunnerError, RunnerSpec};
-use crate::store::{write_async, AgentState, Store, StoreError, Write};
+use crate::store::{write_async, AgentState, Store, Write};
 
 /// An agent's configuration, as the actors need it (the config layer builds it from TOML).
 #[derive(Debug, Clone)]
@@ -304,13 +304,8 @@ impl Handler<RunStored> for Agent {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, RunStored(id, slot): RunStored, _ctx: &mut Self::Context) -> Self::Result {
-        let store = self.deps.store.clone();
-        // A store read can touch the disk, so it runs off the arbiter thread.
-        let load = async move {
-            tokio::task::spawn_blocking(move || store.task(id))
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Backend(format!("task read failed: {e}"))))
-        };
+        // The store runs the read off the arbiter thread.
+        let load = self.deps.store.task(id);
         AtomicResponse::new(Box::pin(load.into_actor(self).then(
             move |loaded, agent, _ctx| -> ResponseActFuture<Self, ()> {
                 match loaded {

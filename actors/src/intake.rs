@@ -425,7 +425,7 @@ mod tests {
         }
         rig.settle().await;
         for id in accepted {
-            let task = sled.task(id).unwrap().expect("an accepted task is stored");
+            let task = sled.task_blocking(id).unwrap().expect("an accepted task is stored");
             // A completion the failing store refused leaves the task PENDING for the next start.
             if !ever_failed {
                 assert_eq!(task.status, TaskStatus::Success, "every accepted task ran");

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{AgentState, OnWritten, Purged, Store, StoreError, Write};
+use super::{AgentState, OnWritten, Purged, Store, StoreError, StoreFuture, Write};
 use crate::model::{AgentId, Task, TaskId};
 
 /// Delegates to `inner` unless writes are switched to fail.
@@ -51,15 +51,15 @@ impl Store for FaultyStore {
         self.inner.write(write, done);
     }
 
-    fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+    fn task(&self, id: TaskId) -> StoreFuture<Option<Task>> {
         self.inner.task(id)
     }
 
-    fn agent_state(&self, agent: &AgentId) -> Result<AgentState, StoreError> {
+    fn agent_state(&self, agent: &AgentId) -> StoreFuture<AgentState> {
         self.inner.agent_state(agent)
     }
 
-    fn queued(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
+    fn queued(&self, agent: &AgentId) -> StoreFuture<Vec<TaskId>> {
         self.inner.queued(agent)
     }
 

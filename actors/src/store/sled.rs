@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{AgentState, OnWritten, Purged, Store, StoreError, Write, Written};
+use super::{AgentState, OnWritten, Purged, Store, StoreError, StoreFuture, Write, Written};
 use crate::model::{now_ms, AgentId, Task, TaskId};
 
 const TASK: &[u8] = b"t/";
@@ -323,6 +323,69 @@ fn seen_key(
     Ok(Some((record.task, digest)))
 }
 
+/// Runs a sled read on tokio's blocking pool: a read can touch the disk, and callers of the
+/// [`Store`] trait are async code on actix arbiters, which must never block.
+fn off_thread<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> StoreFuture<T> {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(read)
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Backend(format!("store read failed: {e}"))))
+    })
+}
+
+fn read_task(db: &sled::Db, id: TaskId) -> Result<Option<Task>, StoreError> {
+    match db.get(task_key(&id)).map_err(backend)? {
+        Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(backend),
+        None => Ok(None),
+    }
+}
+
+fn read_agent_state(db: &sled::Db, agent: &AgentId) -> Result<AgentState, StoreError> {
+    match db
+        .get(key(AGENT, &[agent.to_string().as_bytes()]))
+        .map_err(backend)?
+    {
+        Some(raw) => serde_json::from_slice(&raw).map_err(backend),
+        None => Ok(AgentState {
+            memory: serde_json::json!({}),
+            ticks: 0,
+        }),
+    }
+}
+
+fn read_queued(db: &sled::Db, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
+    let mut ids = Vec::new();
+    for entry in db.scan_prefix(queue_prefix(agent)) {
+        let (_, id) = entry.map_err(backend)?;
+        match <[u8; 16]>::try_from(id.as_ref()) {
+            Ok(bytes) => ids.push(TaskId::from_bytes(bytes)),
+            Err(_) => tracing::warn!(agent = %agent, "skipping a malformed queue entry"),
+        }
+    }
+    Ok(ids)
+}
+
+/// Blocking reads for code that runs outside any async runtime (tests, tools); async code uses
+/// the [`Store`] trait's reads, which run these off the calling thread.
+impl SledStore {
+    /// Reads one task, blocking the calling thread.
+    pub fn task_blocking(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        read_task(&self.db, id)
+    }
+
+    /// An agent's memory and tick counter, blocking the calling thread.
+    pub fn agent_state_blocking(&self, agent: &AgentId) -> Result<AgentState, StoreError> {
+        read_agent_state(&self.db, agent)
+    }
+
+    /// The ids queued for an agent, blocking the calling thread.
+    pub fn queued_blocking(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
+        read_queued(&self.db, agent)
+    }
+}
+
 impl Store for SledStore {
     fn write(&self, write: Write, done: OnWritten) {
         let sender = self.jobs.lock().ok().and_then(|jobs| jobs.clone());
@@ -335,37 +398,19 @@ impl Store for SledStore {
         }
     }
 
-    fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
-        match self.db.get(task_key(&id)).map_err(backend)? {
-            Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(backend),
-            None => Ok(None),
-        }
+    fn task(&self, id: TaskId) -> StoreFuture<Option<Task>> {
+        let db = self.db.clone();
+        off_thread(move || read_task(&db, id))
     }
 
-    fn agent_state(&self, agent: &AgentId) -> Result<AgentState, StoreError> {
-        match self
-            .db
-            .get(key(AGENT, &[agent.to_string().as_bytes()]))
-            .map_err(backend)?
-        {
-            Some(raw) => serde_json::from_slice(&raw).map_err(backend),
-            None => Ok(AgentState {
-                memory: serde_json::json!({}),
-                ticks: 0,
-            }),
-        }
+    fn agent_state(&self, agent: &AgentId) -> StoreFuture<AgentState> {
+        let (db, agent) = (self.db.clone(), agent.clone());
+        off_thread(move || read_agent_state(&db, &agent))
     }
 
-    fn queued(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
-        let mut ids = Vec::new();
-        for entry in self.db.scan_prefix(queue_prefix(agent)) {
-            let (_, id) = entry.map_err(backend)?;
-            match <[u8; 16]>::try_from(id.as_ref()) {
-                Ok(bytes) => ids.push(TaskId::from_bytes(bytes)),
-                Err(_) => tracing::warn!(agent = %agent, "skipping a malformed queue entry"),
-            }
-        }
-        Ok(ids)
+    fn queued(&self, agent: &AgentId) -> StoreFuture<Vec<TaskId>> {
+        let (db, agent) = (self.db.clone(), agent.clone());
+        off_thread(move || read_queued(&db, &agent))
     }
 
     fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError> {
@@ -455,7 +500,7 @@ mod tests {
             }
         }
         assert!(ids.windows(2).all(|w| w[0].0 < w[1].0));
-        let queued: Vec<TaskId> = store.queued(&agent).unwrap();
+        let queued: Vec<TaskId> = store.queued_blocking(&agent).unwrap();
         assert_eq!(queued, ids.iter().map(|x| x.1).collect::<Vec<_>>());
     }
 
@@ -485,7 +530,7 @@ mod tests {
         };
         assert_eq!(results[1], Written::Duplicate(first.id));
         assert_eq!(results[2], Written::Conflict(first.id));
-        assert_eq!(store.queued(&agent).unwrap().len(), 1);
+        assert_eq!(store.queued_blocking(&agent).unwrap().len(), 1);
     }
 
     #[test]
@@ -531,12 +576,12 @@ mod tests {
             store.close().unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
-        assert!(store.queued(&agent).unwrap().is_empty());
-        assert_eq!(store.task(id).unwrap().unwrap().status, TaskStatus::Success);
-        assert_eq!(store.agent_state(&agent).unwrap().ticks, 1);
+        assert!(store.queued_blocking(&agent).unwrap().is_empty());
+        assert_eq!(store.task_blocking(id).unwrap().unwrap().status, TaskStatus::Success);
+        assert_eq!(store.agent_state_blocking(&agent).unwrap().ticks, 1);
         assert_eq!(store.token_digest(&agent).unwrap(), Some([7; 32]));
         assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 1);
-        assert!(store.task(id).unwrap().is_none());
+        assert!(store.task_blocking(id).unwrap().is_none());
     }
 
     #[test]
@@ -583,8 +628,8 @@ mod tests {
 
         let purged = store.purge(Duration::from_secs(60)).unwrap();
         assert_eq!(purged.tasks, total);
-        assert!(store.task(first_old).unwrap().is_none());
-        assert!(store.task(recent).unwrap().is_some());
+        assert!(store.task_blocking(first_old).unwrap().is_none());
+        assert!(store.task_blocking(recent).unwrap().is_some());
         // The purged keys are free again; the recent one still deduplicates.
         let again = |n: usize| {
             blocking(
