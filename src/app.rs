@@ -24,7 +24,6 @@ use tickgate_actors::store::{Store, StoreError};
 use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::ingress::rate_limit::FailureLimiter;
-use crate::ingress::Gate;
 use crate::metrics::{Metrics, TickRecorder};
 
 /// Why the service could not start or stopped badly.
@@ -179,7 +178,7 @@ pub async fn build_state(
         );
         recovered += queued.len();
         handle.recover(queued);
-        gates.insert(setup.spec.id.clone(), Gate::new(setup));
+        gates.insert(setup.spec.id.clone(), setup.gate());
         handles.push(handle);
     }
     if recovered > 0 {

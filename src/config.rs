@@ -16,6 +16,7 @@ use tickgate_actors::token::MIN_PINNED_LEN;
 
 use crate::ingress::client_ip::parse_cidrs;
 use crate::ingress::signature::{SignatureConfig, Verifier};
+use crate::ingress::{Gate, GateRules};
 
 /// The default config file, relative to the working directory.
 pub const DEFAULT_PATH: &str = "config/tickgate.toml";
@@ -267,6 +268,19 @@ pub struct AgentSetup {
     pub allow_get: bool,
     /// Breaker thresholds.
     pub breaker: BreakerConfig,
+}
+
+impl AgentSetup {
+    /// The agent's ingress gate, built from these settings.
+    pub fn gate(&self) -> Gate {
+        Gate::new(GateRules {
+            allow_cidrs: &self.allow_cidrs,
+            signature: self.signature.as_ref(),
+            signature_header: self.signature_header.as_deref(),
+            rate_limit: self.rate_limit.map(|r| (r.per_second, r.burst)),
+            allow_get: self.allow_get,
+        })
+    }
 }
 
 /// A validated configuration with secrets resolved.

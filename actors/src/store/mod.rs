@@ -7,6 +7,7 @@
 //! (sled) moves them to a blocking pool itself, so no caller can stall an actix arbiter by
 //! forgetting to. Start-up reads (`token_digest`) and the retention `purge` stay blocking and say so.
 
+#[cfg(any(test, feature = "test-util"))]
 pub mod faulty;
 pub mod sled;
 
