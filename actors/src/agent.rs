@@ -158,7 +158,8 @@ impl AgentHandle {
     /// goes up when it starts.
     pub fn recover(&self, tasks: Vec<TaskId>) {
         for id in tasks {
-            self.addr.do_send(RunStored(id, self.mailbox.force_reserve()));
+            self.addr
+                .do_send(RunStored(id, self.mailbox.force_reserve()));
         }
     }
 }

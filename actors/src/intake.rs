@@ -107,10 +107,7 @@ impl Intake {
         store: Arc<dyn Store>,
     ) -> Self {
         Self {
-            agents: agents
-                .into_iter()
-                .map(|h| (h.spec.id.clone(), h))
-                .collect(),
+            agents: agents.into_iter().map(|h| (h.spec.id.clone(), h)).collect(),
             breaker,
             closed,
             lifecycle,
@@ -361,7 +358,10 @@ mod tests {
         for op in ops {
             match op {
                 Op::Accept(k) => {
-                    let res = rig.intake.accept(rig.task(), k.map(|(k, b)| key(k, b))).await;
+                    let res = rig
+                        .intake
+                        .accept(rig.task(), k.map(|(k, b)| key(k, b)))
+                        .await;
                     let known = k.and_then(|(k, _)| keys.get(&k).copied());
                     match (res, k, known) {
                         (Ok(Accepted::New(task)), _, None) => {
@@ -425,7 +425,10 @@ mod tests {
         }
         rig.settle().await;
         for id in accepted {
-            let task = sled.task_blocking(id).unwrap().expect("an accepted task is stored");
+            let task = sled
+                .task_blocking(id)
+                .unwrap()
+                .expect("an accepted task is stored");
             // A completion the failing store refused leaves the task PENDING for the next start.
             if !ever_failed {
                 assert_eq!(task.status, TaskStatus::Success, "every accepted task ran");

@@ -577,7 +577,10 @@ mod tests {
         }
         let store = SledStore::open(dir.path()).unwrap();
         assert!(store.queued_blocking(&agent).unwrap().is_empty());
-        assert_eq!(store.task_blocking(id).unwrap().unwrap().status, TaskStatus::Success);
+        assert_eq!(
+            store.task_blocking(id).unwrap().unwrap().status,
+            TaskStatus::Success
+        );
         assert_eq!(store.agent_state_blocking(&agent).unwrap().ticks, 1);
         assert_eq!(store.token_digest(&agent).unwrap(), Some([7; 32]));
         assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 1);
