@@ -9,11 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Arbiter};
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use tickgate_actors::agent::{self, AgentDeps, Lifecycle};
 use tickgate_actors::breaker::{BreakerActor, BreakerPolicy};
 use tickgate_actors::events::TaskEvents;
+use tickgate_actors::intake::Intake;
 use tickgate_actors::registry::{bootstrap_tokens, NewToken, Registry};
 use tickgate_actors::store::sled::{Options, SledStore};
 use tickgate_actors::store::{Store, StoreError};
@@ -21,7 +24,6 @@ use tickgate_actors::store::{Store, StoreError};
 use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::ingress::rate_limit::FailureLimiter;
-use crate::ingress::Gate;
 use crate::metrics::{Metrics, TickRecorder};
 
 /// Why the service could not start or stopped badly.
@@ -101,15 +103,36 @@ async fn shutdown_signal() {
     }
 }
 
-/// Runs the service on `store` until `stop` resolves, then drains. `on_bound` learns the bound
-/// address (tests bind port 0). The caller closes the store afterwards.
-pub async fn run(
-    settings: Settings,
+/// Everything a running service holds besides the HTTP server: the handlers' shared state, the
+/// arbiters the agents run on (stopped at shutdown) and the tokens created just now (printed once).
+pub struct Built {
+    /// The state every handler reads; hand it to [`create_app`].
+    pub state: web::Data<AppState>,
+    /// Webhook tokens issued during this start, to be shown once.
+    pub created: Vec<NewToken>,
+    /// Whether the admin routes exist.
+    pub admin_enabled: bool,
+    arbiters: Vec<Arbiter>,
+}
+
+impl Built {
+    /// Stops the agents' arbiters; their queued tasks stay on disk for the next start.
+    pub fn stop_agents(&self) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+    }
+}
+
+/// Settles tokens, starts the breaker, the agents (re-queuing what the store holds), the
+/// registry and the intake, and returns the handlers' state. Needs a running actix system;
+/// binds nothing, so tests can serve the state in-process with `actix_web::test`.
+pub async fn build_state(
+    settings: &Settings,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    stop: impl Future<Output = ()>,
-    on_bound: impl FnOnce(SocketAddr),
-) -> Result<(), AppError> {
+    public_url: String,
+) -> Result<Built, AppError> {
     // Scheduled-only agents (`webhook.enabled = false`) get no token at all.
     let ids: Vec<_> = settings
         .agents
@@ -171,8 +194,8 @@ pub async fn run(
     let mut gates = HashMap::with_capacity(settings.agents.len());
     let mut recovered = 0;
     for (i, setup) in settings.agents.iter().enumerate() {
-        let state = store.agent_state(&setup.spec.id)?;
-        let queued = store.queued(&setup.spec.id)?;
+        let state = store.agent_state(&setup.spec.id).await?;
+        let queued = store.queued(&setup.spec.id).await?;
         let handle = agent::start(
             setup.spec.clone(),
             state,
@@ -181,7 +204,7 @@ pub async fn run(
         );
         recovered += queued.len();
         handle.recover(queued);
-        gates.insert(setup.spec.id.clone(), Gate::new(setup));
+        gates.insert(setup.spec.id.clone(), setup.gate());
         handles.push(handle);
     }
     if recovered > 0 {
@@ -194,6 +217,13 @@ pub async fn run(
         .filter(|(setup, _)| !setup.schedule.is_empty())
         .map(|(setup, handle)| (handle.clone(), setup.schedule.clone(), setup.catch_up))
         .collect();
+    let intake = Arc::new(Intake::new(
+        handles.iter().cloned(),
+        breaker.clone(),
+        closed_breakers,
+        lifecycle.clone(),
+        store.clone(),
+    ));
     let registry = Registry::new(
         handles,
         tokens.digests,
@@ -204,42 +234,23 @@ pub async fn run(
     let token_index = registry.index();
     let registry = registry.start();
 
-    let listener = TcpListener::bind(settings.listen).map_err(|source| AppError::Bind {
-        addr: settings.listen.to_string(),
-        source,
-    })?;
-    let bound = listener.local_addr().map_err(AppError::Server)?;
-    let public_url = settings
-        .config
-        .server
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{bound}"))
-        .trim_end_matches('/')
-        .to_string();
-    announce(&settings, &bound.to_string(), &public_url, &tokens.created);
-    on_bound(bound);
-
-    let admin_enabled = settings.admin_token.is_some();
     let body_budget = http::BodyBudget::new(
         settings.config.server.max_inflight_body_bytes,
         metrics.inflight_body_bytes.clone(),
     );
     let scheduler_deps = crate::schedule::SchedulerDeps {
         store: store.clone(),
-        breaker: breaker.clone(),
-        closed_breakers: closed_breakers.clone(),
-        lifecycle: lifecycle.clone(),
+        intake: intake.clone(),
         metrics: metrics.clone(),
     };
     let state = web::Data::new(AppState {
         registry,
         tokens: token_index,
         breaker,
-        closed_breakers,
-        store: store.clone(),
+        intake,
+        store,
         events,
-        lifecycle: lifecycle.clone(),
+        lifecycle,
         metrics,
         gates,
         public_url,
@@ -265,24 +276,75 @@ pub async fn run(
     for (handle, entries, catch_up) in scheduled {
         crate::schedule::start(scheduler_deps.clone(), handle, entries, catch_up);
     }
-    spawn_retention(store.clone(), settings.config.store.task_retention.0);
-
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .wrap(http::error_shape())
-            .wrap(from_fn(http::access_log))
-            .configure(|c| http::routes(c, admin_enabled))
-            .default_service(web::to(http::not_found))
+    Ok(Built {
+        state,
+        created: tokens.created,
+        admin_enabled: settings.admin_token.is_some(),
+        arbiters,
     })
-    .workers(settings.config.server.workers.unwrap_or(threads))
-    .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-    .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
-    .disable_signals()
-    .shutdown_timeout(HTTP_STOP_GRACE)
-    .listen(listener)
-    .map_err(AppError::Server)?
-    .run();
+}
+
+/// The actix-web application over `state`: routes, the error shape and the access log. The
+/// server builds one per worker; tests call it with `actix_web::test::init_service`.
+pub fn create_app(
+    state: web::Data<AppState>,
+    admin_enabled: bool,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state)
+        .wrap(http::error_shape())
+        .wrap(from_fn(http::access_log))
+        .configure(|c| http::routes(c, admin_enabled))
+        .default_service(web::to(http::not_found))
+}
+
+/// Runs the service on `store` until `stop` resolves, then drains. `on_bound` learns the bound
+/// address (tests bind port 0). The caller closes the store afterwards.
+pub async fn run(
+    settings: Settings,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    stop: impl Future<Output = ()>,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<(), AppError> {
+    let listener = TcpListener::bind(settings.listen).map_err(|source| AppError::Bind {
+        addr: settings.listen.to_string(),
+        source,
+    })?;
+    let bound = listener.local_addr().map_err(AppError::Server)?;
+    let public_url = settings
+        .config
+        .server
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{bound}"))
+        .trim_end_matches('/')
+        .to_string();
+    let built = build_state(&settings, store.clone(), metrics, public_url.clone()).await?;
+    announce(&settings, &bound.to_string(), &public_url, &built.created);
+    on_bound(bound);
+
+    let lifecycle = built.state.lifecycle.clone();
+    spawn_retention(store.clone(), settings.config.store.task_retention.0);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (state, admin_enabled) = (built.state.clone(), built.admin_enabled);
+    let server = HttpServer::new(move || create_app(state.clone(), admin_enabled))
+        .workers(settings.config.server.workers.unwrap_or(threads))
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+        .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+        .disable_signals()
+        .shutdown_timeout(HTTP_STOP_GRACE)
+        .listen(listener)
+        .map_err(AppError::Server)?
+        .run();
     let handle = server.handle();
     let mut serving = actix_rt::spawn(server);
 
@@ -296,9 +358,7 @@ pub async fn run(
     drain(&lifecycle, settings.config.server.shutdown_grace.0).await;
     handle.stop(true).await;
     let _ = serving.await;
-    for arbiter in &arbiters {
-        arbiter.stop();
-    }
+    built.stop_agents();
     store.flush()?;
     Ok(())
 }

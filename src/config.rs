@@ -17,6 +17,7 @@ use tickgate_actors::token::MIN_PINNED_LEN;
 
 use crate::ingress::client_ip::parse_cidrs;
 use crate::ingress::signature::{SignatureConfig, Verifier};
+use crate::ingress::{Gate, GateRules};
 
 /// The default config file, relative to the working directory.
 pub const DEFAULT_PATH: &str = "config/tickgate.toml";
@@ -317,6 +318,20 @@ pub struct AgentSetup {
     pub schedule: Vec<Entry>,
     /// `catch_up` policy for the schedule.
     pub catch_up: CatchUp,
+}
+
+impl AgentSetup {
+    /// The agent's ingress gate, built from these settings.
+    pub fn gate(&self) -> Gate {
+        Gate::new(GateRules {
+            allow_cidrs: &self.allow_cidrs,
+            signature: self.signature.as_ref(),
+            signature_header: self.signature_header.as_deref(),
+            rate_limit: self.rate_limit.map(|r| (r.per_second, r.burst)),
+            allow_get: self.allow_get,
+            delivery: &self.delivery,
+        })
+    }
 }
 
 /// A validated configuration with secrets resolved.

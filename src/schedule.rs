@@ -12,14 +12,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Addr;
 use sha2::{Digest, Sha256};
-use tickgate_actors::agent::{AgentHandle, Lifecycle, SubmitError, Submitted};
-use tickgate_actors::breaker::{Admission, Admit, BreakerActor, ClosedBreakers, TrialAbandoned};
+use tickgate_actors::agent::AgentHandle;
+use tickgate_actors::intake::{Accepted, Intake, Refused};
 use tickgate_actors::model::{now_ms, rfc3339, Source, Task, TaskId};
 use tickgate_actors::schedule::{idempotency_key, plan, CatchUp, Entry};
 use tickgate_actors::store::{
-    write_async, IdempotencyKey, ScheduleCursor, ScheduleKey, Store, StoreError, Write,
+    write_async, IdempotencyKey, ScheduleCursor, ScheduleKey, Store, Write,
 };
 
 use crate::metrics::Metrics;
@@ -36,12 +35,8 @@ const MAX_NAP: Duration = Duration::from_secs(1);
 pub struct SchedulerDeps {
     /// Cursor reads and writes.
     pub store: Arc<dyn Store>,
-    /// Breaker admission, as for webhooks.
-    pub breaker: Addr<BreakerActor>,
-    /// Fast path of breaker admission.
-    pub closed_breakers: Arc<ClosedBreakers>,
-    /// Nothing fires once the service drains.
-    pub lifecycle: Arc<Lifecycle>,
+    /// The one accept path: breaker admission, mailbox slot, idempotency, durable submit.
+    pub intake: Arc<Intake>,
     /// `tickgate_schedule_skipped_total`.
     pub metrics: Arc<Metrics>,
 }
@@ -64,9 +59,8 @@ pub enum Fired {
     ShuttingDown,
 }
 
-/// Fires one slot of one entry: the single place where a schedule becomes a task. Today it does
-/// what the webhook path does (breaker admission, then a durable submission with an idempotency
-/// key); it is the one function to point at a shared intake.
+/// Fires one slot of one entry: the single place where a schedule becomes a task, through the
+/// same intake as every other trigger source.
 pub async fn fire_slot(
     deps: &SchedulerDeps,
     agent: &AgentHandle,
@@ -74,36 +68,7 @@ pub async fn fire_slot(
     entry: &Entry,
     slot: u64,
 ) -> Fired {
-    if deps.lifecycle.is_draining() {
-        return Fired::ShuttingDown;
-    }
     let id = &agent.spec.id;
-    let admission = if deps.closed_breakers.is_closed(id) {
-        Admission::Allowed
-    } else {
-        match deps.breaker.send(Admit(id.clone())).await {
-            Ok(a) => a,
-            Err(e) => {
-                return Fired::Skipped {
-                    reason: "breaker_open",
-                    detail: format!("breaker unavailable: {e}"),
-                }
-            }
-        }
-    };
-    let trial = match admission {
-        Admission::Allowed => false,
-        Admission::Trial => true,
-        Admission::Refused { retry_after } => {
-            return Fired::Skipped {
-                reason: "breaker_open",
-                detail: format!(
-                    "the breaker is open for another {}s",
-                    retry_after.as_secs_f64().ceil()
-                ),
-            }
-        }
-    };
     let source = Source {
         method: "SCHEDULE".into(),
         schedule: Some(entry.expression.clone()),
@@ -120,19 +85,24 @@ pub async fn fire_slot(
         key: idempotency_key(index, slot),
         body_sha256: digest.finalize().into(),
     };
-    let submitted = agent.submit(task, Some(idempotency)).await;
-    if trial && !matches!(submitted, Ok(Submitted::Accepted(_))) {
-        deps.breaker.do_send(TrialAbandoned(id.clone()));
-    }
-    match submitted {
-        Ok(Submitted::Accepted(task)) => Fired::Task(task.id),
+    match deps.intake.accept(task, Some(idempotency)).await {
+        Ok(Accepted::New(task)) => Fired::Task(task.id),
+        Ok(Accepted::Duplicate(id)) => Fired::Already(id),
         // A conflict means an earlier version of this entry (same index) fired this very slot.
-        Ok(Submitted::Duplicate(id)) | Ok(Submitted::Conflict(id)) => Fired::Already(id),
-        Err(SubmitError::MailboxFull) => Fired::Skipped {
+        Err(Refused::Conflict(id)) => Fired::Already(id),
+        Err(Refused::ShuttingDown) => Fired::ShuttingDown,
+        Err(Refused::BreakerOpen { retry_after }) => Fired::Skipped {
+            reason: "breaker_open",
+            detail: format!(
+                "the breaker is open for another {}s",
+                retry_after.as_secs_f64().ceil()
+            ),
+        },
+        Err(Refused::MailboxFull) => Fired::Skipped {
             reason: "mailbox_full",
             detail: "the agent's mailbox is full".into(),
         },
-        Err(SubmitError::Store(e)) => Fired::Skipped {
+        Err(e @ (Refused::StoreUnavailable(_) | Refused::UnknownAgent(_))) => Fired::Skipped {
             reason: "store",
             detail: e.to_string(),
         },
@@ -169,7 +139,7 @@ async fn run_entry(
     // (a loaded machine) always fires the latest due slot.
     let mut mode = catch_up;
     loop {
-        if deps.lifecycle.is_draining() {
+        if deps.intake.is_draining() {
             return;
         }
         let now = now_ms() / 1000;
@@ -211,7 +181,7 @@ async fn run_entry(
             tracing::info!(agent = %name, schedule = %entry.expression, "schedule has no further slot");
             return;
         };
-        sleep_until(next, &deps.lifecycle).await;
+        sleep_until(next, &deps.intake).await;
     }
 }
 
@@ -219,14 +189,10 @@ async fn run_entry(
 /// failures until it succeeds or the service drains (`None`).
 async fn load_cursor(deps: &SchedulerDeps, key: &ScheduleKey) -> Option<ScheduleCursor> {
     loop {
-        if deps.lifecycle.is_draining() {
+        if deps.intake.is_draining() {
             return None;
         }
-        let store = deps.store.clone();
-        let k = key.clone();
-        let read = tokio::task::spawn_blocking(move || store.schedule_cursor(&k))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Backend(e.to_string())));
+        let read = deps.store.schedule_cursor(key).await;
         let result = match read {
             Ok(Some(cursor)) => return Some(cursor),
             Ok(None) => {
@@ -256,11 +222,11 @@ async fn load_cursor(deps: &SchedulerDeps, key: &ScheduleKey) -> Option<Schedule
 }
 
 /// Sleeps until the wall clock reaches `slot` (Unix seconds) or the service drains.
-async fn sleep_until(slot: u64, lifecycle: &Lifecycle) {
+async fn sleep_until(slot: u64, intake: &Intake) {
     let target = slot.saturating_mul(1000);
     loop {
         let now = now_ms();
-        if now >= target || lifecycle.is_draining() {
+        if now >= target || intake.is_draining() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(target - now).min(MAX_NAP)).await;
@@ -271,8 +237,8 @@ async fn sleep_until(slot: u64, lifecycle: &Lifecycle) {
 mod tests {
     use super::*;
     use actix::Actor;
-    use tickgate_actors::agent::{self, AgentDeps, AgentSpec};
-    use tickgate_actors::breaker::BreakerPolicy;
+    use tickgate_actors::agent::{self, AgentDeps, AgentSpec, Lifecycle};
+    use tickgate_actors::breaker::{BreakerActor, BreakerPolicy};
     use tickgate_actors::events::TaskEvents;
     use tickgate_actors::runner::RunnerSpec;
     use tickgate_actors::store::sled::SledStore;
@@ -311,11 +277,16 @@ mod tests {
             },
             &actix::Arbiter::current(),
         );
+        let intake = Arc::new(Intake::new(
+            [handle.clone()],
+            breaker.clone(),
+            closed_breakers,
+            lifecycle.clone(),
+            store.clone(),
+        ));
         let deps = SchedulerDeps {
             store: store.clone(),
-            breaker,
-            closed_breakers,
-            lifecycle: lifecycle.clone(),
+            intake,
             metrics: Arc::new(Metrics::new()),
         };
         let entry = Entry::every("2s", serde_json::json!({"k": 1})).unwrap();
@@ -323,7 +294,7 @@ mod tests {
         let Fired::Task(first) = fire_slot(&deps, &handle, 0, &entry, 1_000).await else {
             panic!("the slot did not fire");
         };
-        let task = store.task(first).unwrap().unwrap();
+        let task = store.task(first).await.unwrap().unwrap();
         assert_eq!(task.source.method, "SCHEDULE");
         assert_eq!(task.source.schedule.as_deref(), Some("2s"));
         assert_eq!(task.idempotency_key.as_deref(), Some("schedule:0:1000"));
@@ -345,7 +316,7 @@ mod tests {
         ));
         // An open breaker skips the slot.
         for _ in 0..5 {
-            deps.breaker
+            breaker
                 .send(agent::TickOutcome {
                     agent: id.clone(),
                     task_id: first,

@@ -73,7 +73,12 @@ runner = { kind = "echo" }
     );
     assert_eq!(reuse.status, 200);
     assert!(reuse.json.get("duplicate").is_none());
-    assert_eq!(sled.queued(&"echo".parse().unwrap()).unwrap().len(), 0);
+    assert_eq!(
+        sled.queued_blocking(&"echo".parse().unwrap())
+            .unwrap()
+            .len(),
+        0
+    );
 
     app.stop();
 }

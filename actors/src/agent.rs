@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::events::TaskEvents;
 use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus, TickInput, TickOutput};
 use crate::runner::{Runner, RunnerError, RunnerSpec};
-use crate::store::{write_async, AgentState, IdempotencyKey, Store, StoreError, Write, Written};
+use crate::store::{write_async, AgentState, Store, Write};
 
 /// An agent's configuration, as the actors need it (the config layer builds it from TOML).
 #[derive(Debug, Clone)]
@@ -54,25 +54,21 @@ impl Mailbox {
         }
     }
 
-    /// Takes a slot if one is free.
-    pub fn try_reserve(&self) -> bool {
+    /// Takes a slot if one is free. The slot is given back when the returned guard drops, so
+    /// no path (refusal, failed store, skipped tick, completion) can leak or double-free it.
+    pub(crate) fn try_reserve(self: &Arc<Self>) -> Option<MailboxSlot> {
         self.queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
                 (q < self.capacity).then_some(q + 1)
             })
-            .is_ok()
+            .ok()
+            .map(|_| MailboxSlot(self.clone()))
     }
 
     /// Takes a slot even past capacity: recovered tasks were accepted already and must run.
-    pub fn force_reserve(&self) {
+    pub(crate) fn force_reserve(self: &Arc<Self>) -> MailboxSlot {
         self.queued.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Frees a slot when a task leaves the queue (finished, or was not stored after all).
-    pub fn release(&self) {
-        let _ = self
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| q.checked_sub(1));
+        MailboxSlot(self.clone())
     }
 
     /// Tasks waiting or running now; reported by `/ready` and the admin API.
@@ -86,16 +82,24 @@ impl Mailbox {
     }
 }
 
-/// Queued tasks an agent keeps in memory; beyond this its queue holds ids and each task is read
-/// from the store when its turn comes.
-const QUEUED_IN_MEMORY: usize = 1024;
+/// One task's place in an agent's [`Mailbox`]. It travels with the task (inside [`RunTask`] or
+/// [`RunStored`], then into the completion write) and frees the place when dropped, which is
+/// once the task's completion is durable, or as soon as the task is refused or skipped.
+#[derive(Debug)]
+pub struct MailboxSlot(Arc<Mailbox>);
+
+impl Drop for MailboxSlot {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// How a tick's turn ended, with the agent's memory handed back either way.
 enum Ran {
     /// The runner ran; `memory` is what it was given.
     Ticked {
         task: Box<Task>,
-        result: std::thread::Result<Result<TickOutput, RunnerError>>,
+        result: Box<std::thread::Result<Result<TickOutput, RunnerError>>>,
         elapsed: Duration,
         memory: serde_json::Value,
     },
@@ -112,13 +116,13 @@ const START_RETRY_MAX: Duration = Duration::from_secs(5);
 /// is already stored must never be refused.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RunTask(pub Arc<Task>);
+pub struct RunTask(pub(crate) Arc<Task>, pub(crate) MailboxSlot);
 
 /// Runs a task that is known only by id (recovered from the store at start-up): it is read from
 /// the store when its turn comes. Shares the agent's mailbox with [`RunTask`], so order holds.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct RunStored(pub TaskId);
+pub struct RunStored(pub(crate) TaskId, pub(crate) MailboxSlot);
 
 /// Emitted after every tick: the seam for the circuit breaker and metrics.
 #[derive(Message, Debug, Clone)]
@@ -134,28 +138,6 @@ pub struct TickOutcome {
     pub duration: Duration,
 }
 
-/// What a submission came to, when it did not fail.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Submitted {
-    /// Stored and queued; the 202 may be sent.
-    Accepted(Arc<Task>),
-    /// The idempotency key was used before with the same body.
-    Duplicate(TaskId),
-    /// The idempotency key was used before with a different body.
-    Conflict(TaskId),
-}
-
-/// Why a submission was refused.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SubmitError {
-    /// The agent's queue is at capacity; nothing was stored.
-    #[error("the agent's mailbox is full")]
-    MailboxFull,
-    /// The store could not make the task durable; nothing was queued.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
 /// Everything the HTTP edge and the registry need to talk to one agent. Cheap to clone.
 #[derive(Clone)]
 pub struct AgentHandle {
@@ -167,79 +149,17 @@ pub struct AgentHandle {
     pub mailbox: Arc<Mailbox>,
     /// Tick counter shared with the actor, for listings that must not wait behind a tick.
     pub ticks: Arc<AtomicUsize>,
-    store: Arc<dyn Store>,
 }
 
 impl AgentHandle {
-    /// Accepts a task: reserves a mailbox slot, makes the task durable (sharing a flush with
-    /// concurrent submissions), then hands it to the agent. The hand-off happens on the store's
-    /// writer thread in store order, so it does not depend on the caller still waiting: a client
-    /// that hangs up never loses or cancels its task.
-    pub async fn submit(
-        &self,
-        task: Task,
-        idempotency: Option<IdempotencyKey>,
-    ) -> Result<Submitted, SubmitError> {
-        if !self.mailbox.try_reserve() {
-            return Err(SubmitError::MailboxFull);
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let addr = self.addr.clone();
-        let mailbox = self.mailbox.clone();
-        self.store.write(
-            Write::Submit {
-                task: Box::new(task),
-                idempotency,
-            },
-            Box::new(move |res| {
-                let reply = match res {
-                    Ok(Written::Accepted(task)) => {
-                        // Shared with the caller rather than copied: this runs on the store's
-                        // writer thread, which every write in the process goes through.
-                        let task: Arc<Task> = Arc::from(task);
-                        // A deep queue holds ids only, so a big mailbox does not hold a big
-                        // backlog in memory; the task is read back when its turn comes.
-                        if mailbox.queued() > QUEUED_IN_MEMORY {
-                            addr.do_send(RunStored(task.id));
-                        } else {
-                            addr.do_send(RunTask(task.clone()));
-                        }
-                        Ok(Submitted::Accepted(task))
-                    }
-                    Ok(Written::Duplicate(id)) => {
-                        mailbox.release();
-                        Ok(Submitted::Duplicate(id))
-                    }
-                    Ok(Written::Conflict(id)) => {
-                        mailbox.release();
-                        Ok(Submitted::Conflict(id))
-                    }
-                    Ok(other @ (Written::Done | Written::Purged(_))) => {
-                        mailbox.release();
-                        Err(SubmitError::Store(StoreError::Backend(format!(
-                            "store answered a submission with {other:?}"
-                        ))))
-                    }
-                    Err(e) => {
-                        mailbox.release();
-                        Err(SubmitError::Store(e))
-                    }
-                };
-                let _ = tx.send(reply);
-            }),
-        );
-        rx.await
-            .unwrap_or(Err(SubmitError::Store(StoreError::Closed)))
-    }
-
     /// Re-queues tasks found in the store at start-up, in their stored order. Only their ids are
     /// queued; each task is read from the store when its turn comes, so a large backlog costs
     /// little memory. A task that was STARTED when the process died runs again; its `attempt`
     /// goes up when it starts.
     pub fn recover(&self, tasks: Vec<TaskId>) {
         for id in tasks {
-            self.mailbox.force_reserve();
-            self.addr.do_send(RunStored(id));
+            self.addr
+                .do_send(RunStored(id, self.mailbox.force_reserve()));
         }
     }
 }
@@ -281,6 +201,23 @@ impl Lifecycle {
     pub fn running(&self) -> usize {
         self.running.load(Ordering::Acquire)
     }
+
+    /// Counts a tick as running until the returned guard drops, which is once its outcome is
+    /// durable (or as soon as it turns out it will not run), so shutdown never waits for a tick
+    /// that is gone nor misses one still running.
+    fn start_tick(self: &Arc<Self>) -> RunningTick {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        RunningTick(self.clone())
+    }
+}
+
+/// A tick counted in [`Lifecycle::running`]; dropping it stops counting it.
+struct RunningTick(Arc<Lifecycle>);
+
+impl Drop for RunningTick {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The agent actor. Its state (memory and tick counter) is loaded before it starts and written
@@ -289,7 +226,6 @@ pub struct Agent {
     spec: Arc<AgentSpec>,
     runner: Rc<Runner>,
     state: AgentState,
-    mailbox: Arc<Mailbox>,
     ticks: Arc<AtomicUsize>,
     deps: AgentDeps,
 }
@@ -304,16 +240,13 @@ pub fn start(
     let spec = Arc::new(spec);
     let mailbox = Arc::new(Mailbox::new(spec.mailbox));
     let ticks = Arc::new(AtomicUsize::new(state.ticks as usize));
-    let store = deps.store.clone();
     let addr = {
         let spec = spec.clone();
-        let mailbox = mailbox.clone();
         let ticks = ticks.clone();
         Supervisor::start_in_arbiter(arbiter, move |_| Agent {
             runner: Rc::new(Runner::new(&spec.runner, &spec.id, &spec.env)),
             spec,
             state,
-            mailbox,
             ticks,
             deps,
         })
@@ -323,7 +256,6 @@ pub fn start(
         addr,
         mailbox,
         ticks,
-        store,
     }
 }
 
@@ -364,35 +296,28 @@ impl Handler<Restart> for Agent {
 impl Handler<RunTask> for Agent {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, RunTask(task): RunTask, _ctx: &mut Self::Context) -> Self::Result {
-        AtomicResponse::new(self.tick(Arc::unwrap_or_clone(task)))
+    fn handle(&mut self, RunTask(task, slot): RunTask, _ctx: &mut Self::Context) -> Self::Result {
+        AtomicResponse::new(self.tick(Arc::unwrap_or_clone(task), slot))
     }
 }
 
 impl Handler<RunStored> for Agent {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, RunStored(id): RunStored, _ctx: &mut Self::Context) -> Self::Result {
-        let store = self.deps.store.clone();
-        // A store read can touch the disk, so it runs off the arbiter thread.
-        let load = async move {
-            tokio::task::spawn_blocking(move || store.task(id))
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Backend(format!("task read failed: {e}"))))
-        };
+    fn handle(&mut self, RunStored(id, slot): RunStored, _ctx: &mut Self::Context) -> Self::Result {
+        // The store runs the read off the arbiter thread.
+        let load = self.deps.store.task(id);
         AtomicResponse::new(Box::pin(load.into_actor(self).then(
             move |loaded, agent, _ctx| -> ResponseActFuture<Self, ()> {
                 match loaded {
-                    Ok(Some(task)) => agent.tick(task),
+                    Ok(Some(task)) => agent.tick(task, slot),
                     Ok(None) => {
                         tracing::warn!(agent = %agent.spec.id, task_id = %id, "queued task has no record; skipped");
-                        agent.mailbox.release();
                         Box::pin(actix::fut::ready(()))
                     }
                     Err(e) => {
                         // Left on disk as it is; the next start tries again.
                         tracing::error!(agent = %agent.spec.id, task_id = %id, error = %e, "could not read a queued task; skipped until the next start");
-                        agent.mailbox.release();
                         Box::pin(actix::fut::ready(()))
                     }
                 }
@@ -404,13 +329,14 @@ impl Handler<RunStored> for Agent {
 impl Agent {
     /// Runs one task's tick: records its start when the runner can have effects, runs the
     /// runner, then records the outcome. The returned future is the whole of the agent's turn.
-    fn tick(&mut self, mut task: Task) -> ResponseActFuture<Self, ()> {
+    /// The slot and the running count are guards: they are released when the completion is
+    /// durable, or at once on any path where the tick does not run.
+    fn tick(&mut self, mut task: Task, slot: MailboxSlot) -> ResponseActFuture<Self, ()> {
         if self.deps.lifecycle.is_draining() {
-            // Left PENDING (or STARTED) on disk: the next start runs it.
-            self.mailbox.release();
+            // Left PENDING (or STARTED) on disk: the next start runs it; the slot drops here.
             return Box::pin(actix::fut::ready(()));
         }
-        self.deps.lifecycle.running.fetch_add(1, Ordering::AcqRel);
+        let running = self.deps.lifecycle.start_tick();
         task.status = TaskStatus::Started;
         task.attempt += 1;
         task.tick = self.state.ticks + 1;
@@ -482,7 +408,7 @@ impl Agent {
             task.source = std::mem::take(&mut input.source);
             Ran::Ticked {
                 task: Box::new(task),
-                result,
+                result: Box::new(result),
                 elapsed,
                 memory: input.memory,
             }
@@ -498,13 +424,12 @@ impl Agent {
                     memory,
                 } => {
                     agent.state.memory = memory;
-                    (*task, result, elapsed)
+                    (*task, *result, elapsed)
                 }
                 Ran::NotStarted { memory } => {
-                    // Left as it is on disk (PENDING) for the next start.
+                    // Left as it is on disk (PENDING) for the next start; the slot and the
+                    // running count drop here.
                     agent.state.memory = memory;
-                    agent.mailbox.release();
-                    agent.deps.lifecycle.running.fetch_sub(1, Ordering::AcqRel);
                     return;
                 }
             };
@@ -515,7 +440,7 @@ impl Agent {
                 ctx.notify(Restart);
                 Err(RunnerError::Exit("the runner panicked".into()))
             });
-            agent.finish(task, result, elapsed)
+            agent.finish(task, result, elapsed, (slot, running))
         }))
     }
 
@@ -526,6 +451,7 @@ impl Agent {
         mut task: Task,
         result: Result<TickOutput, RunnerError>,
         elapsed: Duration,
+        held: (MailboxSlot, RunningTick),
     ) {
         task.finished_at = Some(now_ms());
         match result {
@@ -556,8 +482,6 @@ impl Agent {
             recipient.do_send(outcome.clone());
         }
         let events = self.deps.events.clone();
-        let mailbox = self.mailbox.clone();
-        let lifecycle = self.deps.lifecycle.clone();
         let task = Arc::new(task);
         let write = Write::Complete {
             task: task.clone(),
@@ -573,8 +497,8 @@ impl Agent {
                     Ok(_) => events.publish(&task),
                     Err(e) => tracing::error!(task_id = %task.id, error = %e, "could not record the tick's outcome"),
                 }
-                mailbox.release();
-                lifecycle.running.fetch_sub(1, Ordering::AcqRel);
+                // Only now, with the completion on disk, does the task leave the queue.
+                drop(held);
             }),
         );
     }
@@ -585,18 +509,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mailbox_refuses_past_capacity_and_frees_on_release() {
-        let m = Mailbox::new(2);
-        assert!(m.try_reserve());
-        assert!(m.try_reserve());
-        assert!(!m.try_reserve());
-        m.release();
-        assert!(m.try_reserve());
-        m.force_reserve();
+    fn mailbox_slots_are_freed_by_dropping_them() {
+        let m = Arc::new(Mailbox::new(2));
+        let a = m.try_reserve().expect("free");
+        let b = m.try_reserve().expect("free");
+        assert!(m.try_reserve().is_none());
+        drop(a);
+        let c = m.try_reserve().expect("freed by the drop");
+        let forced = m.force_reserve();
         assert_eq!(m.queued(), 3);
-        for _ in 0..5 {
-            m.release();
-        }
+        drop((b, c, forced));
         assert_eq!(m.queued(), 0);
+    }
+
+    #[test]
+    fn running_ticks_are_counted_while_their_guard_lives() {
+        let l = Arc::new(Lifecycle::default());
+        let t = l.start_tick();
+        assert_eq!(l.running(), 1);
+        drop(t);
+        assert_eq!(l.running(), 0);
     }
 }

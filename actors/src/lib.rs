@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod breaker;
 pub mod events;
+pub mod intake;
 pub mod model;
 pub mod registry;
 pub mod runner;

@@ -9,7 +9,7 @@ use actix_web::http::StatusCode;
 use actix_web::middleware::ErrorHandlerResponse;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
-use tickgate_actors::agent::SubmitError;
+use tickgate_actors::intake::Refused;
 use tickgate_actors::model::TaskId;
 use tickgate_actors::store::StoreError;
 
@@ -140,11 +140,18 @@ impl ApiError {
     }
 }
 
-impl From<SubmitError> for ApiError {
-    fn from(e: SubmitError) -> Self {
+/// The intake's refusals are the only way a trigger fails after ingress: one status each.
+impl From<Refused> for ApiError {
+    fn from(e: Refused) -> Self {
         match e {
-            SubmitError::MailboxFull => ApiError::MailboxFull,
-            SubmitError::Store(e) => ApiError::Store(e),
+            Refused::UnknownAgent(agent) => ApiError::NotFound(format!("no agent {agent}")),
+            Refused::ShuttingDown => ApiError::ShuttingDown,
+            Refused::BreakerOpen { retry_after } => ApiError::BreakerOpen {
+                retry_after: retry_after.as_secs_f64().ceil() as u64,
+            },
+            Refused::MailboxFull => ApiError::MailboxFull,
+            Refused::Conflict(id) => ApiError::IdempotencyConflict(id),
+            Refused::StoreUnavailable(e) => ApiError::Store(e),
         }
     }
 }

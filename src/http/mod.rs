@@ -20,8 +20,9 @@ use actix_web::middleware::{ErrorHandlers, Next};
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use ipnetwork::IpNetwork;
 use tickgate_actors::agent::Lifecycle;
-use tickgate_actors::breaker::{BreakerActor, ClosedBreakers};
+use tickgate_actors::breaker::BreakerActor;
 use tickgate_actors::events::TaskEvents;
+use tickgate_actors::intake::Intake;
 use tickgate_actors::model::AgentId;
 use tickgate_actors::registry::{Registry, TokenIndex};
 use tickgate_actors::store::Store;
@@ -43,8 +44,8 @@ pub struct AppState {
     pub breaker: Addr<BreakerActor>,
     /// The registry's token map, read without a message on every trigger.
     pub tokens: Arc<TokenIndex>,
-    /// The breaker actor's lock-free view of closed breakers: the common case needs no message.
-    pub closed_breakers: Arc<ClosedBreakers>,
+    /// The accept path every trigger goes through (admission, mailbox slot, durable submit).
+    pub intake: Arc<Intake>,
     /// Draining switch and running-tick count.
     pub lifecycle: Arc<Lifecycle>,
     /// Prometheus metrics.

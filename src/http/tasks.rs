@@ -131,8 +131,7 @@ impl<'a> TaskRecord<'a> {
 
 /// Reads a task off the arbiter thread.
 pub async fn load(state: &AppState, id: TaskId) -> Result<Option<Task>, ApiError> {
-    let store = state.store.clone();
-    Ok(web::block(move || store.task(id)).await??)
+    Ok(state.store.task(id).await?)
 }
 
 fn parse_id(raw: &str) -> Result<TaskId, ApiError> {

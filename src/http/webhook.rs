@@ -11,8 +11,8 @@ use actix_web::http::header;
 use actix_web::HttpMessage;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
-use tickgate_actors::agent::{AgentHandle, Submitted};
-use tickgate_actors::breaker::{Admission, Admit, TrialAbandoned};
+use tickgate_actors::agent::AgentHandle;
+use tickgate_actors::intake::Accepted;
 use tickgate_actors::model::{AgentId, Source, Task};
 use tickgate_actors::registry::ResolveError;
 use tickgate_actors::token;
@@ -152,7 +152,7 @@ async fn trigger(
     raw_body: &[u8],
     query_inputs: Option<Value>,
 ) -> Result<HttpResponse, ApiError> {
-    if state.lifecycle.is_draining() {
+    if state.intake.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
     let gate = gate(state, agent);
@@ -200,26 +200,8 @@ async fn trigger(
     task.env = parsed.env;
     let sub = wait.map(|_| state.events.subscribe(task.id));
 
-    let admission = if state.closed_breakers.is_closed(&agent.spec.id) {
-        Admission::Allowed
-    } else {
-        state.breaker.send(Admit(agent.spec.id.clone())).await?
-    };
-    let trial = match admission {
-        Admission::Allowed => false,
-        Admission::Trial => true,
-        Admission::Refused { retry_after } => {
-            return Err(ApiError::BreakerOpen {
-                retry_after: retry_after.as_secs_f64().ceil() as u64,
-            })
-        }
-    };
-    let submitted = agent.submit(task, idempotency).await;
-    if trial && !matches!(submitted, Ok(Submitted::Accepted(_))) {
-        state.breaker.do_send(TrialAbandoned(agent.spec.id.clone()));
-    }
-    match submitted? {
-        Submitted::Accepted(task) => match (wait, sub) {
+    match state.intake.accept(task, idempotency).await? {
+        Accepted::New(task) => match (wait, sub) {
             (Some(wait), Some(sub)) => {
                 let (task, timed_out) =
                     wait_for(state, sub, Arc::unwrap_or_clone(task), wait).await?;
@@ -231,7 +213,7 @@ async fn trigger(
                 .ack()
                 .unwrap_or_else(|| accepted(state, &task))),
         },
-        Submitted::Duplicate(id) => {
+        Accepted::Duplicate(id) => {
             drop(sub);
             // `webhook.ack` replaces a fire-and-forget duplicate's answer too.
             if let (None, Some(ack)) = (wait, gate.delivery.ack()) {
@@ -247,7 +229,6 @@ async fn trigger(
             };
             Ok(finished_or_pending(state, &task, timed_out, true))
         }
-        Submitted::Conflict(id) => Err(ApiError::IdempotencyConflict(id)),
     }
 }
 

@@ -14,7 +14,6 @@ use std::time::SystemTime;
 
 use ipnetwork::IpNetwork;
 
-use crate::config::AgentSetup;
 use rate_limit::RateLimiter;
 use signature::Verifier;
 
@@ -45,9 +44,26 @@ pub enum GateError {
     RateLimited(std::time::Duration),
 }
 
+/// An agent's validated ingress settings, as the gate needs them. Defined here rather than taken
+/// from the config layer so that dependencies point one way: config → ingress.
+pub struct GateRules<'a> {
+    /// Allowed source networks; empty allows all.
+    pub allow_cidrs: &'a [IpNetwork],
+    /// Signature verification, if configured.
+    pub signature: Option<&'a Verifier>,
+    /// The custom signature header of an `hmac-sha256` scheme, kept out of the tick's `source`.
+    pub signature_header: Option<&'a str>,
+    /// Sustained triggers per second and burst, if rate-limited.
+    pub rate_limit: Option<(f64, u32)>,
+    /// GET with a query string triggers.
+    pub allow_get: bool,
+    /// Where delivery ids come from, and the fixed answer if one is configured.
+    pub delivery: &'a delivery::Delivery,
+}
+
 impl Gate {
     /// Builds the gate from an agent's validated settings.
-    pub fn new(setup: &AgentSetup) -> Self {
+    pub fn new(setup: GateRules<'_>) -> Self {
         let mut secret_headers = vec![
             "authorization".to_string(),
             "cookie".to_string(),
@@ -61,15 +77,15 @@ impl Gate {
             "svix-signature".to_string(),
             "x-signature".to_string(),
         ];
-        if let Some(h) = &setup.signature_header {
+        if let Some(h) = setup.signature_header {
             secret_headers.push(h.to_ascii_lowercase());
         }
         Self {
-            allow_cidrs: setup.allow_cidrs.clone(),
-            signature: setup.signature.clone(),
+            allow_cidrs: setup.allow_cidrs.to_vec(),
+            signature: setup.signature.cloned(),
             rate: setup
                 .rate_limit
-                .map(|r| RateLimiter::new(r.per_second, r.burst)),
+                .map(|(per_second, burst)| RateLimiter::new(per_second, burst)),
             allow_get: setup.allow_get,
             secret_headers,
             delivery: setup.delivery.clone(),

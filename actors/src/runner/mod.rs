@@ -1,9 +1,9 @@
 //! What a tick executes. The agent actor only knows `Runner::tick`; each kind of runner lives in
 //! its own module so that adding one (a gRPC runner, say) touches nothing else.
 
-pub mod command;
-pub mod http;
-pub mod persistent;
+pub(crate) mod command;
+pub(crate) mod http;
+pub(crate) mod persistent;
 mod reap;
 
 pub use command::STDERR_DROPPED_BYTES;

@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, Write};
+use super::{
+    AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, StoreFuture,
+    Write,
+};
 use crate::model::{AgentId, Task, TaskId};
 
 /// Delegates to `inner` unless writes are switched to fail.
@@ -51,15 +54,15 @@ impl Store for FaultyStore {
         self.inner.write(write, done);
     }
 
-    fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+    fn task(&self, id: TaskId) -> StoreFuture<Option<Task>> {
         self.inner.task(id)
     }
 
-    fn agent_state(&self, agent: &AgentId) -> Result<AgentState, StoreError> {
+    fn agent_state(&self, agent: &AgentId) -> StoreFuture<AgentState> {
         self.inner.agent_state(agent)
     }
 
-    fn queued(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
+    fn queued(&self, agent: &AgentId) -> StoreFuture<Vec<TaskId>> {
         self.inner.queued(agent)
     }
 
@@ -67,7 +70,7 @@ impl Store for FaultyStore {
         self.inner.token_digest(agent)
     }
 
-    fn schedule_cursor(&self, key: &ScheduleKey) -> Result<Option<ScheduleCursor>, StoreError> {
+    fn schedule_cursor(&self, key: &ScheduleKey) -> StoreFuture<Option<ScheduleCursor>> {
         self.inner.schedule_cursor(key)
     }
 

@@ -3,11 +3,16 @@
 //!
 //! Writes are requests to a single writer that batches them (group commit): every write made while
 //! the previous flush ran lands in the next one, and each caller is answered only once its write
-//! is on disk. Reads are plain blocking calls, meant to be run off the actix arbiters.
+//! is on disk. Reads that happen while serving are async at the trait: a backend that blocks
+//! (sled) moves them to a blocking pool itself, so no caller can stall an actix arbiter by
+//! forgetting to. Start-up reads (`token_digest`) and the retention `purge` stay blocking and say so.
 
+#[cfg(any(test, feature = "test-util"))]
 pub mod faulty;
 pub mod sled;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -130,6 +135,10 @@ pub enum Written {
 /// block: it typically sends on a channel or to an actor mailbox.
 pub type OnWritten = Box<dyn FnOnce(Result<Written, StoreError>) + Send>;
 
+/// An async store read. Boxed so that `dyn Store` keeps working; `Send` so it can be awaited on
+/// any thread; `'static` because the backend owns what it needs to finish the read.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
 /// What an agent keeps between ticks.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentState {
@@ -152,24 +161,26 @@ pub trait Store: Send + Sync + 'static {
     /// they are queued, which is what makes acceptance order the tick order.
     fn write(&self, write: Write, done: OnWritten);
 
-    /// Reads one task.
-    fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError>;
+    /// Reads one task, off the calling thread.
+    fn task(&self, id: TaskId) -> StoreFuture<Option<Task>>;
 
     /// An agent's memory and tick counter; defaults for an agent that never ticked.
-    fn agent_state(&self, agent: &AgentId) -> Result<AgentState, StoreError>;
+    fn agent_state(&self, agent: &AgentId) -> StoreFuture<AgentState>;
 
     /// Ids of the tasks still in an agent's queue (PENDING, or STARTED when a crash interrupted
     /// them), in acceptance order. Ids only: a backlog can be large, and each task is read when
     /// its turn comes.
-    fn queued(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError>;
+    fn queued(&self, agent: &AgentId) -> StoreFuture<Vec<TaskId>>;
 
-    /// The digest of an agent's current webhook token, if it has one.
+    /// The digest of an agent's current webhook token, if it has one. Blocking: only start-up
+    /// and the CLI read it, before anything is served.
     fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError>;
 
     /// A schedule entry's cursor, if a running server has seen the entry before.
-    fn schedule_cursor(&self, key: &ScheduleKey) -> Result<Option<ScheduleCursor>, StoreError>;
+    fn schedule_cursor(&self, key: &ScheduleKey) -> StoreFuture<Option<ScheduleCursor>>;
 
     /// Removes finished tasks (and their idempotency keys) that finished more than `older_than` ago.
+    /// Blocking: the retention job runs it on the blocking pool.
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError>;
 
     /// Whether the last write succeeded; feeds readiness.

@@ -30,7 +30,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, Write, Written,
+    AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, StoreFuture,
+    Write, Written,
 };
 use crate::model::{now_ms, AgentId, Task, TaskId};
 
@@ -145,6 +146,19 @@ impl Shared {
             })
     }
 
+    /// Decodes a stored record, reporting (once) and refusing one that cannot be decoded.
+    fn decode<T: DeserializeOwned>(
+        &self,
+        record: impl FnOnce() -> String,
+        raw: &[u8],
+    ) -> Result<T, StoreError> {
+        decode(raw).map_err(|e| {
+            let record = record();
+            self.report_unreadable(record.clone(), &e);
+            StoreError::Backend(format!("the stored {record} cannot be decoded: {e}"))
+        })
+    }
+
     fn report_unreadable(&self, record: String, error: &serde_json::Error) {
         let new = self
             .unreadable
@@ -244,18 +258,6 @@ impl SledStore {
             .lock()
             .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
-    }
-
-    fn decode<T: DeserializeOwned>(
-        &self,
-        record: impl FnOnce() -> String,
-        raw: &[u8],
-    ) -> Result<T, StoreError> {
-        decode(raw).map_err(|e| {
-            let record = record();
-            self.shared.report_unreadable(record.clone(), &e);
-            StoreError::Backend(format!("the stored {record} cannot be decoded: {e}"))
-        })
     }
 }
 
@@ -744,6 +746,97 @@ fn seen_key(
     Ok(Some((record.task, digest)))
 }
 
+/// Runs a sled read on tokio's blocking pool: a read can touch the disk, and callers of the
+/// [`Store`] trait are async code on actix arbiters, which must never block.
+fn off_thread<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> StoreFuture<T> {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(read)
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Backend(format!("store read failed: {e}"))))
+    })
+}
+
+fn read_task(shared: &Shared, id: TaskId) -> Result<Option<Task>, StoreError> {
+    match shared.db()?.get(task_key(&id)).map_err(backend)? {
+        Some(raw) => shared.decode(|| format!("task {id}"), &raw).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn read_agent_state(shared: &Shared, agent: &AgentId) -> Result<AgentState, StoreError> {
+    match shared
+        .db()?
+        .get(key(AGENT, &[agent.to_string().as_bytes()]))
+        .map_err(backend)?
+    {
+        Some(raw) => shared.decode(|| format!("state of agent {agent}"), &raw),
+        None => Ok(AgentState {
+            memory: serde_json::json!({}),
+            ticks: 0,
+        }),
+    }
+}
+
+fn read_queued(shared: &Shared, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
+    let mut ids = Vec::new();
+    for entry in shared.db()?.scan_prefix(queue_prefix(agent)) {
+        let (k, id) = entry.map_err(backend)?;
+        match <[u8; 16]>::try_from(id.as_ref()) {
+            Ok(bytes) => ids.push(TaskId::from_bytes(bytes)),
+            Err(_) => {
+                let record = format!("queue entry {} of agent {agent}", hex(&k));
+                let e = <serde_json::Error as serde::de::Error>::custom(format!(
+                    "a task id is 16 bytes, found {}",
+                    id.len()
+                ));
+                shared.report_unreadable(record, &e);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+fn read_schedule_cursor(
+    shared: &Shared,
+    k: &ScheduleKey,
+) -> Result<Option<ScheduleCursor>, StoreError> {
+    match shared.db()?.get(schedule_key(k)).map_err(backend)? {
+        Some(raw) => shared
+            .decode(|| format!("schedule cursor of agent {}", k.agent), &raw)
+            .map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Blocking reads for code that runs outside any async runtime (tests, tools); async code uses
+/// the [`Store`] trait's reads, which run these off the calling thread.
+impl SledStore {
+    /// Reads one task, blocking the calling thread.
+    pub fn task_blocking(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        read_task(&self.shared, id)
+    }
+
+    /// An agent's memory and tick counter, blocking the calling thread.
+    pub fn agent_state_blocking(&self, agent: &AgentId) -> Result<AgentState, StoreError> {
+        read_agent_state(&self.shared, agent)
+    }
+
+    /// The ids queued for an agent, blocking the calling thread.
+    pub fn queued_blocking(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
+        read_queued(&self.shared, agent)
+    }
+
+    /// A schedule entry's cursor, blocking the calling thread.
+    pub fn schedule_cursor_blocking(
+        &self,
+        k: &ScheduleKey,
+    ) -> Result<Option<ScheduleCursor>, StoreError> {
+        read_schedule_cursor(&self.shared, k)
+    }
+}
+
 impl Store for SledStore {
     fn write(&self, write: Write, done: OnWritten) {
         let sender = self.jobs.lock().ok().and_then(|jobs| jobs.clone());
@@ -756,45 +849,19 @@ impl Store for SledStore {
         }
     }
 
-    fn task(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
-        match self.shared.db()?.get(task_key(&id)).map_err(backend)? {
-            Some(raw) => self.decode(|| format!("task {id}"), &raw).map(Some),
-            None => Ok(None),
-        }
+    fn task(&self, id: TaskId) -> StoreFuture<Option<Task>> {
+        let shared = self.shared.clone();
+        off_thread(move || read_task(&shared, id))
     }
 
-    fn agent_state(&self, agent: &AgentId) -> Result<AgentState, StoreError> {
-        match self
-            .shared
-            .db()?
-            .get(key(AGENT, &[agent.to_string().as_bytes()]))
-            .map_err(backend)?
-        {
-            Some(raw) => self.decode(|| format!("state of agent {agent}"), &raw),
-            None => Ok(AgentState {
-                memory: serde_json::json!({}),
-                ticks: 0,
-            }),
-        }
+    fn agent_state(&self, agent: &AgentId) -> StoreFuture<AgentState> {
+        let (shared, agent) = (self.shared.clone(), agent.clone());
+        off_thread(move || read_agent_state(&shared, &agent))
     }
 
-    fn queued(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
-        let mut ids = Vec::new();
-        for entry in self.shared.db()?.scan_prefix(queue_prefix(agent)) {
-            let (k, id) = entry.map_err(backend)?;
-            match <[u8; 16]>::try_from(id.as_ref()) {
-                Ok(bytes) => ids.push(TaskId::from_bytes(bytes)),
-                Err(_) => {
-                    let record = format!("queue entry {} of agent {agent}", hex(&k));
-                    let e = <serde_json::Error as serde::de::Error>::custom(format!(
-                        "a task id is 16 bytes, found {}",
-                        id.len()
-                    ));
-                    self.shared.report_unreadable(record, &e);
-                }
-            }
-        }
-        Ok(ids)
+    fn queued(&self, agent: &AgentId) -> StoreFuture<Vec<TaskId>> {
+        let (shared, agent) = (self.shared.clone(), agent.clone());
+        off_thread(move || read_queued(&shared, &agent))
     }
 
     fn token_digest(&self, agent: &AgentId) -> Result<Option<[u8; 32]>, StoreError> {
@@ -806,13 +873,9 @@ impl Store for SledStore {
         Ok(raw.and_then(|r| <[u8; 32]>::try_from(r.as_ref()).ok()))
     }
 
-    fn schedule_cursor(&self, k: &ScheduleKey) -> Result<Option<ScheduleCursor>, StoreError> {
-        match self.shared.db()?.get(schedule_key(k)).map_err(backend)? {
-            Some(raw) => self
-                .decode(|| format!("schedule cursor of agent {}", k.agent), &raw)
-                .map(Some),
-            None => Ok(None),
-        }
+    fn schedule_cursor(&self, k: &ScheduleKey) -> StoreFuture<Option<ScheduleCursor>> {
+        let (shared, k) = (self.shared.clone(), k.clone());
+        off_thread(move || read_schedule_cursor(&shared, &k))
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
@@ -900,7 +963,7 @@ mod tests {
             }
         }
         assert!(ids.windows(2).all(|w| w[0].0 < w[1].0));
-        let queued: Vec<TaskId> = store.queued(&agent).unwrap();
+        let queued: Vec<TaskId> = store.queued_blocking(&agent).unwrap();
         assert_eq!(queued, ids.iter().map(|x| x.1).collect::<Vec<_>>());
     }
 
@@ -930,7 +993,7 @@ mod tests {
         };
         assert_eq!(results[1], Written::Duplicate(first.id));
         assert_eq!(results[2], Written::Conflict(first.id));
-        assert_eq!(store.queued(&agent).unwrap().len(), 1);
+        assert_eq!(store.queued_blocking(&agent).unwrap().len(), 1);
     }
 
     #[test]
@@ -976,12 +1039,15 @@ mod tests {
             store.close().unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
-        assert!(store.queued(&agent).unwrap().is_empty());
-        assert_eq!(store.task(id).unwrap().unwrap().status, TaskStatus::Success);
-        assert_eq!(store.agent_state(&agent).unwrap().ticks, 1);
+        assert!(store.queued_blocking(&agent).unwrap().is_empty());
+        assert_eq!(
+            store.task_blocking(id).unwrap().unwrap().status,
+            TaskStatus::Success
+        );
+        assert_eq!(store.agent_state_blocking(&agent).unwrap().ticks, 1);
         assert_eq!(store.token_digest(&agent).unwrap(), Some([7; 32]));
         assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 1);
-        assert!(store.task(id).unwrap().is_none());
+        assert!(store.task_blocking(id).unwrap().is_none());
     }
 
     #[test]
@@ -1028,8 +1094,8 @@ mod tests {
 
         let purged = store.purge(Duration::from_secs(60)).unwrap();
         assert_eq!(purged.tasks, total);
-        assert!(store.task(first_old).unwrap().is_none());
-        assert!(store.task(recent).unwrap().is_some());
+        assert!(store.task_blocking(first_old).unwrap().is_none());
+        assert!(store.task_blocking(recent).unwrap().is_some());
         // The purged keys are free again; the recent one still deduplicates.
         let again = |n: usize| {
             blocking(
@@ -1112,7 +1178,7 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        assert_eq!(store.task(t.id).unwrap().unwrap().inputs, inputs);
+        assert_eq!(store.task_blocking(t.id).unwrap().unwrap().inputs, inputs);
     }
 
     #[test]
@@ -1130,16 +1196,16 @@ mod tests {
         drop(db);
         for _ in 0..2 {
             assert!(
-                matches!(store.task(id), Err(StoreError::Backend(m)) if m.contains(&id.to_string()))
+                matches!(store.task_blocking(id), Err(StoreError::Backend(m)) if m.contains(&id.to_string()))
             );
         }
-        assert!(store.agent_state(&agent).is_err());
+        assert!(store.agent_state_blocking(&agent).is_err());
         let reported = counts.unreadable.lock().unwrap().clone();
         assert_eq!(reported.len(), 2, "{reported:?}");
         assert!(reported.contains(&format!("task {id}")));
         assert_eq!(store.unreadable_records().len(), 2);
         assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 1);
-        assert!(store.task(id).unwrap().is_none());
+        assert!(store.task_blocking(id).unwrap().is_none());
         assert!(store.healthy());
     }
 
@@ -1158,7 +1224,10 @@ mod tests {
         };
         {
             let store = SledStore::open(dir.path()).unwrap();
-            assert_eq!(store.schedule_cursor(&k(0, "every 5s")).unwrap(), None);
+            assert_eq!(
+                store.schedule_cursor_blocking(&k(0, "every 5s")).unwrap(),
+                None
+            );
             blocking(
                 &store,
                 Write::SetScheduleCursor {
@@ -1171,11 +1240,17 @@ mod tests {
         }
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(
-            store.schedule_cursor(&k(0, "every 5s")).unwrap(),
+            store.schedule_cursor_blocking(&k(0, "every 5s")).unwrap(),
             Some(cursor)
         );
-        assert_eq!(store.schedule_cursor(&k(0, "every 6s")).unwrap(), None);
-        assert_eq!(store.schedule_cursor(&k(1, "every 5s")).unwrap(), None);
+        assert_eq!(
+            store.schedule_cursor_blocking(&k(0, "every 6s")).unwrap(),
+            None
+        );
+        assert_eq!(
+            store.schedule_cursor_blocking(&k(1, "every 5s")).unwrap(),
+            None
+        );
     }
 
     #[test]
