@@ -3,14 +3,10 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use common::*;
-use hmac::{Hmac, Mac};
 use serde_json::json;
-use sha2::Sha256;
 
 const SLACK_SECRET: &str = "slack-signing-secret-0123";
 const STRIPE_SECRET: &str = "whsec_stripe_handshake";
@@ -63,23 +59,6 @@ fn start(env: &Env) -> Server {
             ("SVIX_SECRET", SVIX_SECRET),
         ],
     )
-}
-
-fn hmac_bytes(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
-    mac.update(msg);
-    mac.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 fn slack_headers(body: &[u8], ts: u64) -> Vec<(String, String)> {

@@ -3,31 +3,10 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use common::*;
-use hmac::{Hmac, Mac};
 use serde_json::json;
-use sha2::Sha256;
-
-fn hmac_bytes(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
-    mac.update(msg);
-    mac.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 const SECRETS: &[(&str, &str)] = &[
     ("GH_1", "It's a Secret to Everybody"),

@@ -307,3 +307,25 @@ pub fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// HMAC-SHA256 of `msg` under `key`: the primitive of every signature scheme the tests sign with,
+/// computed here independently of tickgate's own code.
+pub fn hmac_bytes(key: &[u8], msg: &[u8]) -> Vec<u8> {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(msg);
+    mac.finalize().into_bytes().to_vec()
+}
+
+/// Lower-case hex, as GitHub, Linear, Slack and Stripe signatures are written.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Unix seconds now, for timestamped signature schemes.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
