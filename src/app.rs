@@ -254,7 +254,6 @@ pub async fn build_state(
         metrics,
         gates,
         public_url,
-        max_body_bytes: settings.config.server.max_body_bytes,
         max_wait: settings.config.server.max_wait.0,
         trusted_proxies: settings.trusted_proxies.clone(),
         failures: FailureLimiter::new(

@@ -58,8 +58,6 @@ pub struct AppState {
     pub gates: HashMap<AgentId, Gate>,
     /// Base of `poll_url`s and webhook URLs.
     pub public_url: String,
-    /// Body size limit.
-    pub max_body_bytes: usize,
     /// Cap on a synchronous wait.
     pub max_wait: Duration,
     /// Proxies whose `X-Forwarded-For` is believed.
