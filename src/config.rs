@@ -844,6 +844,35 @@ mod tests {
     }
 
     #[test]
+    fn retry_parses_with_defaults_and_refuses_bad_values() {
+        use tickgate_actors::retry::{RetryOrder, RetryPolicy};
+        let s = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\nretry = { schedule = [\"10s\", \"1m\"], order = \"block\" }\n[[agent]]\nname = \"b\"\nrunner = { kind = \"echo\" }\n").unwrap();
+        assert_eq!(
+            s.agents[0].spec.retry,
+            RetryPolicy {
+                schedule: vec![Duration::from_secs(10), Duration::from_secs(60)],
+                order: RetryOrder::Block,
+            }
+        );
+        assert_eq!(s.agents[1].spec.retry, RetryPolicy::default());
+        for (bad, names) in [
+            ("retry = { schedule = [\"soon\"] }", "soon"),
+            ("retry = { order = \"later\" }", "later"),
+            ("retry = { delays = [] }", "delays"),
+        ] {
+            let e = parse(&format!("[[agent]]\nname = \"a\"\nrunner = {{ kind = \"echo\" }}\n{bad}\n"))
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.to_string().contains(names), "{e}");
+        }
+        let long = vec!["\"1s\""; MAX_RETRIES + 1].join(",");
+        let e = parse(&format!("[[agent]]\nname = \"a\"\nrunner = {{ kind = \"echo\" }}\nretry = {{ schedule = [{long}] }}\n"))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("retry.schedule"), "{e}");
+    }
+
+    #[test]
     fn pinned_token_is_read_from_env() {
         let s = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[agent.webhook]\ntoken_env = \"PINNED\"\n").unwrap();
         assert_eq!(s.agents[0].pinned_token.as_deref().map(str::len), Some(40));
