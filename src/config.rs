@@ -860,9 +860,11 @@ mod tests {
             ("retry = { order = \"later\" }", "later"),
             ("retry = { delays = [] }", "delays"),
         ] {
-            let e = parse(&format!("[[agent]]\nname = \"a\"\nrunner = {{ kind = \"echo\" }}\n{bad}\n"))
-                .err()
-                .unwrap_or_else(|| panic!("{bad} accepted"));
+            let e = parse(&format!(
+                "[[agent]]\nname = \"a\"\nrunner = {{ kind = \"echo\" }}\n{bad}\n"
+            ))
+            .err()
+            .unwrap_or_else(|| panic!("{bad} accepted"));
             assert!(e.to_string().contains(names), "{e}");
         }
         let long = vec!["\"1s\""; MAX_RETRIES + 1].join(",");

@@ -108,8 +108,9 @@ retry = { schedule = ["1s"] }
     assert!(t["error"].is_string(), "{t}");
 }
 
-/// Posts a task that fails once and then one that succeeds, to an agent with the given order,
-/// and returns the two final records.
+/// Posts a task that fails once and then, while it waits in `RETRY`, one that succeeds, to an
+/// agent with the given order, and returns the two final records. The retry delay is the margin
+/// the second post has to arrive before the retry comes due, hence generous.
 fn first_fails_once(order: &str) -> (Value, Value) {
     let env = Env::new();
     let marker = env.path().join("failed-once");
@@ -125,7 +126,7 @@ fn first_fails_once(order: &str) -> (Value, Value) {
 [[agent]]
 name = "work"
 runner = {{ kind = "command", program = "{{dir}}/work.sh" }}
-retry = {{ schedule = ["3s"], order = "{order}" }}
+retry = {{ schedule = ["6s"], order = "{order}" }}
 "#
     ));
     let url = server.url("default/work").to_string();
@@ -225,4 +226,44 @@ breaker = { failures = 1, open_for = "4s" }
         .get("/metrics")
         .text
         .contains("tickgate_breaker_state{agent=\"default/flaky\"} 0")));
+}
+
+#[test]
+fn a_block_ordered_agent_stays_held_for_its_retry_across_a_sigkill() {
+    let env = Env::new();
+    let marker = env.path().join("failed-once");
+    env.script(
+        "work.sh",
+        &format!(
+            "input=$(cat)\ncase \"$input\" in *'\"fail\":true'*) if [ ! -e {m} ]; then touch {m}; exit 1; fi;; esac\necho '{{\"response\":\"ok\"}}'",
+            m = marker.display()
+        ),
+    );
+    let config = r#"
+[[agent]]
+name = "work"
+runner = { kind = "command", program = "{dir}/work.sh" }
+retry = { schedule = ["4s"], order = "block" }
+"#;
+    let server = env.start(config);
+    let url = server.url("default/work").to_string();
+    let a = post_json(&url, &json!({"fail": true}));
+    assert_eq!(a.status, 202, "{}", a.text);
+    let a = a.json["task_id"].as_str().unwrap().to_string();
+    server.wait_task(&a, |t| t["status"] == "RETRY");
+    let b = post_json(&url, &json!({"fail": false}));
+    assert_eq!(b.status, 202, "{}", b.text);
+    let b = b.json["task_id"].as_str().unwrap().to_string();
+    server.kill();
+
+    let server = env.start(config);
+    let (a, b) = (server.finished(&a), server.finished(&b));
+    assert_eq!(a["status"], "SUCCESS", "{a}");
+    assert_eq!(b["status"], "SUCCESS", "{b}");
+    assert_eq!(
+        a["tick"], 2,
+        "the retry still runs first after the restart: {a}"
+    );
+    assert_eq!(b["tick"], 3, "{b}");
+    assert!(ms(&b["started_at"]) >= ms(&a["finished_at"]), "{a} {b}");
 }

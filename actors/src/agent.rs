@@ -282,8 +282,10 @@ impl Actor for Agent {
 }
 
 impl Supervised for Agent {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
+    fn restarting(&mut self, ctx: &mut Self::Context) {
         tracing::warn!(agent = %self.spec.id, "agent actor restarting with a fresh runner; its queue is kept");
+        // A drain of held tasks notified before the stop may be gone with the old context.
+        ctx.notify(crate::retry::Drain);
         self.runner = Rc::new(Runner::new(
             &self.spec.runner,
             &self.spec.id,
