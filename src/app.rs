@@ -193,6 +193,7 @@ pub async fn build_state(
     let mut handles = Vec::with_capacity(settings.agents.len());
     let mut gates = HashMap::with_capacity(settings.agents.len());
     let mut recovered = 0;
+    let retry_timers = store.retry_timers().await?;
     for (i, setup) in settings.agents.iter().enumerate() {
         let state = store.agent_state(&setup.spec.id).await?;
         let queued = store.queued(&setup.spec.id).await?;
@@ -203,6 +204,7 @@ pub async fn build_state(
             &arbiters[i % arbiters.len()].handle(),
         );
         recovered += queued.len();
+        tickgate_actors::retry::hold_recovered(&handle, &retry_timers);
         handle.recover(queued);
         gates.insert(setup.spec.id.clone(), setup.gate());
         handles.push(handle);
@@ -217,6 +219,21 @@ pub async fn build_state(
         .filter(|(setup, _)| !setup.schedule.is_empty())
         .map(|(setup, handle)| (handle.clone(), setup.schedule.clone(), setup.catch_up))
         .collect();
+    if !retry_timers.is_empty() {
+        tracing::info!(
+            tasks = retry_timers.len(),
+            "retry timers found in the store"
+        );
+    }
+    tickgate_actors::retry::start(
+        &handles,
+        store.clone(),
+        events.clone(),
+        breaker.clone(),
+        closed_breakers.clone(),
+        lifecycle.clone(),
+        retry_timers,
+    );
     let intake = Arc::new(Intake::new(
         handles.iter().cloned(),
         breaker.clone(),

@@ -195,6 +195,32 @@ pub struct AgentConfig {
     /// What a start does with slots missed while no server ran: `"latest"` (default) or `"none"`.
     #[serde(default)]
     pub catch_up: CatchUp,
+    /// `retry = { schedule = ["10s", "1m"], order = "requeue" | "block" }`; absent: no retry.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// Most delays a `retry.schedule` may list; a longer one is a config mistake, not a policy.
+const MAX_RETRIES: usize = 100;
+
+/// `retry = { schedule = [...], order = "requeue" }`: the delays before each retry (`n` delays
+/// allow `n + 1` attempts) and whether later tasks run meanwhile.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Delay before each retry, in order.
+    pub schedule: Vec<Dur>,
+    /// `"requeue"` (default): later tasks run meanwhile; `"block"`: they wait.
+    pub order: tickgate_actors::retry::RetryOrder,
+}
+
+impl RetryConfig {
+    fn policy(&self) -> tickgate_actors::retry::RetryPolicy {
+        tickgate_actors::retry::RetryPolicy {
+            schedule: self.schedule.iter().map(|d| d.0).collect(),
+            order: self.order,
+        }
+    }
 }
 
 /// One `schedule` entry as written; exactly one of `cron` and `every`.
@@ -554,6 +580,12 @@ fn validate_agent(
         .enumerate()
         .map(|(i, e)| schedule_entry(e).map_err(|m| format!("{at}: schedule[{i}]: {m}")))
         .collect::<Result<Vec<_>, _>>()?;
+    if a.retry.schedule.len() > MAX_RETRIES {
+        return Err(format!(
+            "{at}: retry.schedule: {} delays; at most {MAX_RETRIES} are allowed",
+            a.retry.schedule.len()
+        ));
+    }
     let delivery = crate::ingress::delivery::Delivery::new(
         a.webhook.delivery_id.as_deref(),
         a.webhook.ack.as_ref(),
@@ -568,6 +600,7 @@ fn validate_agent(
             mailbox: a.mailbox,
             env: a.env.clone(),
             allow_env: a.allow_env.iter().cloned().collect(),
+            retry: a.retry.policy(),
         },
         pinned_token,
         allow_cidrs,
@@ -808,6 +841,37 @@ mod tests {
             let e = parse(&text).err().unwrap().to_string();
             assert!(e.contains("default/d") && e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn retry_parses_with_defaults_and_refuses_bad_values() {
+        use tickgate_actors::retry::{RetryOrder, RetryPolicy};
+        let s = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\nretry = { schedule = [\"10s\", \"1m\"], order = \"block\" }\n[[agent]]\nname = \"b\"\nrunner = { kind = \"echo\" }\n").unwrap();
+        assert_eq!(
+            s.agents[0].spec.retry,
+            RetryPolicy {
+                schedule: vec![Duration::from_secs(10), Duration::from_secs(60)],
+                order: RetryOrder::Block,
+            }
+        );
+        assert_eq!(s.agents[1].spec.retry, RetryPolicy::default());
+        for (bad, names) in [
+            ("retry = { schedule = [\"soon\"] }", "soon"),
+            ("retry = { order = \"later\" }", "later"),
+            ("retry = { delays = [] }", "delays"),
+        ] {
+            let e = parse(&format!(
+                "[[agent]]\nname = \"a\"\nrunner = {{ kind = \"echo\" }}\n{bad}\n"
+            ))
+            .err()
+            .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.to_string().contains(names), "{e}");
+        }
+        let long = vec!["\"1s\""; MAX_RETRIES + 1].join(",");
+        let e = parse(&format!("[[agent]]\nname = \"a\"\nrunner = {{ kind = \"echo\" }}\nretry = {{ schedule = [{long}] }}\n"))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("retry.schedule"), "{e}");
     }
 
     #[test]

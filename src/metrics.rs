@@ -25,6 +25,10 @@ pub struct Metrics {
     /// Bytes held by request bodies still being received (slow senders show up here).
     pub inflight_body_bytes: IntGauge,
     schedule_skipped: IntCounterVec,
+    /// Retries scheduled per agent; brought up to the agents' own counts at scrape time.
+    retries: IntCounterVec,
+    /// Serialises the retry catch-up, so two concurrent scrapes cannot both add the same count.
+    retries_catch_up: std::sync::Mutex<()>,
     /// Runner stderr bytes read but not logged (over the per-tick log limit); brought up to the
     /// runners' own counter at scrape time.
     stderr_dropped: IntCounter,
@@ -106,6 +110,17 @@ impl Metrics {
         registry
             .register(Box::new(schedule_skipped.clone()))
             .expect("unique metric names");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "tickgate_task_retries_total",
+                "Failed attempts that were given a retry (task parked in RETRY), by agent",
+            ),
+            &["agent"],
+        )
+        .expect("metric definition");
+        registry
+            .register(Box::new(retries.clone()))
+            .expect("unique metric names");
         let stderr_dropped = IntCounter::new(
             "tickgate_runner_stderr_dropped_bytes_total",
             "Runner stderr bytes not logged because a tick exceeded its stderr log limit",
@@ -139,6 +154,8 @@ impl Metrics {
             breaker,
             inflight_body_bytes,
             schedule_skipped,
+            retries,
+            retries_catch_up: std::sync::Mutex::new(()),
             stderr_dropped,
             stderr_catch_up: std::sync::Mutex::new(()),
         }
@@ -168,6 +185,17 @@ impl Metrics {
     /// Stored records found undecodable since start; shown in the `/ready` body.
     pub fn unreadable_records(&self) -> u64 {
         self.unreadable.get()
+    }
+
+    /// Brings an agent's retry counter up to `total`, the count the agent keeps itself (read at
+    /// scrape time, so the agents need no handle on the metrics).
+    pub fn retries_seen(&self, agent: &str, total: u64) {
+        let _one_at_a_time = self
+            .retries_catch_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let counter = self.retries.with_label_values(&[agent]);
+        counter.inc_by(total.saturating_sub(counter.get()));
     }
 
     /// Records a finished tick.

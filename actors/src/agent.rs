@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use crate::events::TaskEvents;
 use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus, TickInput, TickOutput};
+use crate::retry::Queued;
 use crate::runner::{Runner, RunnerError, RunnerSpec};
 use crate::store::{write_async, AgentState, Store, Write};
 
@@ -34,6 +35,8 @@ pub struct AgentSpec {
     pub env: BTreeMap<String, String>,
     /// Variable names a caller may set per request.
     pub allow_env: BTreeSet<String>,
+    /// Retry delays and order; the default retries nothing.
+    pub retry: crate::retry::RetryPolicy,
 }
 
 /// The bound on an agent's queue. actix's own bounded mailbox gives every `Addr` clone an extra
@@ -149,6 +152,8 @@ pub struct AgentHandle {
     pub mailbox: Arc<Mailbox>,
     /// Tick counter shared with the actor, for listings that must not wait behind a tick.
     pub ticks: Arc<AtomicUsize>,
+    /// The agent's link to the retry driver, and its retry count.
+    pub retry: Arc<crate::retry::RetryLink>,
 }
 
 impl AgentHandle {
@@ -228,6 +233,9 @@ pub struct Agent {
     state: AgentState,
     ticks: Arc<AtomicUsize>,
     deps: AgentDeps,
+    /// Tasks held while a `block`-ordered retry waits.
+    pub(crate) gate: crate::retry::Gate,
+    retry: Arc<crate::retry::RetryLink>,
 }
 
 /// Starts an agent under a supervisor on `arbiter` and returns its handle.
@@ -240,15 +248,19 @@ pub fn start(
     let spec = Arc::new(spec);
     let mailbox = Arc::new(Mailbox::new(spec.mailbox));
     let ticks = Arc::new(AtomicUsize::new(state.ticks as usize));
+    let retry = Arc::new(crate::retry::RetryLink::default());
     let addr = {
         let spec = spec.clone();
         let ticks = ticks.clone();
+        let retry = retry.clone();
         Supervisor::start_in_arbiter(arbiter, move |_| Agent {
             runner: Rc::new(Runner::new(&spec.runner, &spec.id, &spec.env)),
             spec,
             state,
             ticks,
             deps,
+            gate: Default::default(),
+            retry,
         })
     };
     AgentHandle {
@@ -256,6 +268,7 @@ pub fn start(
         addr,
         mailbox,
         ticks,
+        retry,
     }
 }
 
@@ -269,8 +282,10 @@ impl Actor for Agent {
 }
 
 impl Supervised for Agent {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
+    fn restarting(&mut self, ctx: &mut Self::Context) {
         tracing::warn!(agent = %self.spec.id, "agent actor restarting with a fresh runner; its queue is kept");
+        // A drain of held tasks notified before the stop may be gone with the old context.
+        ctx.notify(crate::retry::Drain);
         self.runner = Rc::new(Runner::new(
             &self.spec.runner,
             &self.spec.id,
@@ -297,7 +312,10 @@ impl Handler<RunTask> for Agent {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, RunTask(task, slot): RunTask, _ctx: &mut Self::Context) -> Self::Result {
-        AtomicResponse::new(self.tick(Arc::unwrap_or_clone(task), slot))
+        AtomicResponse::new(match self.gate.admit(Queued::Task(task, slot)) {
+            Some(queued) => self.dispatch(queued),
+            None => Box::pin(actix::fut::ready(())),
+        })
     }
 }
 
@@ -305,9 +323,26 @@ impl Handler<RunStored> for Agent {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, RunStored(id, slot): RunStored, _ctx: &mut Self::Context) -> Self::Result {
+        AtomicResponse::new(match self.gate.admit(Queued::Stored(id, slot)) {
+            Some(queued) => self.dispatch(queued),
+            None => Box::pin(actix::fut::ready(())),
+        })
+    }
+}
+
+impl Agent {
+    /// Runs a queued task (read from the store first if only its id is known).
+    pub(crate) fn dispatch(&mut self, queued: Queued) -> ResponseActFuture<Self, ()> {
+        match queued {
+            Queued::Task(task, slot) => self.tick(Arc::unwrap_or_clone(task), slot),
+            Queued::Stored(id, slot) => self.run_stored(id, slot),
+        }
+    }
+
+    fn run_stored(&mut self, id: TaskId, slot: MailboxSlot) -> ResponseActFuture<Self, ()> {
         // The store runs the read off the arbiter thread.
         let load = self.deps.store.task(id);
-        AtomicResponse::new(Box::pin(load.into_actor(self).then(
+        Box::pin(load.into_actor(self).then(
             move |loaded, agent, _ctx| -> ResponseActFuture<Self, ()> {
                 match loaded {
                     Ok(Some(task)) => agent.tick(task, slot),
@@ -322,7 +357,7 @@ impl Handler<RunStored> for Agent {
                     }
                 }
             },
-        )))
+        ))
     }
 }
 
@@ -342,6 +377,7 @@ impl Agent {
         task.tick = self.state.ticks + 1;
         task.started_at = Some(now_ms());
         task.finished_at = None;
+        crate::retry::begin_attempt(&mut task);
         let mut env = self.spec.env.clone();
         env.extend(task.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let agent_name = self.spec.id.to_string();
@@ -440,7 +476,7 @@ impl Agent {
                 ctx.notify(Restart);
                 Err(RunnerError::Exit("the runner panicked".into()))
             });
-            agent.finish(task, result, elapsed, (slot, running))
+            agent.finish(task, result, elapsed, (slot, running), ctx)
         }))
     }
 
@@ -452,6 +488,7 @@ impl Agent {
         result: Result<TickOutput, RunnerError>,
         elapsed: Duration,
         held: (MailboxSlot, RunningTick),
+        ctx: &mut Context<Self>,
     ) {
         task.finished_at = Some(now_ms());
         match result {
@@ -470,6 +507,13 @@ impl Agent {
                 tracing::warn!(elapsed_ms = elapsed.as_millis() as u64, error = %e, "tick failed");
             }
         }
+        crate::retry::settle(&self.spec.retry, &mut task);
+        let timer = crate::retry::timer_of(&task);
+        if timer.is_some() && self.spec.retry.order == crate::retry::RetryOrder::Block {
+            self.gate.block(task.id);
+        } else if task.status.is_terminal() && self.gate.unblock(task.id) {
+            ctx.notify(crate::retry::Drain);
+        }
         self.state.ticks = task.tick;
         self.ticks.store(task.tick as usize, Ordering::Release);
         let outcome = TickOutcome {
@@ -483,10 +527,17 @@ impl Agent {
         }
         let events = self.deps.events.clone();
         let task = Arc::new(task);
-        let write = Write::Complete {
-            task: task.clone(),
-            state: self.state.clone(),
+        let write = match timer {
+            Some(_) => Write::Retry {
+                task: task.clone(),
+                state: self.state.clone(),
+            },
+            None => Write::Complete {
+                task: task.clone(),
+                state: self.state.clone(),
+            },
         };
+        let retry = self.retry.clone();
         // The next tick does not wait for this write: the writer applies writes in queue order,
         // so the next task's Start lands in the same group commit or a later one, never before.
         // Waiters hear of the result, and the slot is freed, only once it is on disk.
@@ -494,7 +545,12 @@ impl Agent {
             write,
             Box::new(move |res| {
                 match res {
-                    Ok(_) => events.publish(&task),
+                    Ok(_) => {
+                        events.publish(&task);
+                        if let Some(timer) = timer {
+                            retry.scheduled(timer);
+                        }
+                    }
                     Err(e) => tracing::error!(task_id = %task.id, error = %e, "could not record the tick's outcome"),
                 }
                 // Only now, with the completion on disk, does the task leave the queue.

@@ -334,6 +334,7 @@ mod tests {
             mailbox: MAILBOX,
             env: BTreeMap::new(),
             allow_env: BTreeSet::new(),
+            retry: Default::default(),
         };
         let handle = agent::start(spec, Default::default(), deps, &Arbiter::current());
         let rig = Rig {

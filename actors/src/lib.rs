@@ -8,6 +8,7 @@ pub mod events;
 pub mod intake;
 pub mod model;
 pub mod registry;
+pub mod retry;
 pub mod runner;
 pub mod schedule;
 pub mod store;

@@ -100,6 +100,7 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
             _ => 0,
         };
         state.metrics.breaker.with_label_values(&[&id]).set(level);
+        state.metrics.retries_seen(&id, h.retry.retries());
     }
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

@@ -74,6 +74,10 @@ impl Store for FaultyStore {
         self.inner.schedule_cursor(key)
     }
 
+    fn retry_timers(&self) -> StoreFuture<Vec<super::RetryTimer>> {
+        self.inner.retry_timers()
+    }
+
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
         self.inner.purge(older_than)
     }

@@ -85,6 +85,25 @@ pub enum Write {
         /// SHA-256 of the new token.
         digest: [u8; 32],
     },
+    /// A tick failed with retries left: the task is stored `RETRY` (with `next_attempt_at`), leaves
+    /// the agent's queue, and its durable retry timer is set, with the agent's new memory and tick
+    /// counter, all in one batch.
+    Retry {
+        /// The task, status `RETRY`, `next_attempt_at` set (the timer's due time).
+        task: Arc<Task>,
+        /// The agent's state after the tick.
+        state: AgentState,
+    },
+    /// A retry timer came due: the timer goes, and if the task is still `RETRY` for that due
+    /// time it becomes `PENDING` again and re-enters its agent's queue (answered with
+    /// [`Written::Accepted`]); otherwise (cancelled, already requeued) only the timer goes
+    /// ([`Written::Done`]). Decided on the writer thread, so it is ordered with other changes.
+    RetryDue {
+        /// The task the timer is for.
+        task: TaskId,
+        /// The timer's due time, Unix milliseconds.
+        due_ms: u64,
+    },
     /// A schedule entry's cursor moved (or the entry was seen for the first time).
     SetScheduleCursor {
         /// Which entry.
@@ -114,6 +133,17 @@ pub struct ScheduleCursor {
     pub first_seen: u64,
     /// Every slot at or before this time has been dealt with.
     pub considered: u64,
+}
+
+/// A durable retry timer: `task` (of `agent`) re-enters its agent's queue at `due_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryTimer {
+    /// Unix milliseconds.
+    pub due_ms: u64,
+    /// The task waiting in `RETRY`.
+    pub task: TaskId,
+    /// Its agent, so start-up can hold a `block`-ordered agent's queue before reading the task.
+    pub agent: AgentId,
 }
 
 /// What a write achieved, beyond being on disk.
@@ -178,6 +208,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A schedule entry's cursor, if a running server has seen the entry before.
     fn schedule_cursor(&self, key: &ScheduleKey) -> StoreFuture<Option<ScheduleCursor>>;
+
+    /// Every pending retry timer, earliest first; read once at start-up so retries survive
+    /// restarts.
+    fn retry_timers(&self) -> StoreFuture<Vec<RetryTimer>>;
 
     /// Removes finished tasks (and their idempotency keys) that finished more than `older_than` ago.
     /// Blocking: the retention job runs it on the blocking pool.

@@ -30,10 +30,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, StoreFuture,
-    Write, Written,
+    AgentState, OnWritten, Purged, RetryTimer, ScheduleCursor, ScheduleKey, Store, StoreError,
+    StoreFuture, Write, Written,
 };
-use crate::model::{now_ms, AgentId, Task, TaskId};
+use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus};
 
 const TASK: &[u8] = b"t/";
 const QUEUE: &[u8] = b"q/";
@@ -42,6 +42,8 @@ const AGENT_TOKEN: &[u8] = b"d/";
 const AGENT: &[u8] = b"a/";
 const FINISHED: &[u8] = b"f/";
 const SCHEDULE: &[u8] = b"s/";
+/// Retry timers: `r/<due ms big-endian>\0<task id>` → agent id; earliest first in a scan.
+const RETRY: &[u8] = b"r/";
 /// The record the writer rewrites to prove a reopened store takes writes again.
 const PROBE: &[u8] = b"p/probe";
 
@@ -330,6 +332,10 @@ fn idem_key(agent: &AgentId, idem_key: &str) -> Vec<u8> {
 
 fn finished_key(at_ms: u64, id: &TaskId) -> Vec<u8> {
     key(FINISHED, &[&at_ms.to_be_bytes(), id.as_bytes()])
+}
+
+fn retry_key(due_ms: u64, id: &TaskId) -> Vec<u8> {
+    key(RETRY, &[&due_ms.to_be_bytes(), id.as_bytes()])
 }
 
 fn schedule_key(k: &ScheduleKey) -> Vec<u8> {
@@ -720,6 +726,38 @@ fn stage(
             batch.insert(schedule_key(&key), encode(&cursor)?);
             Ok(Written::Done)
         }
+        Write::Retry { task, state } => {
+            let due = task.next_attempt_at.unwrap_or_else(now_ms);
+            batch.insert(task_key(&task.id), encode(&*task)?);
+            batch.remove(queue_key(&task.agent, task.seq));
+            batch.insert(
+                retry_key(due, &task.id),
+                task.agent.to_string().into_bytes(),
+            );
+            batch.insert(
+                key(AGENT, &[task.agent.to_string().as_bytes()]),
+                encode(&state)?,
+            );
+            Ok(Written::Done)
+        }
+        Write::RetryDue { task: id, due_ms } => {
+            batch.remove(retry_key(due_ms, &id));
+            let Some(raw) = db.get(task_key(&id)).map_err(backend)? else {
+                return Ok(Written::Done);
+            };
+            let mut task: Task = decode(&raw).map_err(backend)?;
+            if task.status != TaskStatus::Retry || task.next_attempt_at != Some(due_ms) {
+                return Ok(Written::Done);
+            }
+            task.status = TaskStatus::Pending;
+            task.next_attempt_at = None;
+            batch.insert(task_key(&task.id), encode(&task)?);
+            batch.insert(
+                queue_key(&task.agent, task.seq),
+                task.id.as_bytes().to_vec(),
+            );
+            Ok(Written::Accepted(Box::new(task)))
+        }
     }
 }
 
@@ -798,6 +836,36 @@ fn read_queued(shared: &Shared, agent: &AgentId) -> Result<Vec<TaskId>, StoreErr
     Ok(ids)
 }
 
+fn read_retry_timers(shared: &Shared) -> Result<Vec<RetryTimer>, StoreError> {
+    let mut timers = Vec::new();
+    for entry in shared.db()?.scan_prefix(RETRY) {
+        let (k, agent) = entry.map_err(backend)?;
+        let rest = &k[RETRY.len()..];
+        let parsed = (rest.len() == 8 + 1 + 16)
+            .then(|| {
+                let due = u64::from_be_bytes(rest[..8].try_into().ok()?);
+                let id = TaskId::from_bytes(rest[9..].try_into().ok()?);
+                let agent: AgentId = std::str::from_utf8(&agent).ok()?.parse().ok()?;
+                Some(RetryTimer {
+                    due_ms: due,
+                    task: id,
+                    agent,
+                })
+            })
+            .flatten();
+        match parsed {
+            Some(timer) => timers.push(timer),
+            None => {
+                let e = <serde_json::Error as serde::de::Error>::custom(
+                    "a retry timer is a due time, a task id and an agent id",
+                );
+                shared.report_unreadable(format!("retry timer {}", hex(&k)), &e);
+            }
+        }
+    }
+    Ok(timers)
+}
+
 fn read_schedule_cursor(
     shared: &Shared,
     k: &ScheduleKey,
@@ -826,6 +894,11 @@ impl SledStore {
     /// The ids queued for an agent, blocking the calling thread.
     pub fn queued_blocking(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
         read_queued(&self.shared, agent)
+    }
+
+    /// Pending retry timers, blocking the calling thread.
+    pub fn retry_timers_blocking(&self) -> Result<Vec<RetryTimer>, StoreError> {
+        read_retry_timers(&self.shared)
     }
 
     /// A schedule entry's cursor, blocking the calling thread.
@@ -876,6 +949,11 @@ impl Store for SledStore {
     fn schedule_cursor(&self, k: &ScheduleKey) -> StoreFuture<Option<ScheduleCursor>> {
         let (shared, k) = (self.shared.clone(), k.clone());
         off_thread(move || read_schedule_cursor(&shared, &k))
+    }
+
+    fn retry_timers(&self) -> StoreFuture<Vec<RetryTimer>> {
+        let shared = self.shared.clone();
+        off_thread(move || read_retry_timers(&shared))
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
@@ -965,6 +1043,74 @@ mod tests {
         assert!(ids.windows(2).all(|w| w[0].0 < w[1].0));
         let queued: Vec<TaskId> = store.queued_blocking(&agent).unwrap();
         assert_eq!(queued, ids.iter().map(|x| x.1).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn retry_parks_the_task_behind_a_timer_that_requeues_it_once_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let Written::Accepted(mut t) = blocking(
+            &store,
+            Write::Submit {
+                task: Box::new(task(&agent)),
+                idempotency: None,
+            },
+        )
+        .unwrap() else {
+            panic!("accepted")
+        };
+        t.status = TaskStatus::Retry;
+        t.next_attempt_at = Some(1234);
+        let state = AgentState {
+            memory: serde_json::json!({}),
+            ticks: 1,
+        };
+        blocking(
+            &store,
+            Write::Retry {
+                task: Arc::new((*t).clone()),
+                state: state.clone(),
+            },
+        )
+        .unwrap();
+        assert!(
+            store.queued_blocking(&agent).unwrap().is_empty(),
+            "a waiting retry is not queued"
+        );
+        assert_eq!(store.agent_state_blocking(&agent).unwrap(), state);
+        store.close().unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        let timers = store.retry_timers_blocking().unwrap();
+        assert_eq!(
+            timers,
+            vec![RetryTimer {
+                due_ms: 1234,
+                task: t.id,
+                agent: agent.clone()
+            }]
+        );
+        // A timer for another due time is stale: it only goes.
+        let stale = Write::RetryDue {
+            task: t.id,
+            due_ms: 99,
+        };
+        assert_eq!(blocking(&store, stale).unwrap(), Written::Done);
+        let due = Write::RetryDue {
+            task: t.id,
+            due_ms: 1234,
+        };
+        let Written::Accepted(requeued) = blocking(&store, due.clone()).unwrap() else {
+            panic!("requeued")
+        };
+        assert_eq!(requeued.status, TaskStatus::Pending);
+        assert_eq!(requeued.next_attempt_at, None);
+        assert_eq!(store.queued_blocking(&agent).unwrap(), vec![t.id]);
+        assert!(store.retry_timers_blocking().unwrap().is_empty());
+        // Firing twice requeues once.
+        assert_eq!(blocking(&store, due).unwrap(), Written::Done);
+        assert_eq!(store.queued_blocking(&agent).unwrap(), vec![t.id]);
     }
 
     #[test]
