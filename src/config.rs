@@ -195,6 +195,10 @@ pub struct AgentConfig {
     /// What a start does with slots missed while no server ran: `"latest"` (default) or `"none"`.
     #[serde(default)]
     pub catch_up: CatchUp,
+    /// `"await"` parks a task whose tick reports a non-empty `pending_approvals`; `"pass"`
+    /// (default) only passes them through.
+    #[serde(default)]
+    pub approvals: tickgate_actors::awaiting::Approvals,
 }
 
 /// One `schedule` entry as written; exactly one of `cron` and `every`.
@@ -568,6 +572,7 @@ fn validate_agent(
             mailbox: a.mailbox,
             env: a.env.clone(),
             allow_env: a.allow_env.iter().cloned().collect(),
+            approvals: a.approvals,
         },
         pinned_token,
         allow_cidrs,

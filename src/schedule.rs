@@ -267,6 +267,7 @@ mod tests {
                 mailbox: 8,
                 env: Default::default(),
                 allow_env: Default::default(),
+                approvals: Default::default(),
             },
             AgentState::default(),
             AgentDeps {

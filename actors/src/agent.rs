@@ -34,6 +34,8 @@ pub struct AgentSpec {
     pub env: BTreeMap<String, String>,
     /// Variable names a caller may set per request.
     pub allow_env: BTreeSet<String>,
+    /// Whether a non-empty `pending_approvals` parks the task (`approvals = "await"`).
+    pub approvals: crate::awaiting::Approvals,
 }
 
 /// The bound on an agent's queue. actix's own bounded mailbox gives every `Addr` clone an extra
@@ -337,8 +339,10 @@ impl Agent {
             return Box::pin(actix::fut::ready(()));
         }
         let running = self.deps.lifecycle.start_tick();
+        if !crate::awaiting::is_continuation(&task) {
+            task.attempt += 1;
+        }
         task.status = TaskStatus::Started;
-        task.attempt += 1;
         task.tick = self.state.ticks + 1;
         task.started_at = Some(now_ms());
         task.finished_at = None;
@@ -455,15 +459,33 @@ impl Agent {
     ) {
         task.finished_at = Some(now_ms());
         match result {
-            Ok(out) => {
-                task.status = TaskStatus::Success;
-                task.result = serde_json::to_value(&out).ok();
-                task.response = out.response;
-                if let Some(memory) = out.memory {
-                    self.state.memory = memory;
+            Ok(out) => match crate::awaiting::parking(&out, self.spec.approvals) {
+                Some(Err(e)) => {
+                    task.status = TaskStatus::Failure;
+                    task.error = Some(e);
+                    tracing::warn!(
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "tick asked for input with an unusable await"
+                    );
                 }
-                tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "tick succeeded");
-            }
+                parked => {
+                    task.status = TaskStatus::Success;
+                    task.result = serde_json::to_value(&out).ok();
+                    task.response = out.response;
+                    if let Some(memory) = out.memory {
+                        self.state.memory = memory;
+                    }
+                    if let Some(Ok((request, timeout))) = parked {
+                        crate::awaiting::park(&mut task, request, timeout, now_ms());
+                        tracing::info!(
+                            elapsed_ms = elapsed.as_millis() as u64,
+                            "tick parked its task awaiting input"
+                        );
+                    } else {
+                        tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "tick succeeded");
+                    }
+                }
+            },
             Err(e) => {
                 task.status = TaskStatus::Failure;
                 task.error = Some(e.to_string());
@@ -475,17 +497,29 @@ impl Agent {
         let outcome = TickOutcome {
             agent: self.spec.id.clone(),
             task_id: task.id,
-            success: task.status == TaskStatus::Success,
+            // A parked tick did its work: for the breaker it is a success.
+            success: matches!(task.status, TaskStatus::Success | TaskStatus::AwaitingInput),
             duration: elapsed,
         };
         for recipient in &self.deps.outcomes {
             recipient.do_send(outcome.clone());
         }
+        if task.status.is_terminal() {
+            // The answer of a continuation is used up once the task ends (a retry keeps it).
+            task.resume = None;
+        }
         let events = self.deps.events.clone();
         let task = Arc::new(task);
-        let write = Write::Complete {
-            task: task.clone(),
-            state: self.state.clone(),
+        let write = if task.status == TaskStatus::AwaitingInput {
+            Write::Park {
+                task: task.clone(),
+                state: self.state.clone(),
+            }
+        } else {
+            Write::Complete {
+                task: task.clone(),
+                state: self.state.clone(),
+            }
         };
         // The next tick does not wait for this write: the writer applies writes in queue order,
         // so the next task's Start lands in the same group commit or a later one, never before.

@@ -42,6 +42,8 @@ const AGENT_TOKEN: &[u8] = b"d/";
 const AGENT: &[u8] = b"a/";
 const FINISHED: &[u8] = b"f/";
 const SCHEDULE: &[u8] = b"s/";
+/// Await expiry timers: `w/<expires_at ms, big-endian>\0<task id>`, one per parked task.
+const AWAIT_TIMER: &[u8] = b"w/";
 /// The record the writer rewrites to prove a reopened store takes writes again.
 const PROBE: &[u8] = b"p/probe";
 
@@ -330,6 +332,10 @@ fn idem_key(agent: &AgentId, idem_key: &str) -> Vec<u8> {
 
 fn finished_key(at_ms: u64, id: &TaskId) -> Vec<u8> {
     key(FINISHED, &[&at_ms.to_be_bytes(), id.as_bytes()])
+}
+
+fn await_timer_key(expires_at: u64, id: &TaskId) -> Vec<u8> {
+    key(AWAIT_TIMER, &[&expires_at.to_be_bytes(), id.as_bytes()])
 }
 
 fn schedule_key(k: &ScheduleKey) -> Vec<u8> {
@@ -621,6 +627,33 @@ impl Writer {
 #[derive(Default)]
 struct Staged {
     idem: HashMap<Vec<u8>, (TaskId, [u8; 32])>,
+    /// Tasks written by conditional writes earlier in the batch, so that a second condition
+    /// (a second answer, an expiry) sees the first one's result.
+    tasks: HashMap<TaskId, Task>,
+}
+
+/// Keeps [`Staged::tasks`] current when an unconditional write of a task follows a conditional
+/// one in the same batch.
+fn restage(staged: &mut Staged, task: &Task) {
+    if let Some(t) = staged.tasks.get_mut(&task.id) {
+        *t = task.clone();
+    }
+}
+
+/// The task as the batch so far leaves it.
+fn staged_task(
+    db: &sled::Db,
+    shared: &Shared,
+    staged: &Staged,
+    id: TaskId,
+) -> Result<Option<Task>, StoreError> {
+    if let Some(task) = staged.tasks.get(&id) {
+        return Ok(Some(task.clone()));
+    }
+    match db.get(task_key(&id)).map_err(backend)? {
+        Some(raw) => shared.decode(|| format!("task {id}"), &raw).map(Some),
+        None => Ok(None),
+    }
 }
 
 fn stage(
@@ -662,10 +695,12 @@ fn stage(
         }
         Write::Start(task) => {
             batch.insert(task_key(&task.id), encode(&*task)?);
+            restage(staged, &task);
             Ok(Written::Done)
         }
         Write::Complete { task, state } => {
             batch.insert(task_key(&task.id), encode(&*task)?);
+            restage(staged, &task);
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
                 finished_key(task.finished_at.unwrap_or_else(now_ms), &task.id),
@@ -719,6 +754,56 @@ fn stage(
         Write::SetScheduleCursor { key, cursor } => {
             batch.insert(schedule_key(&key), encode(&cursor)?);
             Ok(Written::Done)
+        }
+        Write::Park { task, state } => {
+            batch.insert(task_key(&task.id), encode(&*task)?);
+            batch.remove(queue_key(&task.agent, task.seq));
+            batch.insert(
+                key(AGENT, &[task.agent.to_string().as_bytes()]),
+                encode(&state)?,
+            );
+            if let Some(awaiting) = &task.awaiting {
+                batch.insert(
+                    await_timer_key(awaiting.expires_at, &task.id),
+                    task.id.as_bytes().to_vec(),
+                );
+            }
+            staged.tasks.insert(task.id, (*task).clone());
+            Ok(Written::Done)
+        }
+        Write::Resume { id, response } => {
+            let Some(task) = staged_task(db, shared, staged, id)? else {
+                return Ok(Written::Unchanged(None));
+            };
+            let expires_at = task.awaiting.as_ref().map(|a| a.expires_at);
+            let Some(mut next) = crate::awaiting::resume(&task, response) else {
+                return Ok(Written::Unchanged(Some(Box::new(task))));
+            };
+            // Behind everything its agent has queued so far.
+            next.seq = db.generate_id().map_err(backend)?;
+            batch.insert(task_key(&id), encode(&next)?);
+            batch.insert(queue_key(&next.agent, next.seq), id.as_bytes().to_vec());
+            if let Some(at) = expires_at {
+                batch.remove(await_timer_key(at, &id));
+            }
+            staged.tasks.insert(id, next.clone());
+            Ok(Written::Updated(Box::new(next)))
+        }
+        Write::Expire { id, expires_at } => {
+            batch.remove(await_timer_key(expires_at, &id));
+            let Some(task) = staged_task(db, shared, staged, id)? else {
+                return Ok(Written::Unchanged(None));
+            };
+            let Some(failed) = crate::awaiting::expire(&task, expires_at, now_ms()) else {
+                return Ok(Written::Unchanged(Some(Box::new(task))));
+            };
+            batch.insert(task_key(&id), encode(&failed)?);
+            batch.insert(
+                finished_key(failed.finished_at.unwrap_or_else(now_ms), &id),
+                id.as_bytes().to_vec(),
+            );
+            staged.tasks.insert(id, failed.clone());
+            Ok(Written::Updated(Box::new(failed)))
         }
     }
 }
@@ -810,6 +895,34 @@ fn read_schedule_cursor(
     }
 }
 
+fn read_due_awaits(
+    shared: &Shared,
+    now_ms: u64,
+    limit: usize,
+) -> Result<Vec<(u64, TaskId)>, StoreError> {
+    // Keys are `w/<8-byte expiry>\0<16-byte id>`; everything below `w/<now + 1>` is due.
+    let mut end = AWAIT_TIMER.to_vec();
+    end.extend_from_slice(&now_ms.saturating_add(1).to_be_bytes());
+    let mut due = Vec::new();
+    for entry in shared.db()?.range(AWAIT_TIMER.to_vec()..end).take(limit) {
+        let (k, id) = entry.map_err(backend)?;
+        let at = k
+            .get(AWAIT_TIMER.len()..AWAIT_TIMER.len() + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes);
+        match (at, <[u8; 16]>::try_from(id.as_ref())) {
+            (Some(at), Ok(bytes)) => due.push((at, TaskId::from_bytes(bytes))),
+            _ => {
+                let e = <serde_json::Error as serde::de::Error>::custom(
+                    "an await timer is an 8-byte time and a 16-byte task id",
+                );
+                shared.report_unreadable(format!("await timer {}", hex(&k)), &e);
+            }
+        }
+    }
+    Ok(due)
+}
+
 /// Blocking reads for code that runs outside any async runtime (tests, tools); async code uses
 /// the [`Store`] trait's reads, which run these off the calling thread.
 impl SledStore {
@@ -876,6 +989,11 @@ impl Store for SledStore {
     fn schedule_cursor(&self, k: &ScheduleKey) -> StoreFuture<Option<ScheduleCursor>> {
         let (shared, k) = (self.shared.clone(), k.clone());
         off_thread(move || read_schedule_cursor(&shared, &k))
+    }
+
+    fn due_awaits(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<(u64, TaskId)>> {
+        let shared = self.shared.clone();
+        off_thread(move || read_due_awaits(&shared, now_ms, limit))
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
