@@ -1086,6 +1086,150 @@ mod tests {
     }
 
     #[test]
+    fn park_resume_and_expire_are_conditional_and_move_queue_and_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let accepted = match blocking(
+            &store,
+            Write::Submit {
+                task: Box::new(task(&agent)),
+                idempotency: None,
+            },
+        )
+        .unwrap()
+        {
+            Written::Accepted(t) => *t,
+            other => panic!("unexpected {other:?}"),
+        };
+        let id = accepted.id;
+        let mut parked = accepted.clone();
+        crate::awaiting::park(
+            &mut parked,
+            serde_json::json!("q"),
+            Duration::from_millis(10),
+            1_000,
+        );
+        blocking(
+            &store,
+            Write::Park {
+                task: Arc::new(parked.clone()),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        assert!(store.queued_blocking(&agent).unwrap().is_empty());
+        assert_eq!(
+            read_due_awaits(&store.shared, 1_010, 10).unwrap(),
+            vec![(1_010, id)]
+        );
+        assert!(read_due_awaits(&store.shared, 1_009, 10)
+            .unwrap()
+            .is_empty());
+
+        // Two answers queued back to back (usually one batch): the first wins, the second
+        // sees its result.
+        let (tx, rx) = std::sync::mpsc::channel();
+        for n in 0..2 {
+            let tx = tx.clone();
+            store.write(
+                Write::Resume {
+                    id,
+                    response: serde_json::json!(n),
+                },
+                Box::new(move |r| tx.send(r).unwrap()),
+            );
+        }
+        let first = rx.recv().unwrap().unwrap();
+        let second = rx.recv().unwrap().unwrap();
+        let Written::Updated(resumed) = first else {
+            panic!("{first:?}")
+        };
+        assert_eq!(resumed.status, TaskStatus::Pending);
+        assert_eq!(
+            resumed.resume.as_ref().unwrap().response,
+            serde_json::json!(0)
+        );
+        assert!(resumed.seq > accepted.seq, "queued behind what was queued");
+        assert!(matches!(second, Written::Unchanged(Some(t)) if t.status == TaskStatus::Pending));
+        assert_eq!(store.queued_blocking(&agent).unwrap(), vec![id]);
+        assert!(read_due_awaits(&store.shared, u64::MAX - 1, 10)
+            .unwrap()
+            .is_empty());
+
+        // A stale timer changes nothing; the answered task stays PENDING.
+        let stale = blocking(
+            &store,
+            Write::Expire {
+                id,
+                expires_at: 1_010,
+            },
+        )
+        .unwrap();
+        assert!(matches!(stale, Written::Unchanged(Some(_))), "{stale:?}");
+        assert_eq!(
+            store.task_blocking(id).unwrap().unwrap().status,
+            TaskStatus::Pending
+        );
+        let unknown = TaskId::random();
+        assert_eq!(
+            blocking(
+                &store,
+                Write::Expire {
+                    id: unknown,
+                    expires_at: 1
+                }
+            )
+            .unwrap(),
+            Written::Unchanged(None)
+        );
+
+        // Parked again, its own timer fails it and files it for retention.
+        let mut again = resumed.as_ref().clone();
+        crate::awaiting::park(
+            &mut again,
+            serde_json::json!("q2"),
+            Duration::from_millis(5),
+            2_000,
+        );
+        blocking(
+            &store,
+            Write::Park {
+                task: Arc::new(again),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        let expired = blocking(
+            &store,
+            Write::Expire {
+                id,
+                expires_at: 2_005,
+            },
+        )
+        .unwrap();
+        let Written::Updated(failed) = expired else {
+            panic!("{expired:?}")
+        };
+        assert_eq!(failed.status, TaskStatus::Failure);
+        assert_eq!(failed.error.as_deref(), Some(crate::awaiting::TIMED_OUT));
+        assert!(read_due_awaits(&store.shared, u64::MAX - 1, 10)
+            .unwrap()
+            .is_empty());
+        assert!(matches!(
+            blocking(
+                &store,
+                Write::Resume {
+                    id,
+                    response: serde_json::json!(1)
+                }
+            )
+            .unwrap(),
+            Written::Unchanged(Some(_))
+        ));
+    }
+
+    #[test]
     fn idempotency_detects_duplicates_and_conflicts_even_within_one_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
