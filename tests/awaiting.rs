@@ -265,8 +265,9 @@ fn parked_tasks_hold_no_slot_answers_take_one_and_approvals_can_park() {
 case "$input" in
   *'"resume"'*) echo '{{"response":"continued"}}' ;;
   *'"approve"'*) echo '{{"response":"needs approval","pending_approvals":["deploy"]}}' ;;
-  *'"ask"'*) echo '{{"await":{{"request":"may I?"}}}}' ;;
+  *'"ask"'*) echo '{{"await":{{"request":"may I?"}},"memory":{{"asked":true}}}}' ;;
   *'"block"'*) while [ ! -e {go} ]; do sleep 0.05; done; echo '{{"response":"unblocked"}}' ;;
+  *'"asked":true'*) echo '{{"response":"plain, remembered"}}' ;;
   *) echo '{{"response":"plain"}}' ;;
 esac"#,
             go = go.display()
@@ -300,6 +301,8 @@ token_env = "TOOLCALL_TOKEN"
         "{}",
         r.text
     );
+    // The parking tick's memory was kept.
+    assert_eq!(r.json["response"], "plain, remembered", "{}", r.text);
 
     // approvals = "await": a non-empty pending_approvals parks the task.
     let r = post_json(&url, &json!({"approve": 1}));
