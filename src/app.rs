@@ -234,13 +234,18 @@ pub async fn build_state(
         lifecycle.clone(),
         retry_timers,
     );
-    let intake = Arc::new(Intake::new(
-        handles.iter().cloned(),
-        breaker.clone(),
-        closed_breakers,
-        lifecycle.clone(),
-        store.clone(),
-    ));
+    let intake = Arc::new(
+        Intake::new(
+            handles.iter().cloned(),
+            breaker.clone(),
+            closed_breakers,
+            lifecycle.clone(),
+            store.clone(),
+        )
+        .with_events(events.clone()),
+    );
+    // Parked tasks whose answer never came fail at their expiry, restarts included.
+    tickgate_actors::awaiting::spawn_expiry(store.clone(), events.clone());
     let registry = Registry::new(
         handles,
         tokens.digests,

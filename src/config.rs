@@ -198,6 +198,10 @@ pub struct AgentConfig {
     /// `retry = { schedule = ["10s", "1m"], order = "requeue" | "block" }`; absent: no retry.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// `"await"` parks a task whose tick reports a non-empty `pending_approvals`; `"pass"`
+    /// (default) only passes them through.
+    #[serde(default)]
+    pub approvals: tickgate_actors::awaiting::Approvals,
 }
 
 /// Most delays a `retry.schedule` may list; a longer one is a config mistake, not a policy.
@@ -601,6 +605,7 @@ fn validate_agent(
             env: a.env.clone(),
             allow_env: a.allow_env.iter().cloned().collect(),
             retry: a.retry.policy(),
+            approvals: a.approvals,
         },
         pinned_token,
         allow_cidrs,

@@ -268,6 +268,7 @@ mod tests {
                 env: Default::default(),
                 allow_env: Default::default(),
                 retry: Default::default(),
+                approvals: Default::default(),
             },
             AgentState::default(),
             AgentDeps {

@@ -37,6 +37,8 @@ pub struct AgentSpec {
     pub allow_env: BTreeSet<String>,
     /// Retry delays and order; the default retries nothing.
     pub retry: crate::retry::RetryPolicy,
+    /// Whether a non-empty `pending_approvals` parks the task (`approvals = "await"`).
+    pub approvals: crate::awaiting::Approvals,
 }
 
 /// The bound on an agent's queue. actix's own bounded mailbox gives every `Addr` clone an extra
@@ -372,12 +374,22 @@ impl Agent {
             return Box::pin(actix::fut::ready(()));
         }
         let running = self.deps.lifecycle.start_tick();
+        // A continuation (an answered task) is part of the attempt that parked; a retry of a
+        // failed continuation is a new attempt, like any retry.
+        let continuation = crate::awaiting::is_continuation(&task)
+            && task.attempts.last().is_none_or(|a| a.error.is_none());
+        if !continuation {
+            task.attempt += 1;
+        }
         task.status = TaskStatus::Started;
-        task.attempt += 1;
         task.tick = self.state.ticks + 1;
         task.started_at = Some(now_ms());
         task.finished_at = None;
-        crate::retry::begin_attempt(&mut task);
+        if continuation {
+            crate::retry::reopen_attempt(&mut task);
+        } else {
+            crate::retry::begin_attempt(&mut task);
+        }
         let mut env = self.spec.env.clone();
         env.extend(task.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let agent_name = self.spec.id.to_string();
@@ -492,15 +504,33 @@ impl Agent {
     ) {
         task.finished_at = Some(now_ms());
         match result {
-            Ok(out) => {
-                task.status = TaskStatus::Success;
-                task.result = serde_json::to_value(&out).ok();
-                task.response = out.response;
-                if let Some(memory) = out.memory {
-                    self.state.memory = memory;
+            Ok(out) => match crate::awaiting::parking(&out, self.spec.approvals) {
+                Some(Err(e)) => {
+                    task.status = TaskStatus::Failure;
+                    task.error = Some(e);
+                    tracing::warn!(
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "tick asked for input with an unusable await"
+                    );
                 }
-                tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "tick succeeded");
-            }
+                parked => {
+                    task.status = TaskStatus::Success;
+                    task.result = serde_json::to_value(&out).ok();
+                    task.response = out.response;
+                    if let Some(memory) = out.memory {
+                        self.state.memory = memory;
+                    }
+                    if let Some(Ok((request, timeout))) = parked {
+                        crate::awaiting::park(&mut task, request, timeout, now_ms());
+                        tracing::info!(
+                            elapsed_ms = elapsed.as_millis() as u64,
+                            "tick parked its task awaiting input"
+                        );
+                    } else {
+                        tracing::info!(elapsed_ms = elapsed.as_millis() as u64, "tick succeeded");
+                    }
+                }
+            },
             Err(e) => {
                 task.status = TaskStatus::Failure;
                 task.error = Some(e.to_string());
@@ -519,23 +549,35 @@ impl Agent {
         let outcome = TickOutcome {
             agent: self.spec.id.clone(),
             task_id: task.id,
-            success: task.status == TaskStatus::Success,
+            // A parked tick did its work: for the breaker it is a success.
+            success: matches!(task.status, TaskStatus::Success | TaskStatus::AwaitingInput),
             duration: elapsed,
         };
         for recipient in &self.deps.outcomes {
             recipient.do_send(outcome.clone());
         }
+        if task.status.is_terminal() {
+            // The answer of a continuation is used up once the task ends (a retry keeps it).
+            task.resume = None;
+        }
         let events = self.deps.events.clone();
         let task = Arc::new(task);
-        let write = match timer {
-            Some(_) => Write::Retry {
+        let write = if task.status == TaskStatus::AwaitingInput {
+            Write::Park {
                 task: task.clone(),
                 state: self.state.clone(),
-            },
-            None => Write::Complete {
-                task: task.clone(),
-                state: self.state.clone(),
-            },
+            }
+        } else {
+            match timer {
+                Some(_) => Write::Retry {
+                    task: task.clone(),
+                    state: self.state.clone(),
+                },
+                None => Write::Complete {
+                    task: task.clone(),
+                    state: self.state.clone(),
+                },
+            }
         };
         let retry = self.retry.clone();
         // The next tick does not wait for this write: the writer applies writes in queue order,

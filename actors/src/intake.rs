@@ -22,7 +22,8 @@ use actix::prelude::*;
 
 use crate::agent::{AgentHandle, Lifecycle, RunStored, RunTask};
 use crate::breaker::{Admission, Admit, BreakerActor, ClosedBreakers, TrialAbandoned};
-use crate::model::{AgentId, Task, TaskId};
+use crate::events::TaskEvents;
+use crate::model::{AgentId, Task, TaskId, TaskStatus};
 use crate::store::{IdempotencyKey, Store, StoreError, Write, Written};
 
 /// Queued tasks an agent keeps in memory; beyond this its queue holds ids and each task is read
@@ -64,6 +65,34 @@ pub enum Refused {
     StoreUnavailable(#[from] StoreError),
 }
 
+/// Why an answer to a parked task was not taken. Nothing was changed and nothing stays reserved.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResumeRefused {
+    /// No task has this id.
+    #[error("no task {0}")]
+    UnknownTask(TaskId),
+    /// The task is not awaiting input (never was, already answered, finished or expired).
+    #[error("task {id} is not awaiting input (it is {status:?})")]
+    NotAwaiting {
+        /// Which task.
+        id: TaskId,
+        /// Its status when the answer came.
+        status: TaskStatus,
+    },
+    /// The task's agent is not configured (any more).
+    #[error("no agent {0}")]
+    UnknownAgent(AgentId),
+    /// Shutdown has begun; the answer can be sent again after the restart.
+    #[error("tickgate is shutting down")]
+    ShuttingDown,
+    /// The agent's queue is at capacity; the continuation would not fit.
+    #[error("the agent's mailbox is full")]
+    MailboxFull,
+    /// The store could not read or write.
+    #[error(transparent)]
+    StoreUnavailable(#[from] StoreError),
+}
+
 /// The breaker's trial admission, held until the task it admitted is accepted. Dropped without
 /// [`TrialPermit::consume`], it tells the breaker the trial was not queued, so that the next
 /// trigger can be the trial instead of waiting out the trial timeout.
@@ -94,6 +123,7 @@ pub struct Intake {
     closed: Arc<ClosedBreakers>,
     lifecycle: Arc<Lifecycle>,
     store: Arc<dyn Store>,
+    events: Arc<TaskEvents>,
 }
 
 impl Intake {
@@ -112,7 +142,15 @@ impl Intake {
             closed,
             lifecycle,
             store,
+            events: Arc::new(TaskEvents::default()),
         }
+    }
+
+    /// Announces the status changes the intake makes itself (a resumed task turning PENDING)
+    /// through `events`, the hub that waiters and SSE streams listen on.
+    pub fn with_events(mut self, events: Arc<TaskEvents>) -> Self {
+        self.events = events;
+        self
     }
 
     /// An agent by id, for edges that name agents directly (admin, readiness, A2A).
@@ -173,11 +211,14 @@ impl Intake {
                     }
                     Ok(Written::Duplicate(id)) => Ok(Accepted::Duplicate(id)),
                     Ok(Written::Conflict(id)) => Err(Refused::Conflict(id)),
-                    Ok(other @ (Written::Done | Written::Purged(_))) => {
-                        Err(Refused::StoreUnavailable(StoreError::Backend(format!(
-                            "store answered a submission with {other:?}"
-                        ))))
-                    }
+                    Ok(
+                        other @ (Written::Done
+                        | Written::Purged(_)
+                        | Written::Updated(_)
+                        | Written::Unchanged(_)),
+                    ) => Err(Refused::StoreUnavailable(StoreError::Backend(format!(
+                        "store answered a submission with {other:?}"
+                    )))),
                     Err(e) => Err(Refused::StoreUnavailable(e)),
                 };
                 let _ = tx.send(reply);
@@ -185,6 +226,76 @@ impl Intake {
         );
         rx.await
             .unwrap_or(Err(Refused::StoreUnavailable(StoreError::Closed)))
+    }
+
+    /// Answers a task parked in `AWAITING_INPUT` (SPEC section 8): the answer is made durable
+    /// (the task turns PENDING with `resume = {request, response}`) by one conditional write
+    /// that the store writer applies only if the task is still awaiting, so of two concurrent
+    /// answers exactly one wins. The continuation takes a mailbox slot like any submission
+    /// (reserved first, so a full mailbox refuses with nothing changed) and is handed to the
+    /// agent on the writer thread, behind what was queued. The breaker is not asked: the task
+    /// was admitted when it was accepted, and a parked tick counted as a success.
+    pub async fn resume(
+        &self,
+        id: TaskId,
+        response: serde_json::Value,
+    ) -> Result<Arc<Task>, ResumeRefused> {
+        if self.lifecycle.is_draining() {
+            return Err(ResumeRefused::ShuttingDown);
+        }
+        let task = self
+            .store
+            .task(id)
+            .await?
+            .ok_or(ResumeRefused::UnknownTask(id))?;
+        if task.status != TaskStatus::AwaitingInput {
+            return Err(ResumeRefused::NotAwaiting {
+                id,
+                status: task.status,
+            });
+        }
+        let agent = self
+            .agents
+            .get(&task.agent)
+            .ok_or_else(|| ResumeRefused::UnknownAgent(task.agent.clone()))?;
+        let slot = agent
+            .mailbox
+            .try_reserve()
+            .ok_or(ResumeRefused::MailboxFull)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let addr = agent.addr.clone();
+        let mailbox = agent.mailbox.clone();
+        let events = self.events.clone();
+        self.store.write(
+            Write::Resume { id, response },
+            Box::new(move |res| {
+                // On the writer thread, after the flush; an early end drops the slot.
+                let reply = match res {
+                    Ok(Written::Updated(task)) => {
+                        let task: Arc<Task> = Arc::from(task);
+                        events.publish(&task);
+                        if mailbox.queued() > QUEUED_IN_MEMORY {
+                            addr.do_send(RunStored(task.id, slot));
+                        } else {
+                            addr.do_send(RunTask(task.clone(), slot));
+                        }
+                        Ok(task)
+                    }
+                    Ok(Written::Unchanged(Some(task))) => Err(ResumeRefused::NotAwaiting {
+                        id,
+                        status: task.status,
+                    }),
+                    Ok(Written::Unchanged(None)) => Err(ResumeRefused::UnknownTask(id)),
+                    Ok(other) => Err(ResumeRefused::StoreUnavailable(StoreError::Backend(
+                        format!("store answered a resume with {other:?}"),
+                    ))),
+                    Err(e) => Err(ResumeRefused::StoreUnavailable(e)),
+                };
+                let _ = tx.send(reply);
+            }),
+        );
+        rx.await
+            .unwrap_or(Err(ResumeRefused::StoreUnavailable(StoreError::Closed)))
     }
 
     /// Breaker admission: `None` for an ordinary admission, a permit for the trial.
@@ -335,6 +446,7 @@ mod tests {
             env: BTreeMap::new(),
             allow_env: BTreeSet::new(),
             retry: Default::default(),
+            approvals: Default::default(),
         };
         let handle = agent::start(spec, Default::default(), deps, &Arbiter::current());
         let rig = Rig {

@@ -3,6 +3,7 @@
 //! HTTP edge; anything here can be driven directly from tests or another front end.
 
 pub mod agent;
+pub mod awaiting;
 pub mod breaker;
 pub mod events;
 pub mod intake;

@@ -74,6 +74,21 @@ pub(crate) fn begin_attempt(task: &mut Task) {
     });
 }
 
+/// Reopens the attempt of a continuation tick (a task answered after it parked): the answer
+/// continues the same attempt, so its entry is open again rather than a new one added.
+pub(crate) fn reopen_attempt(task: &mut Task) {
+    let current = task.attempt;
+    match task
+        .attempts
+        .iter_mut()
+        .rev()
+        .find(|a| a.attempt == current)
+    {
+        Some(entry) => entry.finished_at = None,
+        None => begin_attempt(task),
+    }
+}
+
 /// Attempts that ran to a failure; a crash-interrupted one is not counted.
 fn failed_attempts(task: &Task) -> usize {
     task.attempts

@@ -130,6 +130,11 @@ pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource("/tasks/{id}/resume")
+            .route(web::post().to(tasks::resume))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource("/tasks/{id}/events")
             .route(web::get().to(tasks::events))
             .default_service(web::to(method_not_allowed)),

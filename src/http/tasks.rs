@@ -10,6 +10,11 @@ use serde_json::Value;
 use tickgate_actors::events::Subscription;
 use tickgate_actors::model::{rfc3339, Task, TaskId, TaskStatus};
 
+use subtle::ConstantTimeEq;
+use tickgate_actors::intake::ResumeRefused;
+use tickgate_actors::token;
+
+use super::admin::bearer_token;
 use super::error::ApiError;
 use super::AppState;
 
@@ -170,7 +175,7 @@ pub async fn status_alias(
     Ok(HttpResponse::Ok().json(TaskRecord::new(&task, &state)))
 }
 
-/// Waits until the task is terminal or `wait` runs out; returns the latest known state and
+/// Waits until the task is terminal or awaiting input, or `wait` runs out; returns the latest known state and
 /// whether the wait ran out. `sub` must have been taken before `task` was read, so that no
 /// change can fall between the read and the subscription.
 pub async fn wait_for(
@@ -180,13 +185,14 @@ pub async fn wait_for(
     wait: Duration,
 ) -> Result<(Task, bool), ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
-    while !task.status.is_terminal() {
+    // A task waiting for input is a stopping point too: nothing happens until someone answers.
+    while !task.status.is_stopping_point() {
         tokio::select! {
             next = sub.next() => match next {
                 Some(t) => task = t,
                 None => {
                     task = load(state, task.id).await?.unwrap_or(task);
-                    return Ok((task.clone(), !task.status.is_terminal()));
+                    return Ok((task.clone(), !task.status.is_stopping_point()));
                 }
             },
             _ = tokio::time::sleep_until(deadline) => return Ok((task, true)),
@@ -196,15 +202,18 @@ pub async fn wait_for(
 }
 
 /// Orders states so that a stream never goes backwards when a stored read and a published event
-/// overlap.
-fn progress(task: &Task) -> (u32, u8) {
+/// overlap: by attempt, then tick (a resumed task's continuation runs as a later tick of the same
+/// attempt), then status within the tick. A PENDING task holding an answer comes after the
+/// AWAITING_INPUT it answers, which has the same attempt and tick.
+fn progress(task: &Task) -> (u32, u64, u8) {
     let rank = match task.status {
+        TaskStatus::Pending if task.resume.is_some() => 3,
         TaskStatus::Pending => 0,
         TaskStatus::Started => 1,
         TaskStatus::Retry | TaskStatus::AwaitingInput => 2,
-        TaskStatus::Success | TaskStatus::Failure | TaskStatus::Revoked => 3,
+        TaskStatus::Success | TaskStatus::Failure | TaskStatus::Revoked => 4,
     };
-    (task.attempt, rank)
+    (task.attempt, task.tick, rank)
 }
 
 fn sse_frame(task: &Task, state: &AppState) -> web::Bytes {
@@ -253,4 +262,71 @@ pub async fn events(
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
         .streaming(body))
+}
+
+/// `POST /tasks/{id}/resume`: answers a task parked in `AWAITING_INPUT` (SPEC section 8). The
+/// caller proves itself with the task's agent's webhook token or the admin token as a bearer
+/// token; failures count toward the per-client auth-failure limit like wrong webhook tokens.
+pub async fn resume(
+    id: web::Path<String>,
+    req: actix_web::HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let client = state.client_ip(&req);
+    if let Err(wait) = state.failures.check(client) {
+        return Err(ApiError::RateLimited {
+            retry_after: wait.as_secs_f64().ceil() as u64,
+        });
+    }
+    let task = load_or_404(&state, &id).await?;
+    let presented = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token);
+    if !may_answer(&state, &task, presented) {
+        state.failures.failed(client);
+        return Err(ApiError::WrongToken);
+    }
+    // The same size, time and in-flight limits as a trigger's body.
+    let body =
+        super::limits::read_body(payload, &req, state.body_limits, &state.body_budget).await?;
+    let mut fields: serde_json::Map<String, Value> =
+        serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let response = fields.remove("response").ok_or_else(|| {
+        ApiError::BadRequest("the body must be a JSON object with a \"response\" field".into())
+    })?;
+    let resumed = state
+        .intake
+        .resume(task.id, response)
+        .await
+        .map_err(|e| match e {
+            ResumeRefused::UnknownTask(id) => {
+                ApiError::NotFound(format!("no task with id {:?}", id.to_string()))
+            }
+            e @ ResumeRefused::NotAwaiting { .. } => ApiError::Conflict(e.to_string()),
+            ResumeRefused::UnknownAgent(agent) => super::no_such_agent(&agent),
+            ResumeRefused::ShuttingDown => ApiError::ShuttingDown,
+            ResumeRefused::MailboxFull => ApiError::MailboxFull,
+            ResumeRefused::StoreUnavailable(e) => ApiError::Store(e),
+        })?;
+    Ok(HttpResponse::Accepted().json(TaskRecord::new(&resumed, &state)))
+}
+
+/// Whether `presented` is the admin token or the webhook token of the task's agent; both
+/// comparisons are constant-time (the webhook token by its digest).
+fn may_answer(state: &AppState, task: &Task, presented: Option<&str>) -> bool {
+    let Some(presented) = presented else {
+        return false;
+    };
+    let admin = state
+        .admin_token
+        .as_ref()
+        .is_some_and(|t| bool::from(t.as_bytes().ct_eq(presented.as_bytes())));
+    admin
+        || state
+            .tokens
+            .resolve_for(&task.agent, &token::digest(presented))
+            .is_ok()
 }

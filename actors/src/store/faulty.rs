@@ -78,6 +78,10 @@ impl Store for FaultyStore {
         self.inner.retry_timers()
     }
 
+    fn due_awaits(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<(u64, TaskId)>> {
+        self.inner.due_awaits(now_ms, limit)
+    }
+
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
         self.inner.purge(older_than)
     }

@@ -111,6 +111,33 @@ pub enum Write {
         /// Its new cursor.
         cursor: ScheduleCursor,
     },
+    /// A tick parked its task as `AWAITING_INPUT`: the record, the removal from the queue, the
+    /// agent's new memory and tick counter, and the task's expiry timer land together. The
+    /// task is not finished, so it gets no retention index record.
+    Park {
+        /// The parked task (with `awaiting` set), shared with whoever announces it.
+        task: Arc<Task>,
+        /// The agent's state after the tick.
+        state: AgentState,
+    },
+    /// An answer for a parked task. Conditional: applied only if the stored task is
+    /// `AWAITING_INPUT`; it then becomes PENDING with `resume` set, is queued behind what its
+    /// agent has queued (a new `seq`) and its expiry timer goes. Answers [`Written::Updated`]
+    /// or, when the task is missing or not awaiting, [`Written::Unchanged`].
+    Resume {
+        /// Which task.
+        id: TaskId,
+        /// The answer the continuation tick receives.
+        response: serde_json::Value,
+    },
+    /// An await timer fired. Conditional: the task fails with "awaiting input timed out" only
+    /// if it is still parked on this timer; the timer record goes either way.
+    Expire {
+        /// Which task.
+        id: TaskId,
+        /// The expiry the timer was written for.
+        expires_at: u64,
+    },
 }
 
 /// Identifies one schedule entry's cursor: the agent, the entry's index and its fingerprint
@@ -159,6 +186,11 @@ pub enum Written {
     Purged(usize),
     /// Any other write is done.
     Done,
+    /// A conditional write changed the task; this is its new record.
+    Updated(Box<Task>),
+    /// A conditional write found the task missing (`None`) or not in the state it was for:
+    /// nothing was written (but a stale timer record).
+    Unchanged(Option<Box<Task>>),
 }
 
 /// Called on the writer thread once a write is durable (or failed). It must be quick and must not
@@ -212,6 +244,8 @@ pub trait Store: Send + Sync + 'static {
     /// Every pending retry timer, earliest first; read once at start-up so retries survive
     /// restarts.
     fn retry_timers(&self) -> StoreFuture<Vec<RetryTimer>>;
+    /// Await timers due at `now_ms` (expiry time, task id), earliest first, at most `limit`.
+    fn due_awaits(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<(u64, TaskId)>>;
 
     /// Removes finished tasks (and their idempotency keys) that finished more than `older_than` ago.
     /// Blocking: the retention job runs it on the blocking pool.

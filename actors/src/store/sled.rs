@@ -44,6 +44,8 @@ const FINISHED: &[u8] = b"f/";
 const SCHEDULE: &[u8] = b"s/";
 /// Retry timers: `r/<due ms big-endian>\0<task id>` → agent id; earliest first in a scan.
 const RETRY: &[u8] = b"r/";
+/// Await expiry timers: `w/<expires_at ms, big-endian>\0<task id>`, one per parked task.
+const AWAIT_TIMER: &[u8] = b"w/";
 /// The record the writer rewrites to prove a reopened store takes writes again.
 const PROBE: &[u8] = b"p/probe";
 
@@ -338,6 +340,10 @@ fn retry_key(due_ms: u64, id: &TaskId) -> Vec<u8> {
     key(RETRY, &[&due_ms.to_be_bytes(), id.as_bytes()])
 }
 
+fn await_timer_key(expires_at: u64, id: &TaskId) -> Vec<u8> {
+    key(AWAIT_TIMER, &[&expires_at.to_be_bytes(), id.as_bytes()])
+}
+
 fn schedule_key(k: &ScheduleKey) -> Vec<u8> {
     key(
         SCHEDULE,
@@ -627,6 +633,33 @@ impl Writer {
 #[derive(Default)]
 struct Staged {
     idem: HashMap<Vec<u8>, (TaskId, [u8; 32])>,
+    /// Tasks written by conditional writes earlier in the batch, so that a second condition
+    /// (a second answer, an expiry) sees the first one's result.
+    tasks: HashMap<TaskId, Task>,
+}
+
+/// Keeps [`Staged::tasks`] current when an unconditional write of a task follows a conditional
+/// one in the same batch.
+fn restage(staged: &mut Staged, task: &Task) {
+    if let Some(t) = staged.tasks.get_mut(&task.id) {
+        *t = task.clone();
+    }
+}
+
+/// The task as the batch so far leaves it.
+fn staged_task(
+    db: &sled::Db,
+    shared: &Shared,
+    staged: &Staged,
+    id: TaskId,
+) -> Result<Option<Task>, StoreError> {
+    if let Some(task) = staged.tasks.get(&id) {
+        return Ok(Some(task.clone()));
+    }
+    match db.get(task_key(&id)).map_err(backend)? {
+        Some(raw) => shared.decode(|| format!("task {id}"), &raw).map(Some),
+        None => Ok(None),
+    }
 }
 
 fn stage(
@@ -668,10 +701,12 @@ fn stage(
         }
         Write::Start(task) => {
             batch.insert(task_key(&task.id), encode(&*task)?);
+            restage(staged, &task);
             Ok(Written::Done)
         }
         Write::Complete { task, state } => {
             batch.insert(task_key(&task.id), encode(&*task)?);
+            restage(staged, &task);
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
                 finished_key(task.finished_at.unwrap_or_else(now_ms), &task.id),
@@ -757,6 +792,56 @@ fn stage(
                 task.id.as_bytes().to_vec(),
             );
             Ok(Written::Accepted(Box::new(task)))
+        }
+        Write::Park { task, state } => {
+            batch.insert(task_key(&task.id), encode(&*task)?);
+            batch.remove(queue_key(&task.agent, task.seq));
+            batch.insert(
+                key(AGENT, &[task.agent.to_string().as_bytes()]),
+                encode(&state)?,
+            );
+            if let Some(awaiting) = &task.awaiting {
+                batch.insert(
+                    await_timer_key(awaiting.expires_at, &task.id),
+                    task.id.as_bytes().to_vec(),
+                );
+            }
+            staged.tasks.insert(task.id, (*task).clone());
+            Ok(Written::Done)
+        }
+        Write::Resume { id, response } => {
+            let Some(task) = staged_task(db, shared, staged, id)? else {
+                return Ok(Written::Unchanged(None));
+            };
+            let expires_at = task.awaiting.as_ref().map(|a| a.expires_at);
+            let Some(mut next) = crate::awaiting::resume(&task, response) else {
+                return Ok(Written::Unchanged(Some(Box::new(task))));
+            };
+            // Behind everything its agent has queued so far.
+            next.seq = db.generate_id().map_err(backend)?;
+            batch.insert(task_key(&id), encode(&next)?);
+            batch.insert(queue_key(&next.agent, next.seq), id.as_bytes().to_vec());
+            if let Some(at) = expires_at {
+                batch.remove(await_timer_key(at, &id));
+            }
+            staged.tasks.insert(id, next.clone());
+            Ok(Written::Updated(Box::new(next)))
+        }
+        Write::Expire { id, expires_at } => {
+            batch.remove(await_timer_key(expires_at, &id));
+            let Some(task) = staged_task(db, shared, staged, id)? else {
+                return Ok(Written::Unchanged(None));
+            };
+            let Some(failed) = crate::awaiting::expire(&task, expires_at, now_ms()) else {
+                return Ok(Written::Unchanged(Some(Box::new(task))));
+            };
+            batch.insert(task_key(&id), encode(&failed)?);
+            batch.insert(
+                finished_key(failed.finished_at.unwrap_or_else(now_ms), &id),
+                id.as_bytes().to_vec(),
+            );
+            staged.tasks.insert(id, failed.clone());
+            Ok(Written::Updated(Box::new(failed)))
         }
     }
 }
@@ -878,6 +963,34 @@ fn read_schedule_cursor(
     }
 }
 
+fn read_due_awaits(
+    shared: &Shared,
+    now_ms: u64,
+    limit: usize,
+) -> Result<Vec<(u64, TaskId)>, StoreError> {
+    // Keys are `w/<8-byte expiry>\0<16-byte id>`; everything below `w/<now + 1>` is due.
+    let mut end = AWAIT_TIMER.to_vec();
+    end.extend_from_slice(&now_ms.saturating_add(1).to_be_bytes());
+    let mut due = Vec::new();
+    for entry in shared.db()?.range(AWAIT_TIMER.to_vec()..end).take(limit) {
+        let (k, id) = entry.map_err(backend)?;
+        let at = k
+            .get(AWAIT_TIMER.len()..AWAIT_TIMER.len() + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes);
+        match (at, <[u8; 16]>::try_from(id.as_ref())) {
+            (Some(at), Ok(bytes)) => due.push((at, TaskId::from_bytes(bytes))),
+            _ => {
+                let e = <serde_json::Error as serde::de::Error>::custom(
+                    "an await timer is an 8-byte time and a 16-byte task id",
+                );
+                shared.report_unreadable(format!("await timer {}", hex(&k)), &e);
+            }
+        }
+    }
+    Ok(due)
+}
+
 /// Blocking reads for code that runs outside any async runtime (tests, tools); async code uses
 /// the [`Store`] trait's reads, which run these off the calling thread.
 impl SledStore {
@@ -954,6 +1067,11 @@ impl Store for SledStore {
     fn retry_timers(&self) -> StoreFuture<Vec<RetryTimer>> {
         let shared = self.shared.clone();
         off_thread(move || read_retry_timers(&shared))
+    }
+
+    fn due_awaits(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<(u64, TaskId)>> {
+        let shared = self.shared.clone();
+        off_thread(move || read_due_awaits(&shared, now_ms, limit))
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
@@ -1111,6 +1229,150 @@ mod tests {
         // Firing twice requeues once.
         assert_eq!(blocking(&store, due).unwrap(), Written::Done);
         assert_eq!(store.queued_blocking(&agent).unwrap(), vec![t.id]);
+    }
+
+    #[test]
+    fn park_resume_and_expire_are_conditional_and_move_queue_and_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let accepted = match blocking(
+            &store,
+            Write::Submit {
+                task: Box::new(task(&agent)),
+                idempotency: None,
+            },
+        )
+        .unwrap()
+        {
+            Written::Accepted(t) => *t,
+            other => panic!("unexpected {other:?}"),
+        };
+        let id = accepted.id;
+        let mut parked = accepted.clone();
+        crate::awaiting::park(
+            &mut parked,
+            serde_json::json!("q"),
+            Duration::from_millis(10),
+            1_000,
+        );
+        blocking(
+            &store,
+            Write::Park {
+                task: Arc::new(parked.clone()),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        assert!(store.queued_blocking(&agent).unwrap().is_empty());
+        assert_eq!(
+            read_due_awaits(&store.shared, 1_010, 10).unwrap(),
+            vec![(1_010, id)]
+        );
+        assert!(read_due_awaits(&store.shared, 1_009, 10)
+            .unwrap()
+            .is_empty());
+
+        // Two answers queued back to back (usually one batch): the first wins, the second
+        // sees its result.
+        let (tx, rx) = std::sync::mpsc::channel();
+        for n in 0..2 {
+            let tx = tx.clone();
+            store.write(
+                Write::Resume {
+                    id,
+                    response: serde_json::json!(n),
+                },
+                Box::new(move |r| tx.send(r).unwrap()),
+            );
+        }
+        let first = rx.recv().unwrap().unwrap();
+        let second = rx.recv().unwrap().unwrap();
+        let Written::Updated(resumed) = first else {
+            panic!("{first:?}")
+        };
+        assert_eq!(resumed.status, TaskStatus::Pending);
+        assert_eq!(
+            resumed.resume.as_ref().unwrap().response,
+            serde_json::json!(0)
+        );
+        assert!(resumed.seq > accepted.seq, "queued behind what was queued");
+        assert!(matches!(second, Written::Unchanged(Some(t)) if t.status == TaskStatus::Pending));
+        assert_eq!(store.queued_blocking(&agent).unwrap(), vec![id]);
+        assert!(read_due_awaits(&store.shared, u64::MAX - 1, 10)
+            .unwrap()
+            .is_empty());
+
+        // A stale timer changes nothing; the answered task stays PENDING.
+        let stale = blocking(
+            &store,
+            Write::Expire {
+                id,
+                expires_at: 1_010,
+            },
+        )
+        .unwrap();
+        assert!(matches!(stale, Written::Unchanged(Some(_))), "{stale:?}");
+        assert_eq!(
+            store.task_blocking(id).unwrap().unwrap().status,
+            TaskStatus::Pending
+        );
+        let unknown = TaskId::random();
+        assert_eq!(
+            blocking(
+                &store,
+                Write::Expire {
+                    id: unknown,
+                    expires_at: 1
+                }
+            )
+            .unwrap(),
+            Written::Unchanged(None)
+        );
+
+        // Parked again, its own timer fails it and files it for retention.
+        let mut again = resumed.as_ref().clone();
+        crate::awaiting::park(
+            &mut again,
+            serde_json::json!("q2"),
+            Duration::from_millis(5),
+            2_000,
+        );
+        blocking(
+            &store,
+            Write::Park {
+                task: Arc::new(again),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        let expired = blocking(
+            &store,
+            Write::Expire {
+                id,
+                expires_at: 2_005,
+            },
+        )
+        .unwrap();
+        let Written::Updated(failed) = expired else {
+            panic!("{expired:?}")
+        };
+        assert_eq!(failed.status, TaskStatus::Failure);
+        assert_eq!(failed.error.as_deref(), Some(crate::awaiting::TIMED_OUT));
+        assert!(read_due_awaits(&store.shared, u64::MAX - 1, 10)
+            .unwrap()
+            .is_empty());
+        assert!(matches!(
+            blocking(
+                &store,
+                Write::Resume {
+                    id,
+                    response: serde_json::json!(1)
+                }
+            )
+            .unwrap(),
+            Written::Unchanged(Some(_))
+        ));
     }
 
     #[test]
