@@ -7,6 +7,7 @@ pub mod breaker;
 pub mod events;
 pub mod intake;
 pub mod model;
+pub mod outbox;
 pub mod registry;
 pub mod runner;
 pub mod schedule;

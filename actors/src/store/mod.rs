@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::{AgentId, Task, TaskId};
+use crate::outbox::{Delivery, DeliveryStatus, Outbox};
 
 /// A store failure. Callers turn it into 503s and an unready `/ready`; it is never a panic.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -92,6 +93,31 @@ pub enum Write {
         /// Its new cursor.
         cursor: ScheduleCursor,
     },
+    /// A status callback delivery changed (attempted, finished, retried by an admin).
+    Delivery(Box<Delivery>),
+    /// A callback endpoint was disabled (its receiver answered 410) or re-enabled by an admin;
+    /// durable so that a restart does not resume hammering a receiver that said it is gone.
+    NotifyEndpoint {
+        /// Whose endpoint.
+        agent: AgentId,
+        /// 0-based index in the agent's `notify` list.
+        endpoint: usize,
+        /// Whether deliveries to it are held.
+        disabled: bool,
+    },
+}
+
+/// Which deliveries a listing wants, in id (creation) order.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    /// Only this agent's.
+    pub agent: Option<AgentId>,
+    /// Only in this state.
+    pub status: Option<DeliveryStatus>,
+    /// Only ids above this one (the cursor).
+    pub after: Option<u64>,
+    /// At most this many.
+    pub limit: usize,
 }
 
 /// Identifies one schedule entry's cursor: the agent, the entry's index and its fingerprint
@@ -178,6 +204,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// A schedule entry's cursor, if a running server has seen the entry before.
     fn schedule_cursor(&self, key: &ScheduleKey) -> StoreFuture<Option<ScheduleCursor>>;
+
+    /// Deliveries matching `query`, oldest first.
+    fn deliveries(&self, query: DeliveryQuery) -> StoreFuture<Vec<Delivery>>;
+
+    /// One delivery by id.
+    fn delivery(&self, id: u64) -> StoreFuture<Option<Delivery>>;
+
+    /// Callback endpoints disabled by a 410 and not re-enabled yet: `(agent, index)`.
+    fn disabled_endpoints(&self) -> StoreFuture<Vec<(AgentId, usize)>>;
+
+    /// The outbox this store plans deliveries with, if callbacks are configured; the delivery
+    /// worker takes its channel from it.
+    fn outbox(&self) -> Option<Arc<Outbox>> {
+        None
+    }
 
     /// Removes finished tasks (and their idempotency keys) that finished more than `older_than` ago.
     /// Blocking: the retention job runs it on the blocking pool.
