@@ -448,7 +448,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn delivery() -> Delivery {
-        let task = Task::new("a".parse().unwrap(), serde_json::json!({}), Source::default());
+        let task = Task::new(
+            "a".parse().unwrap(),
+            serde_json::json!({}),
+            Source::default(),
+        );
         let outbox = Outbox::new(HashMap::from([(
             task.agent.clone(),
             vec![EndpointPlan {
@@ -465,7 +469,11 @@ mod tests {
 
     #[test]
     fn plans_follow_status_changes_and_subscriptions() {
-        let mut task = Task::new("a".parse().unwrap(), serde_json::json!({}), Source::default());
+        let mut task = Task::new(
+            "a".parse().unwrap(),
+            serde_json::json!({}),
+            Source::default(),
+        );
         let outbox = Outbox::new(HashMap::from([(
             task.agent.clone(),
             vec![
@@ -477,7 +485,10 @@ mod tests {
                 },
             ],
         )]));
-        assert!(outbox.plan(None, &task, 1).is_empty(), "PENDING has no event");
+        assert!(
+            outbox.plan(None, &task, 1).is_empty(),
+            "PENDING has no event"
+        );
         task.status = TaskStatus::Started;
         task.tick = 7;
         let started = outbox.plan(Some(TaskStatus::Pending), &task, 1);
@@ -490,7 +501,11 @@ mod tests {
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].endpoint, 0);
         assert_eq!(failed[0].event, EventType::Failed);
-        let other = Task::new("b".parse().unwrap(), serde_json::json!({}), Source::default());
+        let other = Task::new(
+            "b".parse().unwrap(),
+            serde_json::json!({}),
+            Source::default(),
+        );
         assert!(!outbox.wants(&other.agent));
     }
 

@@ -359,7 +359,10 @@ fn outbox_key(id: u64) -> Vec<u8> {
 fn notify_off_key(agent: &AgentId, endpoint: usize) -> Vec<u8> {
     key(
         NOTIFY_OFF,
-        &[agent.to_string().as_bytes(), &(endpoint as u64).to_be_bytes()],
+        &[
+            agent.to_string().as_bytes(),
+            &(endpoint as u64).to_be_bytes(),
+        ],
     )
 }
 
