@@ -876,6 +876,72 @@ mod tests {
     }
 
     #[test]
+    fn notify_endpoints_parse_with_defaults_and_errors_name_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "whsec_a2V5LWJ5dGVz\n").unwrap();
+        let agent = |notify: &str| {
+            format!("[[agent]]\nname = \"n\"\nrunner = {{ kind = \"echo\" }}\n[[agent.notify]]\n{notify}\n")
+        };
+        let file = format!("secret_file = \"{}\"", secret.display());
+        let s = parse(&agent(&format!(
+            "url = \"https://hooks.example.com/x\"\n{file}"
+        )))
+        .unwrap();
+        let n = &s.agents[0].notify[0];
+        assert_eq!(n.key, b"key-bytes");
+        assert_eq!(
+            n.events,
+            tickgate_actors::outbox::EventType::DEFAULT.to_vec()
+        );
+        assert_eq!(n.timeout, Duration::from_secs(15));
+        assert_eq!(n.retry_schedule.len(), 7);
+        assert_eq!(n.retry_schedule[6], Duration::from_secs(36000));
+        assert!(!n.allow_private);
+        assert!(!format!("{n:?}").contains("key"), "Debug shows the key");
+        for (notify, wanted) in [
+            (
+                format!("url = \"http://127.0.0.1:1/\"\n{file}"),
+                "notify[0]: url: 127.0.0.1",
+            ),
+            (
+                format!("url = \"http://[fd00::1]/\"\n{file}"),
+                "allow_private",
+            ),
+            (
+                format!("url = \"ftp://x.example/\"\n{file}"),
+                "must start with http",
+            ),
+            (
+                format!("url = \"https://x.example/\"\n{file}\nevents = [\"task.done\"]"),
+                "events: unknown event",
+            ),
+            (
+                "url = \"https://x.example/\"\nsecret_env = \"SHORT\"".to_string(),
+                "whsec_",
+            ),
+            (
+                "url = \"https://x.example/\"\nsecret_env = \"MISSING\"".to_string(),
+                "MISSING is not set",
+            ),
+            ("url = \"https://x.example/\"".to_string(), "exactly one of"),
+        ] {
+            let e = parse(&agent(&notify))
+                .err()
+                .unwrap_or_else(|| panic!("{notify} accepted"));
+            assert!(e.message.contains(wanted), "{notify}: {}", e.message);
+            assert!(e.message.contains("agent default/n"), "{}", e.message);
+            assert!(
+                !e.message.contains("short"),
+                "the secret leaked: {}",
+                e.message
+            );
+        }
+        let private = format!("url = \"http://127.0.0.1:1/\"\n{file}\nallow_private = true");
+        assert!(parse(&agent(&private)).is_ok());
+    }
+
+    #[test]
     fn embedded_default_is_valid() {
         let config: Config = toml::from_str(EMBEDDED).unwrap();
         let settings = config.validate("embedded".into(), &|_| None).unwrap();
