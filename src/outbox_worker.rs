@@ -521,7 +521,8 @@ impl Inner {
             .await;
         let mut resp = match sent {
             Ok(r) => r,
-            Err(e) => return classify_error(&e),
+            // Without the URL: it may carry credentials, and last_error is shown to admins.
+            Err(e) => return classify_error(&e.without_url()),
         };
         let status = resp.status();
         let retry_after = if status.as_u16() == 429 || status.as_u16() == 503 {

@@ -768,6 +768,17 @@ fn stage(
                 batch.remove(key);
                 purged += 1;
             }
+            // Finished callback deliveries go with the same retention (ids grow with creation
+            // time, so the oldest come first); pending ones stay whatever their age.
+            for entry in db.scan_prefix(OUTBOX).take(limit) {
+                let (k, raw) = entry.map_err(backend)?;
+                match decode::<Delivery>(&raw) {
+                    Ok(d) if d.created_at >= finished_before_ms => break,
+                    Ok(d) if d.status == crate::outbox::DeliveryStatus::Pending => {}
+                    Ok(_) => batch.remove(k),
+                    Err(e) => shared.report_unreadable(format!("delivery {}", hex(&k)), &e),
+                }
+            }
             Ok(Written::Purged(purged))
         }
         Write::SetToken { agent, digest } => {
@@ -1529,6 +1540,20 @@ mod tests {
         )
         .unwrap();
         assert!(read_disabled_endpoints(&store.shared).unwrap().is_empty());
+        // Retention removes finished deliveries and keeps pending ones.
+        let mut finished = all[0].clone();
+        finished.status = DeliveryStatus::Succeeded;
+        blocking(&store, Write::Delivery(Box::new(finished))).unwrap();
+        store.purge(Duration::ZERO).unwrap();
+        let left = read_deliveries(
+            &store.shared,
+            &DeliveryQuery {
+                limit: 10,
+                ..DeliveryQuery::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(left, vec![all[1].clone()]);
     }
 
     #[test]
