@@ -425,6 +425,18 @@ fn gone_disables_the_endpoint_until_an_admin_enables_it() {
         .contains("tickgate_notify_disabled_endpoints 1"));
     assert_eq!(rx.got().len(), 1);
 
+    // The endpoint stays disabled across a crash and restart.
+    server.kill();
+    let server = start(&env, &config);
+    assert!(server
+        .get("/metrics")
+        .text
+        .contains("tickgate_notify_disabled_endpoints 1"));
+    let held = deliveries(&server, "status=pending");
+    assert_eq!(held.len(), 2);
+    assert_eq!(held[1]["attempts"], 0);
+    assert_eq!(rx.got().len(), 1);
+
     assert_eq!(
         admin_post(&server, "/admin/agents/default/a/notify/7/enable").status,
         404
@@ -433,11 +445,15 @@ fn gone_disables_the_endpoint_until_an_admin_enables_it() {
     let enabled = admin_post(&server, "/admin/agents/default/a/notify/0/enable");
     assert_eq!(enabled.status, 200, "{}", enabled.text);
     let got = rx.wait_for(3);
-    let tasks: Vec<String> = got[1..]
+    // Order is kept per task; the two tasks' deliveries may go out in either order.
+    let mut tasks: Vec<String> = got[1..]
         .iter()
         .map(|g| g.json()["data"]["task_id"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(tasks, [first, second]);
+    tasks.sort();
+    let mut expected = [first, second];
+    expected.sort();
+    assert_eq!(tasks, expected);
     wait_deliveries(&server, "status=succeeded", |d| d.len() == 2);
 }
 
