@@ -257,6 +257,12 @@ impl Notifier {
                 status: status_name(d.status),
             });
         }
+        // The chain that dead-lettered it lets go of it right after storing `failed`; wait for
+        // that, so the retry is not mistaken for a delivery already being worked.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.inner.is_known(id) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         d.status = DeliveryStatus::Pending;
         d.round_attempts = 0;
         d.next_attempt_at = Some(now_ms());
@@ -326,6 +332,14 @@ pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
 }
 
 impl Inner {
+    fn is_known(&self, id: u64) -> bool {
+        self.chains
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .known
+            .contains(&id)
+    }
+
     fn enqueue(self: &Arc<Self>, d: Delivery) {
         let key = (d.agent.clone(), d.endpoint, d.task_id);
         let spawn = {
