@@ -74,6 +74,7 @@ pub fn serve(settings: Settings) -> Result<(), AppError> {
             Options {
                 sync: settings.config.store.sync,
                 observer: Some(metrics.clone()),
+                outbox: crate::outbox_worker::outbox_for(&settings),
             },
         )?;
         let served = run(settings, store.clone(), metrics, shutdown_signal(), |_| {}).await;
@@ -188,6 +189,14 @@ pub async fn build_state(
         outcomes: vec![breaker.clone().recipient(), recorder.recipient()],
         lifecycle: lifecycle.clone(),
     };
+    // Before any agent starts: pending deliveries are loaded before new ones can be created.
+    let notifier = crate::outbox_worker::Notifier::start(
+        settings,
+        store.clone(),
+        metrics.clone(),
+        public_url.clone(),
+    )
+    .await?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
     let mut handles = Vec::with_capacity(settings.agents.len());
@@ -293,6 +302,7 @@ pub async fn build_state(
             .iter()
             .map(|(handle, entries, _)| (handle.spec.id.clone(), entries.clone()))
             .collect(),
+        notifier,
     });
     for (handle, entries, catch_up) in scheduled {
         crate::schedule::start(scheduler_deps.clone(), handle, entries, catch_up);

@@ -202,6 +202,9 @@ pub struct AgentConfig {
     /// (default) only passes them through.
     #[serde(default)]
     pub approvals: tickgate_actors::awaiting::Approvals,
+    /// Signed status callbacks: `[[agent.notify]]` (SPEC section 9).
+    #[serde(default)]
+    pub notify: Vec<NotifyConfig>,
 }
 
 /// Most delays a `retry.schedule` may list; a longer one is a config mistake, not a policy.
@@ -225,6 +228,133 @@ impl RetryConfig {
             order: self.order,
         }
     }
+}
+
+/// One `[[agent.notify]]` endpoint as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Where deliveries are POSTed.
+    pub url: String,
+    /// Variable holding the `whsec_<base64>` signing secret.
+    pub secret_env: Option<String>,
+    /// File holding the `whsec_<base64>` signing secret.
+    pub secret_file: Option<PathBuf>,
+    /// Subscribed events; the SPEC's default set when omitted.
+    pub events: Option<Vec<String>>,
+    /// Per-attempt timeout.
+    #[serde(default = "default_notify_timeout")]
+    pub timeout: Dur,
+    /// Delays before each retry, after the immediate try.
+    pub retry_schedule: Option<Vec<Dur>>,
+    /// Allow loopback/private/link-local targets (tests, internal receivers).
+    #[serde(default)]
+    pub allow_private: bool,
+}
+
+fn default_notify_timeout() -> Dur {
+    Dur(Duration::from_secs(15))
+}
+
+/// The SPEC's default retry schedule for callbacks.
+const DEFAULT_NOTIFY_SCHEDULE: [u64; 7] = [5, 300, 1800, 7200, 18000, 36000, 36000];
+
+/// A validated callback endpoint. Its signing key never appears in `Debug` output.
+#[derive(Clone)]
+pub struct NotifySetup {
+    /// Target URL (already checked against the SSRF guard's literal ranges).
+    pub url: reqwest::Url,
+    /// HMAC key: the base64-decoded part of the secret after `whsec_`.
+    pub key: Vec<u8>,
+    /// Subscribed events.
+    pub events: Vec<tickgate_actors::outbox::EventType>,
+    /// Per-attempt timeout.
+    pub timeout: Duration,
+    /// Delays before each retry.
+    pub retry_schedule: Vec<Duration>,
+    /// Whether private targets are allowed.
+    pub allow_private: bool,
+}
+
+impl fmt::Debug for NotifySetup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NotifySetup")
+            .field("url", &self.url.as_str())
+            .field("events", &self.events)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks one `[[agent.notify]]` entry and reads its secret; errors never contain the secret.
+fn notify_setup(
+    n: &NotifyConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<NotifySetup, String> {
+    let url = reqwest::Url::parse(&n.url).map_err(|e| format!("url: {:?}: {e}", n.url))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "url: {:?} must start with http:// or https://",
+            n.url
+        ));
+    }
+    let host = url
+        .host_str()
+        .ok_or_else(|| format!("url: {:?} has no host", n.url))?;
+    if !n.allow_private {
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .ok();
+        if let Some(ip) = literal.filter(|ip| tickgate_actors::outbox::is_private(*ip)) {
+            return Err(format!(
+                "url: {ip} is a loopback, private, link-local or unique-local address; set allow_private = true to allow it"
+            ));
+        }
+    }
+    let secret = match (&n.secret_env, &n.secret_file) {
+        (Some(var), None) => {
+            env(var).ok_or_else(|| format!("secret_env: the variable {var} is not set"))?
+        }
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| format!("secret_file: cannot read {}: {e}", path.display()))?
+            .trim()
+            .to_string(),
+        _ => return Err("give exactly one of secret_env and secret_file".into()),
+    };
+    let encoded = secret
+        .strip_prefix("whsec_")
+        .ok_or("the secret must have the form whsec_<base64> (Standard Webhooks)")?;
+    let key = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded)
+        .ok()
+        .filter(|k| !k.is_empty())
+        .ok_or("the secret after whsec_ is not valid, non-empty base64")?;
+    let events = match &n.events {
+        None => tickgate_actors::outbox::EventType::DEFAULT.to_vec(),
+        Some(names) => names
+            .iter()
+            .map(|e| e.parse())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("events: {e}"))?,
+    };
+    if n.timeout.0.is_zero() {
+        return Err("timeout: must be more than zero".into());
+    }
+    let retry_schedule = match &n.retry_schedule {
+        None => DEFAULT_NOTIFY_SCHEDULE
+            .iter()
+            .map(|s| Duration::from_secs(*s))
+            .collect(),
+        Some(s) => s.iter().map(|d| d.0).collect(),
+    };
+    Ok(NotifySetup {
+        url,
+        key,
+        events,
+        timeout: n.timeout.0,
+        retry_schedule,
+        allow_private: n.allow_private,
+    })
 }
 
 /// One `schedule` entry as written; exactly one of `cron` and `every`.
@@ -348,6 +478,8 @@ pub struct AgentSetup {
     pub schedule: Vec<Entry>,
     /// `catch_up` policy for the schedule.
     pub catch_up: CatchUp,
+    /// Status callback endpoints, in file order (their index is their admin id).
+    pub notify: Vec<NotifySetup>,
 }
 
 impl AgentSetup {
@@ -596,6 +728,12 @@ fn validate_agent(
         signature.as_ref().map(|v| v.scheme()),
     )
     .map_err(|e| format!("{at}: {e}"))?;
+    let notify = a
+        .notify
+        .iter()
+        .enumerate()
+        .map(|(i, n)| notify_setup(n, env).map_err(|m| format!("{at}: notify[{i}]: {m}")))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(AgentSetup {
         spec: AgentSpec {
             id,
@@ -618,6 +756,7 @@ fn validate_agent(
         webhook_enabled,
         schedule,
         catch_up: a.catch_up,
+        notify,
     })
 }
 
@@ -772,6 +911,72 @@ mod tests {
             message: e.to_string(),
         })?;
         config.validate("t".into(), &env)
+    }
+
+    #[test]
+    fn notify_endpoints_parse_with_defaults_and_errors_name_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "whsec_a2V5LWJ5dGVz\n").unwrap();
+        let agent = |notify: &str| {
+            format!("[[agent]]\nname = \"n\"\nrunner = {{ kind = \"echo\" }}\n[[agent.notify]]\n{notify}\n")
+        };
+        let file = format!("secret_file = \"{}\"", secret.display());
+        let s = parse(&agent(&format!(
+            "url = \"https://hooks.example.com/x\"\n{file}"
+        )))
+        .unwrap();
+        let n = &s.agents[0].notify[0];
+        assert_eq!(n.key, b"key-bytes");
+        assert_eq!(
+            n.events,
+            tickgate_actors::outbox::EventType::DEFAULT.to_vec()
+        );
+        assert_eq!(n.timeout, Duration::from_secs(15));
+        assert_eq!(n.retry_schedule.len(), 7);
+        assert_eq!(n.retry_schedule[6], Duration::from_secs(36000));
+        assert!(!n.allow_private);
+        assert!(!format!("{n:?}").contains("key"), "Debug shows the key");
+        for (notify, wanted) in [
+            (
+                format!("url = \"http://127.0.0.1:1/\"\n{file}"),
+                "notify[0]: url: 127.0.0.1",
+            ),
+            (
+                format!("url = \"http://[fd00::1]/\"\n{file}"),
+                "allow_private",
+            ),
+            (
+                format!("url = \"ftp://x.example/\"\n{file}"),
+                "must start with http",
+            ),
+            (
+                format!("url = \"https://x.example/\"\n{file}\nevents = [\"task.done\"]"),
+                "events: unknown event",
+            ),
+            (
+                "url = \"https://x.example/\"\nsecret_env = \"SHORT\"".to_string(),
+                "whsec_",
+            ),
+            (
+                "url = \"https://x.example/\"\nsecret_env = \"MISSING\"".to_string(),
+                "MISSING is not set",
+            ),
+            ("url = \"https://x.example/\"".to_string(), "exactly one of"),
+        ] {
+            let e = parse(&agent(&notify))
+                .err()
+                .unwrap_or_else(|| panic!("{notify} accepted"));
+            assert!(e.message.contains(wanted), "{notify}: {}", e.message);
+            assert!(e.message.contains("agent default/n"), "{}", e.message);
+            assert!(
+                !e.message.contains("short"),
+                "the secret leaked: {}",
+                e.message
+            );
+        }
+        let private = format!("url = \"http://127.0.0.1:1/\"\n{file}\nallow_private = true");
+        assert!(parse(&agent(&private)).is_ok());
     }
 
     #[test]

@@ -7,4 +7,5 @@ pub mod config;
 pub mod http;
 pub mod ingress;
 pub mod metrics;
+pub mod outbox_worker;
 mod schedule;

@@ -34,6 +34,67 @@ pub struct Metrics {
     stderr_dropped: IntCounter,
     /// Serialises that catch-up, so two concurrent scrapes cannot both add the same bytes.
     stderr_catch_up: std::sync::Mutex<()>,
+    /// Status callbacks.
+    pub notify: NotifyMetrics,
+}
+
+/// Status callback metrics (SPEC section 9); labels are the agent and the endpoint's index, never
+/// its URL (which may carry credentials) or anything from its secret.
+pub struct NotifyMetrics {
+    /// Attempts by agent, endpoint index and outcome (`delivered`, `failed`, `gone`, `refused`).
+    pub deliveries: IntCounterVec,
+    /// Time from sending a callback to its answer.
+    pub latency: HistogramVec,
+    /// Deliveries the worker holds that are not finished yet.
+    pub outbox_depth: IntGauge,
+    /// Endpoints disabled by a 410 and not re-enabled.
+    pub disabled_endpoints: IntGauge,
+}
+
+impl NotifyMetrics {
+    fn new(registry: &Registry) -> Self {
+        let deliveries = IntCounterVec::new(
+            Opts::new(
+                "tickgate_notify_deliveries_total",
+                "Status callback attempts by agent, endpoint index and outcome",
+            ),
+            &["agent", "endpoint", "outcome"],
+        )
+        .expect("metric definition");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "tickgate_notify_delivery_seconds",
+                "Time from sending a status callback to its answer",
+            )
+            .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0]),
+            &["agent", "endpoint"],
+        )
+        .expect("metric definition");
+        let outbox_depth = IntGauge::new(
+            "tickgate_notify_outbox_depth",
+            "Status callback deliveries not finished yet",
+        )
+        .expect("metric definition");
+        let disabled_endpoints = IntGauge::new(
+            "tickgate_notify_disabled_endpoints",
+            "Callback endpoints disabled by a 410 Gone",
+        )
+        .expect("metric definition");
+        for m in [
+            Box::new(deliveries.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(outbox_depth.clone()),
+            Box::new(disabled_endpoints.clone()),
+        ] {
+            registry.register(m).expect("unique metric names");
+        }
+        Self {
+            deliveries,
+            latency,
+            outbox_depth,
+            disabled_endpoints,
+        }
+    }
 }
 
 impl Metrics {
@@ -142,6 +203,7 @@ impl Metrics {
         ] {
             registry.register(m).expect("unique metric names");
         }
+        let notify = NotifyMetrics::new(&registry);
         Self {
             registry,
             requests,
@@ -158,6 +220,7 @@ impl Metrics {
             retries_catch_up: std::sync::Mutex::new(()),
             stderr_dropped,
             stderr_catch_up: std::sync::Mutex::new(()),
+            notify,
         }
     }
 

@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod events;
 pub mod intake;
 pub mod model;
+pub mod outbox;
 pub mod registry;
 pub mod retry;
 pub mod runner;

@@ -2,6 +2,7 @@
 //! one domain function or actor, map the result.
 
 pub mod admin;
+pub mod deliveries;
 pub mod error;
 pub mod health;
 mod limits;
@@ -72,6 +73,8 @@ pub struct AppState {
     pub body_budget: limits::BodyBudget,
     /// Each scheduled agent's entries, for `/admin/agents`.
     pub schedules: HashMap<AgentId, Vec<tickgate_actors::schedule::Entry>>,
+    /// The status callback worker, when any agent has `[[agent.notify]]`.
+    pub notifier: Option<crate::outbox_worker::Notifier>,
 }
 
 impl AppState {
@@ -183,6 +186,21 @@ pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
         .service(
             web::resource("/admin/agents/{namespace}/{agent}/breaker/reset")
                 .route(web::post().to(admin::reset_breaker))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/deliveries")
+                .route(web::get().to(deliveries::list))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/deliveries/{id}/retry")
+                .route(web::post().to(deliveries::retry))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/agents/{namespace}/{agent}/notify/{index}/enable")
+                .route(web::post().to(deliveries::enable))
                 .default_service(web::to(method_not_allowed)),
         );
     }

@@ -76,6 +76,13 @@ struct AwaitingRecord<'a> {
 impl<'a> TaskRecord<'a> {
     /// Renders a stored task.
     pub fn new(task: &'a Task, state: &AppState) -> Self {
+        Self::at(task, &state.public_url)
+    }
+
+    /// Renders a stored task with links under `public_url`; for renderers without the handlers'
+    /// state (the status callbacks' `data`).
+    pub fn at(task: &'a Task, public_url: &str) -> Self {
+        let poll_url = format!("{public_url}/tasks/{}", task.id);
         Self {
             task_id: task.id.to_string(),
             agent: task.agent.to_string(),
@@ -90,7 +97,7 @@ impl<'a> TaskRecord<'a> {
             response: &task.response,
             result: &task.result,
             error: &task.error,
-            poll_url: state.poll_url(&task.id),
+            poll_url: poll_url.clone(),
             source: SourceRecord {
                 method: &task.source.method,
                 event: &task.source.event,
@@ -111,7 +118,7 @@ impl<'a> TaskRecord<'a> {
                 request: &w.request,
                 since: rfc3339(w.since),
                 expires_at: rfc3339(w.expires_at),
-                resume_url: format!("{}/resume", state.poll_url(&task.id)),
+                resume_url: format!("{poll_url}/resume"),
             }),
             replay_of: task.replay_of.map(|id| id.to_string()),
             duplicate: None,

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, StoreFuture,
-    Write,
+    AgentState, DeliveryQuery, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError,
+    StoreFuture, Write,
 };
 use crate::model::{AgentId, Task, TaskId};
+use crate::outbox::{Delivery, Outbox};
 
 /// Delegates to `inner` unless writes are switched to fail.
 pub struct FaultyStore {
@@ -80,6 +81,22 @@ impl Store for FaultyStore {
 
     fn due_awaits(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<(u64, TaskId)>> {
         self.inner.due_awaits(now_ms, limit)
+    }
+
+    fn deliveries(&self, query: DeliveryQuery) -> StoreFuture<Vec<Delivery>> {
+        self.inner.deliveries(query)
+    }
+
+    fn delivery(&self, id: u64) -> StoreFuture<Option<Delivery>> {
+        self.inner.delivery(id)
+    }
+
+    fn disabled_endpoints(&self) -> StoreFuture<Vec<(AgentId, usize)>> {
+        self.inner.disabled_endpoints()
+    }
+
+    fn outbox(&self) -> Option<Arc<Outbox>> {
+        self.inner.outbox()
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::{AgentId, Task, TaskId};
+use crate::outbox::{Delivery, DeliveryStatus, Outbox};
 
 /// A store failure. Callers turn it into 503s and an unready `/ready`; it is never a panic.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -138,6 +139,31 @@ pub enum Write {
         /// The expiry the timer was written for.
         expires_at: u64,
     },
+    /// A status callback delivery changed (attempted, finished, retried by an admin).
+    Delivery(Box<Delivery>),
+    /// A callback endpoint was disabled (its receiver answered 410) or re-enabled by an admin;
+    /// durable so that a restart does not resume hammering a receiver that said it is gone.
+    NotifyEndpoint {
+        /// Whose endpoint.
+        agent: AgentId,
+        /// 0-based index in the agent's `notify` list.
+        endpoint: usize,
+        /// Whether deliveries to it are held.
+        disabled: bool,
+    },
+}
+
+/// Which deliveries a listing wants, in id (creation) order.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryQuery {
+    /// Only this agent's.
+    pub agent: Option<AgentId>,
+    /// Only in this state.
+    pub status: Option<DeliveryStatus>,
+    /// Only ids above this one (the cursor).
+    pub after: Option<u64>,
+    /// At most this many.
+    pub limit: usize,
 }
 
 /// Identifies one schedule entry's cursor: the agent, the entry's index and its fingerprint
@@ -246,6 +272,20 @@ pub trait Store: Send + Sync + 'static {
     fn retry_timers(&self) -> StoreFuture<Vec<RetryTimer>>;
     /// Await timers due at `now_ms` (expiry time, task id), earliest first, at most `limit`.
     fn due_awaits(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<(u64, TaskId)>>;
+    /// Deliveries matching `query`, oldest first.
+    fn deliveries(&self, query: DeliveryQuery) -> StoreFuture<Vec<Delivery>>;
+
+    /// One delivery by id.
+    fn delivery(&self, id: u64) -> StoreFuture<Option<Delivery>>;
+
+    /// Callback endpoints disabled by a 410 and not re-enabled yet: `(agent, index)`.
+    fn disabled_endpoints(&self) -> StoreFuture<Vec<(AgentId, usize)>>;
+
+    /// The outbox this store plans deliveries with, if callbacks are configured; the delivery
+    /// worker takes its channel from it.
+    fn outbox(&self) -> Option<Arc<Outbox>> {
+        None
+    }
 
     /// Removes finished tasks (and their idempotency keys) that finished more than `older_than` ago.
     /// Blocking: the retention job runs it on the blocking pool.

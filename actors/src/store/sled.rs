@@ -30,10 +30,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentState, OnWritten, Purged, RetryTimer, ScheduleCursor, ScheduleKey, Store, StoreError,
-    StoreFuture, Write, Written,
+    AgentState, DeliveryQuery, OnWritten, Purged, RetryTimer, ScheduleCursor, ScheduleKey, Store,
+    StoreError, StoreFuture, Write, Written,
 };
 use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus};
+use crate::outbox::{Delivery, Outbox};
 
 const TASK: &[u8] = b"t/";
 const QUEUE: &[u8] = b"q/";
@@ -46,6 +47,10 @@ const SCHEDULE: &[u8] = b"s/";
 const RETRY: &[u8] = b"r/";
 /// Await expiry timers: `w/<expires_at ms, big-endian>\0<task id>`, one per parked task.
 const AWAIT_TIMER: &[u8] = b"w/";
+/// Status callback deliveries (the outbox), keyed by their increasing id.
+const OUTBOX: &[u8] = b"o/";
+/// Callback endpoints disabled by a 410, keyed by agent and endpoint index.
+const NOTIFY_OFF: &[u8] = b"n/";
 /// The record the writer rewrites to prove a reopened store takes writes again.
 const PROBE: &[u8] = b"p/probe";
 
@@ -119,6 +124,8 @@ pub struct Options {
     pub sync: SyncMode,
     /// Where counts go.
     pub observer: Option<Arc<dyn Observer>>,
+    /// Plans status callback deliveries for every task record the writer stages.
+    pub outbox: Option<Arc<Outbox>>,
 }
 
 struct FlushOnly(FlushHook);
@@ -137,6 +144,7 @@ struct Shared {
     /// Records already reported as undecodable, so each is logged and counted once.
     unreadable: Mutex<BTreeSet<String>>,
     observer: Option<Arc<dyn Observer>>,
+    outbox: Option<Arc<Outbox>>,
 }
 
 impl Shared {
@@ -218,6 +226,7 @@ impl SledStore {
             healthy: AtomicBool::new(true),
             unreadable: Mutex::new(BTreeSet::new()),
             observer: options.observer,
+            outbox: options.outbox,
         });
         let (tx, rx) = mpsc::channel::<Job>();
         let writer = Writer {
@@ -351,6 +360,20 @@ fn schedule_key(k: &ScheduleKey) -> Vec<u8> {
             k.agent.to_string().as_bytes(),
             &(k.index as u64).to_be_bytes(),
             k.fingerprint.as_bytes(),
+        ],
+    )
+}
+
+fn outbox_key(id: u64) -> Vec<u8> {
+    key(OUTBOX, &[&id.to_be_bytes()])
+}
+
+fn notify_off_key(agent: &AgentId, endpoint: usize) -> Vec<u8> {
+    key(
+        NOTIFY_OFF,
+        &[
+            agent.to_string().as_bytes(),
+            &(endpoint as u64).to_be_bytes(),
         ],
     )
 }
@@ -527,6 +550,10 @@ impl Writer {
         if let Err(e) = &committed {
             tracing::error!(error = %e, requests, "store write failed; retrying on a backoff");
             self.fail(e.clone());
+        } else if let Some(outbox) = &self.shared.outbox {
+            if !staged.deliveries.is_empty() {
+                outbox.committed(std::mem::take(&mut staged.deliveries));
+            }
         }
         for (done, outcome) in staged_jobs {
             let result = match &committed {
@@ -636,6 +663,10 @@ struct Staged {
     /// Tasks written by conditional writes earlier in the batch, so that a second condition
     /// (a second answer, an expiry) sees the first one's result.
     tasks: HashMap<TaskId, Task>,
+    /// Status of each task record staged in this batch, for the outbox's previous-status check.
+    statuses: HashMap<TaskId, TaskStatus>,
+    /// Deliveries staged in this batch, handed to the outbox once the batch is durable.
+    deliveries: Vec<Delivery>,
 }
 
 /// Keeps [`Staged::tasks`] current when an unconditional write of a task follows a conditional
@@ -660,6 +691,37 @@ fn staged_task(
         Some(raw) => shared.decode(|| format!("task {id}"), &raw).map(Some),
         None => Ok(None),
     }
+}
+
+/// Stages a task record, and with it the status callbacks its status change causes (the outbox
+/// hook): when the task is new or its status differs from the stored (or earlier staged) one,
+/// the outbox plans deliveries, which go into the same batch under [`OUTBOX`].
+fn put_task(
+    db: &sled::Db,
+    shared: &Shared,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    task: &Task,
+) -> Result<(), StoreError> {
+    batch.insert(task_key(&task.id), encode(task)?);
+    restage(staged, task);
+    let Some(outbox) = shared.outbox.as_ref().filter(|o| o.wants(&task.agent)) else {
+        return Ok(());
+    };
+    let previous = match staged.statuses.get(&task.id) {
+        Some(status) => Some(*status),
+        None => match db.get(task_key(&task.id)).map_err(backend)? {
+            Some(raw) => decode::<Task>(&raw).ok().map(|t| t.status),
+            None => None,
+        },
+    };
+    staged.statuses.insert(task.id, task.status);
+    for mut d in outbox.plan(previous, task, now_ms()) {
+        d.id = db.generate_id().map_err(backend)?;
+        batch.insert(outbox_key(d.id), encode(&d)?);
+        staged.deliveries.push(d);
+    }
+    Ok(())
 }
 
 fn stage(
@@ -692,7 +754,7 @@ fn stage(
                 task.idempotency_key = Some(idem.key.clone());
             }
             task.seq = db.generate_id().map_err(backend)?;
-            batch.insert(task_key(&task.id), encode(&*task)?);
+            put_task(db, shared, batch, staged, &task)?;
             batch.insert(
                 queue_key(&task.agent, task.seq),
                 task.id.as_bytes().to_vec(),
@@ -700,13 +762,11 @@ fn stage(
             Ok(Written::Accepted(task))
         }
         Write::Start(task) => {
-            batch.insert(task_key(&task.id), encode(&*task)?);
-            restage(staged, &task);
+            put_task(db, shared, batch, staged, &task)?;
             Ok(Written::Done)
         }
         Write::Complete { task, state } => {
-            batch.insert(task_key(&task.id), encode(&*task)?);
-            restage(staged, &task);
+            put_task(db, shared, batch, staged, &task)?;
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
                 finished_key(task.finished_at.unwrap_or_else(now_ms), &task.id),
@@ -748,6 +808,17 @@ fn stage(
                 batch.remove(key);
                 purged += 1;
             }
+            // Finished callback deliveries go with the same retention (ids grow with creation
+            // time, so the oldest come first); pending ones stay whatever their age.
+            for entry in db.scan_prefix(OUTBOX).take(limit) {
+                let (k, raw) = entry.map_err(backend)?;
+                match decode::<Delivery>(&raw) {
+                    Ok(d) if d.created_at >= finished_before_ms => break,
+                    Ok(d) if d.status == crate::outbox::DeliveryStatus::Pending => {}
+                    Ok(_) => batch.remove(k),
+                    Err(e) => shared.report_unreadable(format!("delivery {}", hex(&k)), &e),
+                }
+            }
             Ok(Written::Purged(purged))
         }
         Write::SetToken { agent, digest } => {
@@ -763,7 +834,7 @@ fn stage(
         }
         Write::Retry { task, state } => {
             let due = task.next_attempt_at.unwrap_or_else(now_ms);
-            batch.insert(task_key(&task.id), encode(&*task)?);
+            put_task(db, shared, batch, staged, &task)?;
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
                 retry_key(due, &task.id),
@@ -786,7 +857,7 @@ fn stage(
             }
             task.status = TaskStatus::Pending;
             task.next_attempt_at = None;
-            batch.insert(task_key(&task.id), encode(&task)?);
+            put_task(db, shared, batch, staged, &task)?;
             batch.insert(
                 queue_key(&task.agent, task.seq),
                 task.id.as_bytes().to_vec(),
@@ -794,7 +865,7 @@ fn stage(
             Ok(Written::Accepted(Box::new(task)))
         }
         Write::Park { task, state } => {
-            batch.insert(task_key(&task.id), encode(&*task)?);
+            put_task(db, shared, batch, staged, &task)?;
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
                 key(AGENT, &[task.agent.to_string().as_bytes()]),
@@ -819,7 +890,7 @@ fn stage(
             };
             // Behind everything its agent has queued so far.
             next.seq = db.generate_id().map_err(backend)?;
-            batch.insert(task_key(&id), encode(&next)?);
+            put_task(db, shared, batch, staged, &next)?;
             batch.insert(queue_key(&next.agent, next.seq), id.as_bytes().to_vec());
             if let Some(at) = expires_at {
                 batch.remove(await_timer_key(at, &id));
@@ -835,13 +906,30 @@ fn stage(
             let Some(failed) = crate::awaiting::expire(&task, expires_at, now_ms()) else {
                 return Ok(Written::Unchanged(Some(Box::new(task))));
             };
-            batch.insert(task_key(&id), encode(&failed)?);
+            put_task(db, shared, batch, staged, &failed)?;
             batch.insert(
                 finished_key(failed.finished_at.unwrap_or_else(now_ms), &id),
                 id.as_bytes().to_vec(),
             );
             staged.tasks.insert(id, failed.clone());
             Ok(Written::Updated(Box::new(failed)))
+        }
+        Write::Delivery(d) => {
+            batch.insert(outbox_key(d.id), encode(&*d)?);
+            Ok(Written::Done)
+        }
+        Write::NotifyEndpoint {
+            agent,
+            endpoint,
+            disabled,
+        } => {
+            let k = notify_off_key(&agent, endpoint);
+            if disabled {
+                batch.insert(k, Vec::new());
+            } else {
+                batch.remove(k);
+            }
+            Ok(Written::Done)
         }
     }
 }
@@ -991,6 +1079,66 @@ fn read_due_awaits(
     Ok(due)
 }
 
+fn read_deliveries(shared: &Shared, q: &DeliveryQuery) -> Result<Vec<Delivery>, StoreError> {
+    let db = shared.db()?;
+    let start = match q.after {
+        Some(after) => outbox_key(after.saturating_add(1)),
+        None => OUTBOX.to_vec(),
+    };
+    let mut out = Vec::new();
+    if q.after == Some(u64::MAX) {
+        return Ok(out);
+    }
+    for entry in db.range(start..) {
+        if out.len() >= q.limit {
+            break;
+        }
+        let (k, raw) = entry.map_err(backend)?;
+        if !k.starts_with(OUTBOX) {
+            break;
+        }
+        let Ok(d) = shared.decode::<Delivery>(|| format!("delivery {}", hex(&k)), &raw) else {
+            continue;
+        };
+        if q.agent.as_ref().is_some_and(|a| *a != d.agent)
+            || q.status.is_some_and(|s| s != d.status)
+        {
+            continue;
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
+fn read_delivery(shared: &Shared, id: u64) -> Result<Option<Delivery>, StoreError> {
+    match shared.db()?.get(outbox_key(id)).map_err(backend)? {
+        Some(raw) => shared.decode(|| format!("delivery {id}"), &raw).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn read_disabled_endpoints(shared: &Shared) -> Result<Vec<(AgentId, usize)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in shared.db()?.scan_prefix(NOTIFY_OFF) {
+        let (k, _) = entry.map_err(backend)?;
+        let rest = &k[NOTIFY_OFF.len()..];
+        if rest.len() < 9 {
+            continue;
+        }
+        let (agent, index) = rest.split_at(rest.len() - 9);
+        let Ok(index) = <[u8; 8]>::try_from(&index[1..]) else {
+            continue;
+        };
+        if let Some(agent) = std::str::from_utf8(agent)
+            .ok()
+            .and_then(|a| a.parse::<AgentId>().ok())
+        {
+            out.push((agent, u64::from_be_bytes(index) as usize));
+        }
+    }
+    Ok(out)
+}
+
 /// Blocking reads for code that runs outside any async runtime (tests, tools); async code uses
 /// the [`Store`] trait's reads, which run these off the calling thread.
 impl SledStore {
@@ -1072,6 +1220,25 @@ impl Store for SledStore {
     fn due_awaits(&self, now_ms: u64, limit: usize) -> StoreFuture<Vec<(u64, TaskId)>> {
         let shared = self.shared.clone();
         off_thread(move || read_due_awaits(&shared, now_ms, limit))
+    }
+
+    fn deliveries(&self, query: DeliveryQuery) -> StoreFuture<Vec<Delivery>> {
+        let shared = self.shared.clone();
+        off_thread(move || read_deliveries(&shared, &query))
+    }
+
+    fn delivery(&self, id: u64) -> StoreFuture<Option<Delivery>> {
+        let shared = self.shared.clone();
+        off_thread(move || read_delivery(&shared, id))
+    }
+
+    fn disabled_endpoints(&self) -> StoreFuture<Vec<(AgentId, usize)>> {
+        let shared = self.shared.clone();
+        off_thread(move || read_disabled_endpoints(&shared))
+    }
+
+    fn outbox(&self) -> Option<Arc<Outbox>> {
+        self.shared.outbox.clone()
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
@@ -1541,6 +1708,7 @@ mod tests {
             Options {
                 sync,
                 observer: Some(counts.clone()),
+                outbox: None,
             },
         )
         .unwrap();
@@ -1659,6 +1827,140 @@ mod tests {
             store.schedule_cursor_blocking(&k(1, "every 5s")).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn status_changes_stage_deliveries_in_the_same_batch_and_they_survive_reopen() {
+        use crate::outbox::{DeliveryStatus, EndpointPlan, EventType};
+        let dir = tempfile::tempdir().unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let quiet: AgentId = "b".parse().unwrap();
+        let outbox = || {
+            Arc::new(Outbox::new(HashMap::from([(
+                agent.clone(),
+                vec![EndpointPlan {
+                    events: EventType::ALL.into_iter().collect(),
+                }],
+            )])))
+        };
+        let open = |outbox: Arc<Outbox>| {
+            SledStore::open_opts(
+                dir.path(),
+                Options {
+                    outbox: Some(outbox),
+                    ..Options::default()
+                },
+            )
+            .unwrap()
+        };
+        let first = outbox();
+        let mut rx = first.take_receiver().unwrap();
+        let store = open(first);
+        let Written::Accepted(t) = blocking(
+            &store,
+            Write::Submit {
+                task: Box::new(task(&agent)),
+                idempotency: None,
+            },
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let mut started = (*t).clone();
+        started.status = TaskStatus::Started;
+        started.tick = 1;
+        let started = Arc::new(started);
+        // Start written twice: the second is no status change and plans nothing.
+        blocking(&store, Write::Start(started.clone())).unwrap();
+        blocking(&store, Write::Start(started.clone())).unwrap();
+        let mut done = (*started).clone();
+        done.status = TaskStatus::Success;
+        blocking(
+            &store,
+            Write::Complete {
+                task: Arc::new(done),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        blocking(
+            &store,
+            Write::Submit {
+                task: Box::new(task(&quiet)),
+                idempotency: None,
+            },
+        )
+        .unwrap();
+        let mut handed = Vec::new();
+        while let Ok(d) = rx.try_recv() {
+            handed.push(d);
+        }
+        assert_eq!(
+            handed.iter().map(|d| d.event).collect::<Vec<_>>(),
+            vec![EventType::Started, EventType::Succeeded]
+        );
+        assert!(handed[0].id < handed[1].id);
+        assert_eq!(handed[1].webhook_id, format!("{}.task.succeeded.1", t.id));
+        store.close().unwrap();
+        drop(store);
+        let store = open(outbox());
+        let all = read_deliveries(
+            &store.shared,
+            &DeliveryQuery {
+                limit: 10,
+                ..DeliveryQuery::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(all, handed);
+        let after = read_deliveries(
+            &store.shared,
+            &DeliveryQuery {
+                after: Some(handed[0].id),
+                status: Some(DeliveryStatus::Pending),
+                limit: 10,
+                ..DeliveryQuery::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(after.len(), 1);
+        blocking(
+            &store,
+            Write::NotifyEndpoint {
+                agent: agent.clone(),
+                endpoint: 3,
+                disabled: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            read_disabled_endpoints(&store.shared).unwrap(),
+            vec![(agent.clone(), 3)]
+        );
+        blocking(
+            &store,
+            Write::NotifyEndpoint {
+                agent: agent.clone(),
+                endpoint: 3,
+                disabled: false,
+            },
+        )
+        .unwrap();
+        assert!(read_disabled_endpoints(&store.shared).unwrap().is_empty());
+        // Retention removes finished deliveries and keeps pending ones.
+        let mut finished = all[0].clone();
+        finished.status = DeliveryStatus::Succeeded;
+        blocking(&store, Write::Delivery(Box::new(finished))).unwrap();
+        store.purge(Duration::ZERO).unwrap();
+        let left = read_deliveries(
+            &store.shared,
+            &DeliveryQuery {
+                limit: 10,
+                ..DeliveryQuery::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(left, vec![all[1].clone()]);
     }
 
     #[test]
