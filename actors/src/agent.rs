@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::events::TaskEvents;
 use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus, TickInput, TickOutput};
 use crate::runner::{Runner, RunnerError, RunnerSpec};
-use crate::store::{write_async, AgentState, Store, Write};
+use crate::store::{write_async, AgentState, Store, Write, Written};
 
 /// An agent's configuration, as the actors need it (the config layer builds it from TOML).
 #[derive(Debug, Clone)]
@@ -103,7 +103,8 @@ enum Ran {
         elapsed: Duration,
         memory: serde_json::Value,
     },
-    /// The start could not be recorded and shutdown began, so the runner never ran.
+    /// The runner never ran: its start could not be recorded and shutdown began, or the task was
+    /// revoked while it waited.
     NotStarted { memory: serde_json::Value },
 }
 
@@ -336,6 +337,10 @@ impl Agent {
             // Left PENDING (or STARTED) on disk: the next start runs it; the slot drops here.
             return Box::pin(actix::fut::ready(()));
         }
+        if task.status.is_terminal() {
+            // Revoked while queued (read back by `RunStored`): skipped, the slot drops here.
+            return Box::pin(actix::fut::ready(()));
+        }
         let running = self.deps.lifecycle.start_tick();
         task.status = TaskStatus::Started;
         task.attempt += 1;
@@ -363,6 +368,8 @@ impl Agent {
                 let shared = Arc::new(task);
                 loop {
                     match write_async(store.as_ref(), Write::Start(shared.clone())).await {
+                        // Cancelled while queued: the store refused the start; never runs.
+                        Ok(Written::Revoked) => return Ran::NotStarted { memory },
                         Ok(_) => {
                             events.publish(&shared);
                             break;
@@ -494,6 +501,8 @@ impl Agent {
             write,
             Box::new(move |res| {
                 match res {
+                    // Revoked meanwhile: the REVOKED record stays and was announced already.
+                    Ok(Written::Revoked) => {}
                     Ok(_) => events.publish(&task),
                     Err(e) => tracing::error!(task_id = %task.id, error = %e, "could not record the tick's outcome"),
                 }

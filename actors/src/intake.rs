@@ -173,7 +173,7 @@ impl Intake {
                     }
                     Ok(Written::Duplicate(id)) => Ok(Accepted::Duplicate(id)),
                     Ok(Written::Conflict(id)) => Err(Refused::Conflict(id)),
-                    Ok(other @ (Written::Done | Written::Purged(_))) => {
+                    Ok(other) => {
                         Err(Refused::StoreUnavailable(StoreError::Backend(format!(
                             "store answered a submission with {other:?}"
                         ))))

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, StoreFuture,
-    Write,
+    AgentState, ListQuery, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError,
+    StoreFuture, TaskPage, Write,
 };
 use crate::model::{AgentId, Task, TaskId};
 
@@ -72,6 +72,10 @@ impl Store for FaultyStore {
 
     fn schedule_cursor(&self, key: &ScheduleKey) -> StoreFuture<Option<ScheduleCursor>> {
         self.inner.schedule_cursor(key)
+    }
+
+    fn list_tasks(&self, query: ListQuery) -> StoreFuture<TaskPage> {
+        self.inner.list_tasks(query)
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {

@@ -30,10 +30,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentState, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError, StoreFuture,
-    Write, Written,
+    AgentState, CancelOutcome, ListCursor, ListQuery, OnWritten, Purged, ScheduleCursor,
+    ScheduleKey, Store, StoreError, StoreFuture, TaskPage, Write, Written,
 };
-use crate::model::{now_ms, AgentId, Task, TaskId};
+use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus};
 
 const TASK: &[u8] = b"t/";
 const QUEUE: &[u8] = b"q/";
@@ -42,6 +42,14 @@ const AGENT_TOKEN: &[u8] = b"d/";
 const AGENT: &[u8] = b"a/";
 const FINISHED: &[u8] = b"f/";
 const SCHEDULE: &[u8] = b"s/";
+/// Listing index over every task: `l/<created_at ms BE><task id>`, empty value. Written with the
+/// task's submission, removed with its purge.
+const LIST: &[u8] = b"l/";
+/// Listing index per agent: `la/<agent>\0<created_at ms BE><task id>`, empty value.
+const LIST_AGENT: &[u8] = b"la/";
+/// Marks a revoked task: `rv/<task id>`, empty value. A point lookup lets `Start` and `Complete`
+/// refuse a revoked task without decoding its record.
+const REVOKED: &[u8] = b"rv/";
 /// The record the writer rewrites to prove a reopened store takes writes again.
 const PROBE: &[u8] = b"p/probe";
 
@@ -330,6 +338,30 @@ fn idem_key(agent: &AgentId, idem_key: &str) -> Vec<u8> {
 
 fn finished_key(at_ms: u64, id: &TaskId) -> Vec<u8> {
     key(FINISHED, &[&at_ms.to_be_bytes(), id.as_bytes()])
+}
+
+fn list_key(task: &Task) -> Vec<u8> {
+    let mut k = LIST.to_vec();
+    k.extend_from_slice(&task.created_at.to_be_bytes());
+    k.extend_from_slice(task.id.as_bytes());
+    k
+}
+
+fn list_agent_prefix(agent: &AgentId) -> Vec<u8> {
+    let mut k = key(LIST_AGENT, &[agent.to_string().as_bytes()]);
+    k.push(0);
+    k
+}
+
+fn list_agent_key(task: &Task) -> Vec<u8> {
+    let mut k = list_agent_prefix(&task.agent);
+    k.extend_from_slice(&task.created_at.to_be_bytes());
+    k.extend_from_slice(task.id.as_bytes());
+    k
+}
+
+fn revoked_key(id: &TaskId) -> Vec<u8> {
+    key(REVOKED, &[id.as_bytes()])
 }
 
 fn schedule_key(k: &ScheduleKey) -> Vec<u8> {
@@ -621,6 +653,15 @@ impl Writer {
 #[derive(Default)]
 struct Staged {
     idem: HashMap<Vec<u8>, (TaskId, [u8; 32])>,
+    /// Statuses written by `Start`, `Complete` and `Cancel` in this batch, for `Cancel`.
+    status: HashMap<TaskId, TaskStatus>,
+    /// Tasks revoked in this batch, for `Start` and `Complete`.
+    revoked: HashSet<TaskId>,
+}
+
+/// Whether `id` was revoked, in this batch or before.
+fn is_revoked(db: &sled::Db, staged: &Staged, id: &TaskId) -> Result<bool, StoreError> {
+    Ok(staged.revoked.contains(id) || db.contains_key(revoked_key(id)).map_err(backend)?)
 }
 
 fn stage(
@@ -654,6 +695,8 @@ fn stage(
             }
             task.seq = db.generate_id().map_err(backend)?;
             batch.insert(task_key(&task.id), encode(&*task)?);
+            batch.insert(list_key(&task), Vec::new());
+            batch.insert(list_agent_key(&task), Vec::new());
             batch.insert(
                 queue_key(&task.agent, task.seq),
                 task.id.as_bytes().to_vec(),
@@ -661,10 +704,25 @@ fn stage(
             Ok(Written::Accepted(task))
         }
         Write::Start(task) => {
+            if is_revoked(db, staged, &task.id)? {
+                return Ok(Written::Revoked);
+            }
             batch.insert(task_key(&task.id), encode(&*task)?);
+            staged.status.insert(task.id, task.status);
             Ok(Written::Done)
         }
         Write::Complete { task, state } => {
+            if is_revoked(db, staged, &task.id)? {
+                // Only a tick with no start record (a runner without side effects) can reach
+                // here: its outcome is discarded and the record stays REVOKED. The agent's
+                // memory and tick counter did move, so they are kept.
+                batch.insert(
+                    key(AGENT, &[task.agent.to_string().as_bytes()]),
+                    encode(&state)?,
+                );
+                return Ok(Written::Revoked);
+            }
+            staged.status.insert(task.id, task.status);
             batch.insert(task_key(&task.id), encode(&*task)?);
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
@@ -694,16 +752,28 @@ fn stage(
                 let key = task_key(&id);
                 if let Some(raw) = db.get(&key).map_err(backend)? {
                     // A finished record that cannot be decoded is past its retention all the
-                    // same: it goes, and only its idempotency key (unknown) stays behind.
+                    // same: it goes, and only its idempotency key and listing entries (unknown)
+                    // stay behind; the listing skips entries whose record is gone.
                     match decode::<Task>(&raw) {
                         Ok(task) => {
+                            // A task that left its terminal status again (resumed, retried) or
+                            // finished again later is not due: only this stale entry goes; its
+                            // latest completion wrote a fresh one.
+                            let due = task.status.is_terminal()
+                                && task.finished_at.is_none_or(|f| f < finished_before_ms);
+                            if !due {
+                                continue;
+                            }
                             if let Some(idem) = &task.idempotency_key {
                                 batch.remove(idem_key(&task.agent, idem));
                             }
+                            batch.remove(list_key(&task));
+                            batch.remove(list_agent_key(&task));
                         }
                         Err(e) => shared.report_unreadable(format!("task {id}"), &e),
                     }
                 }
+                batch.remove(revoked_key(&id));
                 batch.remove(key);
                 purged += 1;
             }
@@ -720,7 +790,45 @@ fn stage(
             batch.insert(schedule_key(&key), encode(&cursor)?);
             Ok(Written::Done)
         }
+        Write::Cancel { id, at_ms } => stage_cancel(db, shared, batch, staged, id, at_ms),
     }
+}
+
+/// Revokes a task if its status (as of this point in the batch) allows it: the record becomes
+/// REVOKED with `finished_at`, it leaves its agent's queue, it gets a finished entry (so the
+/// retention purge removes it in time) and a revoked marker (so a later `Start` or `Complete`
+/// of it is refused). Timers of other states (retry, await expiry) are left: they re-read the
+/// task when they fire and ignore a task no longer in their state.
+fn stage_cancel(
+    db: &sled::Db,
+    shared: &Shared,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    id: TaskId,
+    at_ms: u64,
+) -> Result<Written, StoreError> {
+    let Some(raw) = db.get(task_key(&id)).map_err(backend)? else {
+        return Ok(Written::Cancel(CancelOutcome::Unknown));
+    };
+    let mut task: Task = shared.decode(|| format!("task {id}"), &raw)?;
+    let status = staged.status.get(&id).copied().unwrap_or(task.status);
+    if !matches!(
+        status,
+        TaskStatus::Pending | TaskStatus::Retry | TaskStatus::AwaitingInput
+    ) {
+        return Ok(Written::Cancel(CancelOutcome::NotCancellable(status)));
+    }
+    task.status = TaskStatus::Revoked;
+    task.finished_at = Some(at_ms);
+    task.next_attempt_at = None;
+    task.awaiting = None;
+    batch.insert(task_key(&id), encode(&task)?);
+    batch.remove(queue_key(&task.agent, task.seq));
+    batch.insert(finished_key(at_ms, &id), id.as_bytes().to_vec());
+    batch.insert(revoked_key(&id), Vec::new());
+    staged.status.insert(id, TaskStatus::Revoked);
+    staged.revoked.insert(id);
+    Ok(Written::Cancel(CancelOutcome::Revoked(Box::new(task))))
 }
 
 fn seen_key(
@@ -798,6 +906,81 @@ fn read_queued(shared: &Shared, agent: &AgentId) -> Result<Vec<TaskId>, StoreErr
     Ok(ids)
 }
 
+/// One listing page: a reverse range scan of the listing index between the filters' bounds
+/// (below the cursor), reading each examined task's record, stopping at `limit` matches or
+/// `scan_limit` examined entries, whichever comes first.
+fn read_list(shared: &Shared, q: &ListQuery) -> Result<TaskPage, StoreError> {
+    let db = shared.db()?;
+    let prefix = match &q.agent {
+        Some(agent) => list_agent_prefix(agent),
+        None => LIST.to_vec(),
+    };
+    let at = |ms: u64| {
+        let mut k = prefix.clone();
+        k.extend_from_slice(&ms.to_be_bytes());
+        k
+    };
+    let lo = at(q.since_ms.unwrap_or(0));
+    let mut hi = match q.until_ms {
+        Some(until) => at(until),
+        None => {
+            // Above every 24-byte suffix under the prefix.
+            let mut k = prefix.clone();
+            k.extend_from_slice(&[0xff; 25]);
+            k
+        }
+    };
+    if let Some(c) = &q.cursor {
+        let mut k = at(c.created_ms);
+        k.extend_from_slice(c.id.as_bytes());
+        hi = hi.min(k);
+    }
+    let mut page = TaskPage::default();
+    if lo >= hi || q.limit == 0 {
+        return Ok(page);
+    }
+    let mut entries = db.range(lo..hi).rev();
+    let mut scanned = 0;
+    let mut last = None;
+    while scanned < q.scan_limit.max(1) && page.tasks.len() < q.limit {
+        let Some(entry) = entries.next() else {
+            return Ok(page);
+        };
+        let (k, _) = entry.map_err(backend)?;
+        scanned += 1;
+        let suffix = &k[prefix.len()..];
+        let (Ok(ms), Ok(id)) = (
+            <[u8; 8]>::try_from(&suffix[..8.min(suffix.len())]),
+            <[u8; 16]>::try_from(&suffix[8.min(suffix.len())..]),
+        ) else {
+            let e = <serde_json::Error as serde::de::Error>::custom("malformed listing key");
+            shared.report_unreadable(format!("listing entry {}", hex(&k)), &e);
+            continue;
+        };
+        let cursor = ListCursor {
+            created_ms: u64::from_be_bytes(ms),
+            id: TaskId::from_bytes(id),
+        };
+        last = Some(cursor);
+        // A record gone between the index read and here was purged: skipped. One that cannot
+        // be decoded is reported (once) and skipped so the listing still works.
+        let Some(raw) = db.get(task_key(&cursor.id)).map_err(backend)? else {
+            continue;
+        };
+        let Ok(task) = shared.decode::<Task>(|| format!("task {}", cursor.id), &raw) else {
+            continue;
+        };
+        if q.status.is_none_or(|s| s == task.status) {
+            page.tasks.push(task);
+        }
+    }
+    // Stopped by a bound: continue from the last examined entry if anything is left.
+    if entries.next().is_some() {
+        page.next_cursor = last;
+    }
+    Ok(page)
+}
+
 fn read_schedule_cursor(
     shared: &Shared,
     k: &ScheduleKey,
@@ -826,6 +1009,11 @@ impl SledStore {
     /// The ids queued for an agent, blocking the calling thread.
     pub fn queued_blocking(&self, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
         read_queued(&self.shared, agent)
+    }
+
+    /// A listing page, blocking the calling thread.
+    pub fn list_tasks_blocking(&self, query: &ListQuery) -> Result<TaskPage, StoreError> {
+        read_list(&self.shared, query)
     }
 
     /// A schedule entry's cursor, blocking the calling thread.
@@ -876,6 +1064,11 @@ impl Store for SledStore {
     fn schedule_cursor(&self, k: &ScheduleKey) -> StoreFuture<Option<ScheduleCursor>> {
         let (shared, k) = (self.shared.clone(), k.clone());
         off_thread(move || read_schedule_cursor(&shared, &k))
+    }
+
+    fn list_tasks(&self, query: ListQuery) -> StoreFuture<TaskPage> {
+        let shared = self.shared.clone();
+        off_thread(move || read_list(&shared, &query))
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
