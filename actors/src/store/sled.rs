@@ -1446,6 +1446,199 @@ mod tests {
         );
     }
 
+    fn submit_at(store: &SledStore, agent: &AgentId, created_at: u64) -> Task {
+        let mut t = task(agent);
+        t.created_at = created_at;
+        let Written::Accepted(t) = blocking(
+            store,
+            Write::Submit {
+                task: Box::new(t),
+                idempotency: None,
+            },
+        )
+        .unwrap() else {
+            panic!("not accepted")
+        };
+        *t
+    }
+
+    fn page(store: &SledStore, q: ListQuery) -> TaskPage {
+        store.list_tasks_blocking(&q).unwrap()
+    }
+
+    #[test]
+    fn cancel_is_ordered_with_start_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let cancel = |id| Write::Cancel { id, at_ms: 7 };
+
+        // Revoked first: the start (and a completion) are refused, the record stays REVOKED.
+        let t = submit_at(&store, &agent, 1);
+        let Written::Cancel(CancelOutcome::Revoked(r)) = blocking(&store, cancel(t.id)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((r.status, r.finished_at), (TaskStatus::Revoked, Some(7)));
+        assert!(store.queued_blocking(&agent).unwrap().is_empty());
+        let mut started = t.clone();
+        started.status = TaskStatus::Started;
+        assert_eq!(
+            blocking(&store, Write::Start(Arc::new(started.clone()))).unwrap(),
+            Written::Revoked
+        );
+        started.status = TaskStatus::Success;
+        let complete = Write::Complete {
+            task: Arc::new(started),
+            state: AgentState::default(),
+        };
+        assert_eq!(blocking(&store, complete).unwrap(), Written::Revoked);
+        assert_eq!(
+            store.task_blocking(t.id).unwrap().unwrap().status,
+            TaskStatus::Revoked
+        );
+        assert_eq!(
+            blocking(&store, cancel(t.id)).unwrap(),
+            Written::Cancel(CancelOutcome::NotCancellable(TaskStatus::Revoked))
+        );
+
+        // Started first, even within one batch: the cancel is refused.
+        let t = submit_at(&store, &agent, 2);
+        let mut started = t.clone();
+        started.status = TaskStatus::Started;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for w in [Write::Start(Arc::new(started)), cancel(t.id)] {
+            let tx = tx.clone();
+            store.write(w, Box::new(move |r| tx.send(r).unwrap()));
+        }
+        assert_eq!(rx.recv().unwrap().unwrap(), Written::Done);
+        assert_eq!(
+            rx.recv().unwrap().unwrap(),
+            Written::Cancel(CancelOutcome::NotCancellable(TaskStatus::Started))
+        );
+        assert_eq!(
+            blocking(&store, cancel(TaskId::random())).unwrap(),
+            Written::Cancel(CancelOutcome::Unknown)
+        );
+    }
+
+    #[test]
+    fn listing_walks_newest_first_with_filters_and_bounded_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (a, b): (AgentId, AgentId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        let mut all = Vec::new();
+        for ms in 1..=30u64 {
+            let agent = if ms % 3 == 0 { &b } else { &a };
+            all.push(submit_at(&store, agent, ms / 2));
+        }
+        let q = |limit| ListQuery {
+            limit,
+            scan_limit: 1000,
+            ..ListQuery::default()
+        };
+        // A walk in pages of 7 sees everything once, newest first, with tasks arriving.
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let p = page(&store, ListQuery { cursor, ..q(7) });
+            seen.extend(p.tasks.iter().map(|t| (t.created_at, t.id)));
+            submit_at(&store, &a, now_ms());
+            match p.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let mut expected: Vec<_> = all.iter().map(|t| (t.created_at, t.id)).collect();
+        expected.sort();
+        expected.reverse();
+        assert_eq!(seen, expected);
+
+        let only_b = page(
+            &store,
+            ListQuery {
+                agent: Some(b.clone()),
+                since_ms: Some(3),
+                until_ms: Some(9),
+                ..q(100)
+            },
+        );
+        assert!(only_b
+            .tasks
+            .iter()
+            .all(|t| t.agent == b && (3..9).contains(&t.created_at)));
+        assert_eq!(only_b.tasks.len(), 4);
+
+        // A status filter with no match stops at the scan bound and hands back a cursor.
+        let none = page(
+            &store,
+            ListQuery {
+                status: Some(TaskStatus::Failure),
+                scan_limit: 10,
+                ..q(100)
+            },
+        );
+        assert!(none.tasks.is_empty());
+        assert!(none.next_cursor.is_some());
+    }
+
+    #[test]
+    fn purge_removes_listing_entries_and_never_a_task_that_is_not_terminal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let done = submit_at(&store, &agent, 1);
+        let mut finished = done.clone();
+        finished.status = TaskStatus::Success;
+        finished.finished_at = Some(1);
+        blocking(
+            &store,
+            Write::Complete {
+                task: Arc::new(finished),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        let revoked = submit_at(&store, &agent, 2);
+        blocking(
+            &store,
+            Write::Cancel {
+                id: revoked.id,
+                at_ms: 1,
+            },
+        )
+        .unwrap();
+        // A task completed once (a finished entry) that is running again is not purged.
+        let again = submit_at(&store, &agent, 3);
+        let mut parked = again.clone();
+        parked.status = TaskStatus::AwaitingInput;
+        parked.finished_at = Some(1);
+        blocking(
+            &store,
+            Write::Complete {
+                task: Arc::new(parked),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 2);
+        assert!(store.task_blocking(done.id).unwrap().is_none());
+        assert!(store.task_blocking(revoked.id).unwrap().is_none());
+        assert!(store.task_blocking(again.id).unwrap().is_some());
+        let db = store.shared.db().unwrap();
+        assert_eq!(db.scan_prefix(LIST).count(), 1);
+        assert!(db.scan_prefix(REVOKED).next().is_none());
+        let listed = page(
+            &store,
+            ListQuery {
+                limit: 10,
+                scan_limit: 10,
+                ..ListQuery::default()
+            },
+        );
+        assert_eq!(listed.tasks.len(), 1);
+    }
+
     #[test]
     fn second_open_reports_lock() {
         let dir = tempfile::tempdir().unwrap();
