@@ -146,9 +146,17 @@ breaker = { failures = 100, open_for = "1s" }
         failed.iter().collect::<BTreeSet<_>>(),
         fail_ids.iter().collect::<BTreeSet<_>>()
     );
-    assert!(ids(&admin_get(&server, "/admin/tasks?status=FAILURE&agent=default/a")).is_empty());
+    assert!(ids(&admin_get(
+        &server,
+        "/admin/tasks?status=FAILURE&agent=default/a"
+    ))
+    .is_empty());
     assert_eq!(
-        ids(&admin_get(&server, "/admin/tasks?status=SUCCESS&agent=default/a")).len(),
+        ids(&admin_get(
+            &server,
+            "/admin/tasks?status=SUCCESS&agent=default/a"
+        ))
+        .len(),
         a_ids.len()
     );
 

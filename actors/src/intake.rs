@@ -173,11 +173,9 @@ impl Intake {
                     }
                     Ok(Written::Duplicate(id)) => Ok(Accepted::Duplicate(id)),
                     Ok(Written::Conflict(id)) => Err(Refused::Conflict(id)),
-                    Ok(other) => {
-                        Err(Refused::StoreUnavailable(StoreError::Backend(format!(
-                            "store answered a submission with {other:?}"
-                        ))))
-                    }
+                    Ok(other) => Err(Refused::StoreUnavailable(StoreError::Backend(format!(
+                        "store answered a submission with {other:?}"
+                    )))),
                     Err(e) => Err(Refused::StoreUnavailable(e)),
                 };
                 let _ = tx.send(reply);

@@ -77,7 +77,10 @@ fn parse_time(name: &str, raw: &str) -> Result<u64, ApiError> {
             let hours: i64 = tail[1..3].parse().map_err(|_| bad())?;
             let minutes: i64 = tail[4..6].parse().map_err(|_| bad())?;
             let sign = if tail.starts_with('-') { -1 } else { 1 };
-            (format!("{head}Z"), sign * (hours * 3600 + minutes * 60) * 1000)
+            (
+                format!("{head}Z"),
+                sign * (hours * 3600 + minutes * 60) * 1000,
+            )
         }
         _ => (raw.to_string(), 0),
     };
@@ -380,7 +383,10 @@ mod tests {
         let f = filters(None, None, Some("1970-01-01T00:00:01.5Z"), None).unwrap();
         assert_eq!(f.until_ms, Some(1500));
         assert_eq!(parse_time("t", "1970-01-01T01:00:01+01:00").unwrap(), 1000);
-        assert_eq!(parse_time("t", "1970-01-01T00:00:01-00:30").unwrap(), 1_801_000);
+        assert_eq!(
+            parse_time("t", "1970-01-01T00:00:01-00:30").unwrap(),
+            1_801_000
+        );
         assert!(parse_time("t", "1970-01-01T00:00:01").is_err());
         assert!(parse_time("t", "1969-12-31T23:59:59Z").is_err());
     }

@@ -150,7 +150,12 @@ impl ListCursor {
     /// The opaque form handed to clients: 48 hex digits.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(48);
-        for b in self.created_ms.to_be_bytes().iter().chain(self.id.as_bytes()) {
+        for b in self
+            .created_ms
+            .to_be_bytes()
+            .iter()
+            .chain(self.id.as_bytes())
+        {
             out.push_str(&format!("{b:02x}"));
         }
         out
