@@ -18,7 +18,7 @@ use crate::events::TaskEvents;
 use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus, TickInput, TickOutput};
 use crate::retry::Queued;
 use crate::runner::{Runner, RunnerError, RunnerSpec};
-use crate::store::{write_async, AgentState, Store, Write};
+use crate::store::{write_async, AgentState, Store, Write, Written};
 
 /// An agent's configuration, as the actors need it (the config layer builds it from TOML).
 #[derive(Debug, Clone)]
@@ -108,7 +108,8 @@ enum Ran {
         elapsed: Duration,
         memory: serde_json::Value,
     },
-    /// The start could not be recorded and shutdown began, so the runner never ran.
+    /// The runner never ran: its start could not be recorded and shutdown began, or the task was
+    /// revoked while it waited.
     NotStarted { memory: serde_json::Value },
 }
 
@@ -373,6 +374,10 @@ impl Agent {
             // Left PENDING (or STARTED) on disk: the next start runs it; the slot drops here.
             return Box::pin(actix::fut::ready(()));
         }
+        if task.status.is_terminal() {
+            // Revoked while queued (read back by `RunStored`): skipped, the slot drops here.
+            return Box::pin(actix::fut::ready(()));
+        }
         let running = self.deps.lifecycle.start_tick();
         // A continuation (an answered task) is part of the attempt that parked; a retry of a
         // failed continuation is a new attempt, like any retry.
@@ -411,6 +416,8 @@ impl Agent {
                 let shared = Arc::new(task);
                 loop {
                     match write_async(store.as_ref(), Write::Start(shared.clone())).await {
+                        // Cancelled while queued: the store refused the start; never runs.
+                        Ok(Written::Revoked) => return Ran::NotStarted { memory },
                         Ok(_) => {
                             events.publish(&shared);
                             break;
@@ -587,6 +594,8 @@ impl Agent {
             write,
             Box::new(move |res| {
                 match res {
+                    // Revoked meanwhile: the REVOKED record stays and was announced already.
+                    Ok(Written::Revoked) => {}
                     Ok(_) => {
                         events.publish(&task);
                         if let Some(timer) = timer {

@@ -211,12 +211,7 @@ impl Intake {
                     }
                     Ok(Written::Duplicate(id)) => Ok(Accepted::Duplicate(id)),
                     Ok(Written::Conflict(id)) => Err(Refused::Conflict(id)),
-                    Ok(
-                        other @ (Written::Done
-                        | Written::Purged(_)
-                        | Written::Updated(_)
-                        | Written::Unchanged(_)),
-                    ) => Err(Refused::StoreUnavailable(StoreError::Backend(format!(
+                    Ok(other) => Err(Refused::StoreUnavailable(StoreError::Backend(format!(
                         "store answered a submission with {other:?}"
                     )))),
                     Err(e) => Err(Refused::StoreUnavailable(e)),

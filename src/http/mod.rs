@@ -2,6 +2,7 @@
 //! one domain function or actor, map the result.
 
 pub mod admin;
+mod admin_tasks;
 pub mod deliveries;
 pub mod error;
 pub mod health;
@@ -201,6 +202,26 @@ pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
         .service(
             web::resource("/admin/agents/{namespace}/{agent}/notify/{index}/enable")
                 .route(web::post().to(deliveries::enable))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/tasks")
+                .route(web::get().to(admin_tasks::list))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/tasks/{id}/replay")
+                .route(web::post().to(admin_tasks::replay))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/tasks/{id}/cancel")
+                .route(web::post().to(admin_tasks::cancel))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/admin/agents/{namespace}/{agent}/replay")
+                .route(web::post().to(admin_tasks::replay_agent))
                 .default_service(web::to(method_not_allowed)),
         );
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
-    AgentState, DeliveryQuery, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store, StoreError,
-    StoreFuture, Write,
+    AgentState, DeliveryQuery, ListQuery, OnWritten, Purged, ScheduleCursor, ScheduleKey, Store,
+    StoreError, StoreFuture, TaskPage, Write,
 };
 use crate::model::{AgentId, Task, TaskId};
 use crate::outbox::{Delivery, Outbox};
@@ -97,6 +97,10 @@ impl Store for FaultyStore {
 
     fn outbox(&self) -> Option<Arc<Outbox>> {
         self.inner.outbox()
+    }
+
+    fn list_tasks(&self, query: ListQuery) -> StoreFuture<TaskPage> {
+        self.inner.list_tasks(query)
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::model::{AgentId, Task, TaskId};
+use crate::model::{AgentId, Task, TaskId, TaskStatus};
 use crate::outbox::{Delivery, DeliveryStatus, Outbox};
 
 /// A store failure. Callers turn it into 503s and an unready `/ready`; it is never a panic.
@@ -151,6 +151,16 @@ pub enum Write {
         /// Whether deliveries to it are held.
         disabled: bool,
     },
+    /// An operator cancels a task. The writer reads the task's current status and revokes it
+    /// only from `PENDING`, `RETRY` or `AWAITING_INPUT`, so a cancel racing the task's start is
+    /// ordered by the writer: whichever is written first wins. Answered with
+    /// [`Written::Cancel`].
+    Cancel {
+        /// The task to revoke.
+        id: TaskId,
+        /// Unix milliseconds, its `finished_at`.
+        at_ms: u64,
+    },
 }
 
 /// Which deliveries a listing wants, in id (creation) order.
@@ -164,6 +174,87 @@ pub struct DeliveryQuery {
     pub after: Option<u64>,
     /// At most this many.
     pub limit: usize,
+}
+
+/// What a [`Write::Cancel`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// The task is now `REVOKED`; this is its record.
+    Revoked(Box<Task>),
+    /// The task is in a status that cannot be cancelled (running or finished); nothing written.
+    NotCancellable(TaskStatus),
+    /// No such task.
+    Unknown,
+}
+
+/// A page of the task listing (`GET /admin/tasks`), newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ListQuery {
+    /// Only this agent's tasks.
+    pub agent: Option<AgentId>,
+    /// Only tasks in this status.
+    pub status: Option<TaskStatus>,
+    /// Only tasks created at or after this time (Unix milliseconds).
+    pub since_ms: Option<u64>,
+    /// Only tasks created before this time (Unix milliseconds).
+    pub until_ms: Option<u64>,
+    /// Where the previous page stopped: an opaque value from [`TaskPage::next_cursor`].
+    pub cursor: Option<ListCursor>,
+    /// Most tasks on the page.
+    pub limit: usize,
+    /// Most index entries examined for this page; bounds the work of a filtered page whose
+    /// matches are sparse (the page may then be short, with a cursor to continue).
+    pub scan_limit: usize,
+}
+
+/// A position in the listing: the `created_at` and id of the last task examined. Tasks created
+/// later than the walk's start sort above every cursor of the walk, so a walk sees each task
+/// that existed when it began exactly once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListCursor {
+    /// `created_at` of the last examined task, Unix milliseconds.
+    pub created_ms: u64,
+    /// Its id (ties on `created_at` are ordered by id).
+    pub id: TaskId,
+}
+
+impl ListCursor {
+    /// The opaque form handed to clients: 48 hex digits.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(48);
+        for b in self
+            .created_ms
+            .to_be_bytes()
+            .iter()
+            .chain(self.id.as_bytes())
+        {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out
+    }
+
+    /// Reads a cursor produced by [`ListCursor::encode`]; `None` for anything else.
+    pub fn decode(s: &str) -> Option<Self> {
+        if s.len() != 48 || !s.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; 24];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).ok()?;
+        }
+        let created_ms = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+        let id = TaskId::from_bytes(bytes[8..].try_into().ok()?);
+        Some(Self { created_ms, id })
+    }
+}
+
+/// One page of tasks, newest first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskPage {
+    /// The matching tasks.
+    pub tasks: Vec<Task>,
+    /// Where to continue, or `None` when the listing is exhausted.
+    pub next_cursor: Option<ListCursor>,
 }
 
 /// Identifies one schedule entry's cursor: the agent, the entry's index and its fingerprint
@@ -210,6 +301,11 @@ pub enum Written {
     Conflict(TaskId),
     /// A purge removed this many tasks.
     Purged(usize),
+    /// The task was revoked before this `Start` or `Complete`: nothing about it was written and
+    /// its tick must not run (or its outcome is discarded).
+    Revoked,
+    /// What a [`Write::Cancel`] did.
+    Cancel(CancelOutcome),
     /// Any other write is done.
     Done,
     /// A conditional write changed the task; this is its new record.
@@ -286,6 +382,11 @@ pub trait Store: Send + Sync + 'static {
     fn outbox(&self) -> Option<Arc<Outbox>> {
         None
     }
+
+    /// One page of the task listing, newest first, read off the calling thread from the
+    /// listing index (written with each submission), so its cost depends on the page, not on
+    /// how many tasks are stored.
+    fn list_tasks(&self, query: ListQuery) -> StoreFuture<TaskPage>;
 
     /// Removes finished tasks (and their idempotency keys) that finished more than `older_than` ago.
     /// Blocking: the retention job runs it on the blocking pool.

@@ -30,8 +30,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AgentState, DeliveryQuery, OnWritten, Purged, RetryTimer, ScheduleCursor, ScheduleKey, Store,
-    StoreError, StoreFuture, Write, Written,
+    AgentState, CancelOutcome, DeliveryQuery, ListCursor, ListQuery, OnWritten, Purged, RetryTimer,
+    ScheduleCursor, ScheduleKey, Store, StoreError, StoreFuture, TaskPage, Write, Written,
 };
 use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus};
 use crate::outbox::{Delivery, Outbox};
@@ -51,6 +51,14 @@ const AWAIT_TIMER: &[u8] = b"w/";
 const OUTBOX: &[u8] = b"o/";
 /// Callback endpoints disabled by a 410, keyed by agent and endpoint index.
 const NOTIFY_OFF: &[u8] = b"n/";
+/// Listing index over every task: `l/<created_at ms BE><task id>`, empty value. Written with the
+/// task's submission, removed with its purge.
+const LIST: &[u8] = b"l/";
+/// Listing index per agent: `la/<agent>\0<created_at ms BE><task id>`, empty value.
+const LIST_AGENT: &[u8] = b"la/";
+/// Marks a revoked task: `rv/<task id>`, empty value. A point lookup lets `Start` and `Complete`
+/// refuse a revoked task without decoding its record.
+const REVOKED: &[u8] = b"rv/";
 /// The record the writer rewrites to prove a reopened store takes writes again.
 const PROBE: &[u8] = b"p/probe";
 
@@ -351,6 +359,30 @@ fn retry_key(due_ms: u64, id: &TaskId) -> Vec<u8> {
 
 fn await_timer_key(expires_at: u64, id: &TaskId) -> Vec<u8> {
     key(AWAIT_TIMER, &[&expires_at.to_be_bytes(), id.as_bytes()])
+}
+
+fn list_key(task: &Task) -> Vec<u8> {
+    let mut k = LIST.to_vec();
+    k.extend_from_slice(&task.created_at.to_be_bytes());
+    k.extend_from_slice(task.id.as_bytes());
+    k
+}
+
+fn list_agent_prefix(agent: &AgentId) -> Vec<u8> {
+    let mut k = key(LIST_AGENT, &[agent.to_string().as_bytes()]);
+    k.push(0);
+    k
+}
+
+fn list_agent_key(task: &Task) -> Vec<u8> {
+    let mut k = list_agent_prefix(&task.agent);
+    k.extend_from_slice(&task.created_at.to_be_bytes());
+    k.extend_from_slice(task.id.as_bytes());
+    k
+}
+
+fn revoked_key(id: &TaskId) -> Vec<u8> {
+    key(REVOKED, &[id.as_bytes()])
 }
 
 fn schedule_key(k: &ScheduleKey) -> Vec<u8> {
@@ -667,6 +699,8 @@ struct Staged {
     statuses: HashMap<TaskId, TaskStatus>,
     /// Deliveries staged in this batch, handed to the outbox once the batch is durable.
     deliveries: Vec<Delivery>,
+    /// Tasks revoked in this batch, for `Start` and `Complete`.
+    revoked: HashSet<TaskId>,
 }
 
 /// Keeps [`Staged::tasks`] current when an unconditional write of a task follows a conditional
@@ -705,23 +739,28 @@ fn put_task(
 ) -> Result<(), StoreError> {
     batch.insert(task_key(&task.id), encode(task)?);
     restage(staged, task);
+    let staged_before = staged.statuses.insert(task.id, task.status);
     let Some(outbox) = shared.outbox.as_ref().filter(|o| o.wants(&task.agent)) else {
         return Ok(());
     };
-    let previous = match staged.statuses.get(&task.id) {
-        Some(status) => Some(*status),
+    let previous = match staged_before {
+        Some(status) => Some(status),
         None => match db.get(task_key(&task.id)).map_err(backend)? {
             Some(raw) => decode::<Task>(&raw).ok().map(|t| t.status),
             None => None,
         },
     };
-    staged.statuses.insert(task.id, task.status);
     for mut d in outbox.plan(previous, task, now_ms()) {
         d.id = db.generate_id().map_err(backend)?;
         batch.insert(outbox_key(d.id), encode(&d)?);
         staged.deliveries.push(d);
     }
     Ok(())
+}
+
+/// Whether `id` was revoked, in this batch or before.
+fn is_revoked(db: &sled::Db, staged: &Staged, id: &TaskId) -> Result<bool, StoreError> {
+    Ok(staged.revoked.contains(id) || db.contains_key(revoked_key(id)).map_err(backend)?)
 }
 
 fn stage(
@@ -755,6 +794,8 @@ fn stage(
             }
             task.seq = db.generate_id().map_err(backend)?;
             put_task(db, shared, batch, staged, &task)?;
+            batch.insert(list_key(&task), Vec::new());
+            batch.insert(list_agent_key(&task), Vec::new());
             batch.insert(
                 queue_key(&task.agent, task.seq),
                 task.id.as_bytes().to_vec(),
@@ -762,10 +803,23 @@ fn stage(
             Ok(Written::Accepted(task))
         }
         Write::Start(task) => {
+            if is_revoked(db, staged, &task.id)? {
+                return Ok(Written::Revoked);
+            }
             put_task(db, shared, batch, staged, &task)?;
             Ok(Written::Done)
         }
         Write::Complete { task, state } => {
+            if is_revoked(db, staged, &task.id)? {
+                // Only a tick with no start record (a runner without side effects) can reach
+                // here: its outcome is discarded and the record stays REVOKED. The agent's
+                // memory and tick counter did move, so they are kept.
+                batch.insert(
+                    key(AGENT, &[task.agent.to_string().as_bytes()]),
+                    encode(&state)?,
+                );
+                return Ok(Written::Revoked);
+            }
             put_task(db, shared, batch, staged, &task)?;
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
@@ -795,16 +849,28 @@ fn stage(
                 let key = task_key(&id);
                 if let Some(raw) = db.get(&key).map_err(backend)? {
                     // A finished record that cannot be decoded is past its retention all the
-                    // same: it goes, and only its idempotency key (unknown) stays behind.
+                    // same: it goes, and only its idempotency key and listing entries (unknown)
+                    // stay behind; the listing skips entries whose record is gone.
                     match decode::<Task>(&raw) {
                         Ok(task) => {
+                            // A task that left its terminal status again (resumed, retried) or
+                            // finished again later is not due: only this stale entry goes; its
+                            // latest completion wrote a fresh one.
+                            let due = task.status.is_terminal()
+                                && task.finished_at.is_none_or(|f| f < finished_before_ms);
+                            if !due {
+                                continue;
+                            }
                             if let Some(idem) = &task.idempotency_key {
                                 batch.remove(idem_key(&task.agent, idem));
                             }
+                            batch.remove(list_key(&task));
+                            batch.remove(list_agent_key(&task));
                         }
                         Err(e) => shared.report_unreadable(format!("task {id}"), &e),
                     }
                 }
+                batch.remove(revoked_key(&id));
                 batch.remove(key);
                 purged += 1;
             }
@@ -931,7 +997,46 @@ fn stage(
             }
             Ok(Written::Done)
         }
+        Write::Cancel { id, at_ms } => stage_cancel(db, shared, batch, staged, id, at_ms),
     }
+}
+
+/// Revokes a task if its status (as of this point in the batch) allows it: the record becomes
+/// REVOKED with `finished_at`, it leaves its agent's queue, it gets a finished entry (so the
+/// retention purge removes it in time) and a revoked marker (so a later `Start` or `Complete`
+/// of it is refused). Timers of other states (retry, await expiry) are left: they re-read the
+/// task when they fire and ignore a task no longer in their state.
+fn stage_cancel(
+    db: &sled::Db,
+    shared: &Shared,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    id: TaskId,
+    at_ms: u64,
+) -> Result<Written, StoreError> {
+    // The task as this batch leaves it, so a cancel is ordered with an answer, an expiry or a
+    // start staged just before it.
+    let Some(mut task) = staged_task(db, shared, staged, id)? else {
+        return Ok(Written::Cancel(CancelOutcome::Unknown));
+    };
+    let status = staged.statuses.get(&id).copied().unwrap_or(task.status);
+    if !matches!(
+        status,
+        TaskStatus::Pending | TaskStatus::Retry | TaskStatus::AwaitingInput
+    ) {
+        return Ok(Written::Cancel(CancelOutcome::NotCancellable(status)));
+    }
+    task.status = TaskStatus::Revoked;
+    task.finished_at = Some(at_ms);
+    task.next_attempt_at = None;
+    task.awaiting = None;
+    put_task(db, shared, batch, staged, &task)?;
+    batch.remove(queue_key(&task.agent, task.seq));
+    batch.insert(finished_key(at_ms, &id), id.as_bytes().to_vec());
+    batch.insert(revoked_key(&id), Vec::new());
+    staged.tasks.insert(id, task.clone());
+    staged.revoked.insert(id);
+    Ok(Written::Cancel(CancelOutcome::Revoked(Box::new(task))))
 }
 
 fn seen_key(
@@ -1037,6 +1142,81 @@ fn read_retry_timers(shared: &Shared) -> Result<Vec<RetryTimer>, StoreError> {
         }
     }
     Ok(timers)
+}
+
+/// One listing page: a reverse range scan of the listing index between the filters' bounds
+/// (below the cursor), reading each examined task's record, stopping at `limit` matches or
+/// `scan_limit` examined entries, whichever comes first.
+fn read_list(shared: &Shared, q: &ListQuery) -> Result<TaskPage, StoreError> {
+    let db = shared.db()?;
+    let prefix = match &q.agent {
+        Some(agent) => list_agent_prefix(agent),
+        None => LIST.to_vec(),
+    };
+    let at = |ms: u64| {
+        let mut k = prefix.clone();
+        k.extend_from_slice(&ms.to_be_bytes());
+        k
+    };
+    let lo = at(q.since_ms.unwrap_or(0));
+    let mut hi = match q.until_ms {
+        Some(until) => at(until),
+        None => {
+            // Above every 24-byte suffix under the prefix.
+            let mut k = prefix.clone();
+            k.extend_from_slice(&[0xff; 25]);
+            k
+        }
+    };
+    if let Some(c) = &q.cursor {
+        let mut k = at(c.created_ms);
+        k.extend_from_slice(c.id.as_bytes());
+        hi = hi.min(k);
+    }
+    let mut page = TaskPage::default();
+    if lo >= hi || q.limit == 0 {
+        return Ok(page);
+    }
+    let mut entries = db.range(lo..hi).rev();
+    let mut scanned = 0;
+    let mut last = None;
+    while scanned < q.scan_limit.max(1) && page.tasks.len() < q.limit {
+        let Some(entry) = entries.next() else {
+            return Ok(page);
+        };
+        let (k, _) = entry.map_err(backend)?;
+        scanned += 1;
+        let suffix = &k[prefix.len()..];
+        let (Ok(ms), Ok(id)) = (
+            <[u8; 8]>::try_from(&suffix[..8.min(suffix.len())]),
+            <[u8; 16]>::try_from(&suffix[8.min(suffix.len())..]),
+        ) else {
+            let e = <serde_json::Error as serde::de::Error>::custom("malformed listing key");
+            shared.report_unreadable(format!("listing entry {}", hex(&k)), &e);
+            continue;
+        };
+        let cursor = ListCursor {
+            created_ms: u64::from_be_bytes(ms),
+            id: TaskId::from_bytes(id),
+        };
+        last = Some(cursor);
+        // A record gone between the index read and here was purged: skipped. One that cannot
+        // be decoded is reported (once) and skipped so the listing still works.
+        let Some(raw) = db.get(task_key(&cursor.id)).map_err(backend)? else {
+            continue;
+        };
+        let Ok(task) = shared.decode::<Task>(|| format!("task {}", cursor.id), &raw) else {
+            continue;
+        };
+        if q.status.is_none_or(|s| s == task.status) {
+            page.tasks.push(task);
+        }
+    }
+    // Stopped by a bound: continue from the last examined entry if anything is left.
+    if entries.next().is_some() {
+        page.next_cursor = last;
+    }
+    Ok(page)
 }
 
 fn read_schedule_cursor(
@@ -1162,6 +1342,11 @@ impl SledStore {
         read_retry_timers(&self.shared)
     }
 
+    /// A listing page, blocking the calling thread.
+    pub fn list_tasks_blocking(&self, query: &ListQuery) -> Result<TaskPage, StoreError> {
+        read_list(&self.shared, query)
+    }
+
     /// A schedule entry's cursor, blocking the calling thread.
     pub fn schedule_cursor_blocking(
         &self,
@@ -1239,6 +1424,11 @@ impl Store for SledStore {
 
     fn outbox(&self) -> Option<Arc<Outbox>> {
         self.shared.outbox.clone()
+    }
+
+    fn list_tasks(&self, query: ListQuery) -> StoreFuture<TaskPage> {
+        let shared = self.shared.clone();
+        off_thread(move || read_list(&shared, &query))
     }
 
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
@@ -1827,6 +2017,199 @@ mod tests {
             store.schedule_cursor_blocking(&k(1, "every 5s")).unwrap(),
             None
         );
+    }
+
+    fn submit_at(store: &SledStore, agent: &AgentId, created_at: u64) -> Task {
+        let mut t = task(agent);
+        t.created_at = created_at;
+        let Written::Accepted(t) = blocking(
+            store,
+            Write::Submit {
+                task: Box::new(t),
+                idempotency: None,
+            },
+        )
+        .unwrap() else {
+            panic!("not accepted")
+        };
+        *t
+    }
+
+    fn page(store: &SledStore, q: ListQuery) -> TaskPage {
+        store.list_tasks_blocking(&q).unwrap()
+    }
+
+    #[test]
+    fn cancel_is_ordered_with_start_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let cancel = |id| Write::Cancel { id, at_ms: 7 };
+
+        // Revoked first: the start (and a completion) are refused, the record stays REVOKED.
+        let t = submit_at(&store, &agent, 1);
+        let Written::Cancel(CancelOutcome::Revoked(r)) = blocking(&store, cancel(t.id)).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((r.status, r.finished_at), (TaskStatus::Revoked, Some(7)));
+        assert!(store.queued_blocking(&agent).unwrap().is_empty());
+        let mut started = t.clone();
+        started.status = TaskStatus::Started;
+        assert_eq!(
+            blocking(&store, Write::Start(Arc::new(started.clone()))).unwrap(),
+            Written::Revoked
+        );
+        started.status = TaskStatus::Success;
+        let complete = Write::Complete {
+            task: Arc::new(started),
+            state: AgentState::default(),
+        };
+        assert_eq!(blocking(&store, complete).unwrap(), Written::Revoked);
+        assert_eq!(
+            store.task_blocking(t.id).unwrap().unwrap().status,
+            TaskStatus::Revoked
+        );
+        assert_eq!(
+            blocking(&store, cancel(t.id)).unwrap(),
+            Written::Cancel(CancelOutcome::NotCancellable(TaskStatus::Revoked))
+        );
+
+        // Started first, even within one batch: the cancel is refused.
+        let t = submit_at(&store, &agent, 2);
+        let mut started = t.clone();
+        started.status = TaskStatus::Started;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for w in [Write::Start(Arc::new(started)), cancel(t.id)] {
+            let tx = tx.clone();
+            store.write(w, Box::new(move |r| tx.send(r).unwrap()));
+        }
+        assert_eq!(rx.recv().unwrap().unwrap(), Written::Done);
+        assert_eq!(
+            rx.recv().unwrap().unwrap(),
+            Written::Cancel(CancelOutcome::NotCancellable(TaskStatus::Started))
+        );
+        assert_eq!(
+            blocking(&store, cancel(TaskId::random())).unwrap(),
+            Written::Cancel(CancelOutcome::Unknown)
+        );
+    }
+
+    #[test]
+    fn listing_walks_newest_first_with_filters_and_bounded_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let (a, b): (AgentId, AgentId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        let mut all = Vec::new();
+        for ms in 1..=30u64 {
+            let agent = if ms % 3 == 0 { &b } else { &a };
+            all.push(submit_at(&store, agent, ms / 2));
+        }
+        let q = |limit| ListQuery {
+            limit,
+            scan_limit: 1000,
+            ..ListQuery::default()
+        };
+        // A walk in pages of 7 sees everything once, newest first, with tasks arriving.
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let p = page(&store, ListQuery { cursor, ..q(7) });
+            seen.extend(p.tasks.iter().map(|t| (t.created_at, t.id)));
+            submit_at(&store, &a, now_ms());
+            match p.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let mut expected: Vec<_> = all.iter().map(|t| (t.created_at, t.id)).collect();
+        expected.sort();
+        expected.reverse();
+        assert_eq!(seen, expected);
+
+        let only_b = page(
+            &store,
+            ListQuery {
+                agent: Some(b.clone()),
+                since_ms: Some(3),
+                until_ms: Some(9),
+                ..q(100)
+            },
+        );
+        assert!(only_b
+            .tasks
+            .iter()
+            .all(|t| t.agent == b && (3..9).contains(&t.created_at)));
+        assert_eq!(only_b.tasks.len(), 4);
+
+        // A status filter with no match stops at the scan bound and hands back a cursor.
+        let none = page(
+            &store,
+            ListQuery {
+                status: Some(TaskStatus::Failure),
+                scan_limit: 10,
+                ..q(100)
+            },
+        );
+        assert!(none.tasks.is_empty());
+        assert!(none.next_cursor.is_some());
+    }
+
+    #[test]
+    fn purge_removes_listing_entries_and_never_a_task_that_is_not_terminal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let done = submit_at(&store, &agent, 1);
+        let mut finished = done.clone();
+        finished.status = TaskStatus::Success;
+        finished.finished_at = Some(1);
+        blocking(
+            &store,
+            Write::Complete {
+                task: Arc::new(finished),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        let revoked = submit_at(&store, &agent, 2);
+        blocking(
+            &store,
+            Write::Cancel {
+                id: revoked.id,
+                at_ms: 1,
+            },
+        )
+        .unwrap();
+        // A task completed once (a finished entry) that is running again is not purged.
+        let again = submit_at(&store, &agent, 3);
+        let mut parked = again.clone();
+        parked.status = TaskStatus::AwaitingInput;
+        parked.finished_at = Some(1);
+        blocking(
+            &store,
+            Write::Complete {
+                task: Arc::new(parked),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 2);
+        assert!(store.task_blocking(done.id).unwrap().is_none());
+        assert!(store.task_blocking(revoked.id).unwrap().is_none());
+        assert!(store.task_blocking(again.id).unwrap().is_some());
+        let db = store.shared.db().unwrap();
+        assert_eq!(db.scan_prefix(LIST).count(), 1);
+        assert!(db.scan_prefix(REVOKED).next().is_none());
+        let listed = page(
+            &store,
+            ListQuery {
+                limit: 10,
+                scan_limit: 10,
+                ..ListQuery::default()
+            },
+        );
+        assert_eq!(listed.tasks.len(), 1);
     }
 
     #[test]
