@@ -1,6 +1,7 @@
 //! Cross-feature lifecycle paths against the real binary: cancelling a task that waits in
 //! `RETRY` or `AWAITING_INPUT`, the signed callbacks those transitions produce, and a resumed
-//! continuation that fails and is retried with its answer intact.
+//! continuation that fails and is retried with its answer intact. The cancels hold across
+//! `kill -9`.
 
 mod common;
 
@@ -159,6 +160,17 @@ fn a_task_cancelled_in_retry_never_runs_again_and_releases_the_queue() {
     assert_eq!(t["attempts"].as_array().unwrap().len(), 1, "{t}");
     assert_eq!(ticks_of(&env, &doomed).len(), 1, "ran again after cancel");
     assert_eq!(cancel(&server, &doomed).status, 409);
+
+    // After `kill -9` the retry timers are rebuilt from disk: the cancelled task has none.
+    server.kill();
+    let config = agent_config(&env, r#"{ schedule = ["4s"], order = "block" }"#, "");
+    let server = start(&env, &config);
+    let witness = submit(&server, &json!({"mode": "fail"}));
+    assert_eq!(server.finished(&witness)["status"], "FAILURE");
+    let t = task(&server, &doomed);
+    assert_eq!(t["status"], "REVOKED", "{t}");
+    assert_eq!(t["attempts"].as_array().unwrap().len(), 1, "{t}");
+    assert_eq!(ticks_of(&env, &doomed).len(), 1, "ran again after restart");
 }
 
 #[test]
@@ -194,6 +206,20 @@ fn a_task_cancelled_while_awaiting_input_takes_no_answer_and_never_expires() {
     assert_eq!(t["status"], "REVOKED", "{t}");
     assert_eq!(t["phase"], "Canceled", "{t}");
     assert_eq!(ticks_of(&env, &parked).len(), 1, "ran again after cancel");
+
+    // After `kill -9` the expiry timers are rebuilt from disk: the cancelled task has none.
+    server.kill();
+    let config = agent_config(&env, r#"{ schedule = [] }"#, "");
+    let server = start(&env, &config);
+    let witness = submit(
+        &server,
+        &json!({"mode": "await", "q": "w2", "timeout": "2s"}),
+    );
+    assert_eq!(server.finished(&witness)["status"], "FAILURE");
+    let t = task(&server, &parked);
+    assert_eq!(t["status"], "REVOKED", "{t}");
+    assert_eq!(resume(&server, &parked, &json!("later")).status, 409);
+    assert_eq!(ticks_of(&env, &parked).len(), 1, "ran again after restart");
 }
 
 #[test]
