@@ -130,11 +130,11 @@ fn ticks_of(env: &Env, id: &str) -> Vec<Value> {
 #[test]
 fn a_task_cancelled_in_retry_never_runs_again_and_releases_the_queue() {
     let env = Env::new();
-    // `order = "block"`: while the task waits for its retry, nothing else of the agent runs, so
+    // The 10 s delay leaves the cancel ample time on a loaded machine. `order = "block"`: while the task waits for its retry, nothing else of the agent runs, so
     // the later task running shows the cancel released the queue.
     let server = start(
         &env,
-        &agent_config(&env, r#"{ schedule = ["4s"], order = "block" }"#, ""),
+        &agent_config(&env, r#"{ schedule = ["10s"], order = "block" }"#, ""),
     );
     let doomed = submit(&server, &json!({"mode": "fail"}));
     let retrying = server.wait_task(&doomed, |t| t["status"] == "RETRY");
@@ -163,7 +163,7 @@ fn a_task_cancelled_in_retry_never_runs_again_and_releases_the_queue() {
 
     // After `kill -9` the retry timers are rebuilt from disk: the cancelled task has none.
     server.kill();
-    let config = agent_config(&env, r#"{ schedule = ["4s"], order = "block" }"#, "");
+    let config = agent_config(&env, r#"{ schedule = ["10s"], order = "block" }"#, "");
     let server = start(&env, &config);
     let witness = submit(&server, &json!({"mode": "fail"}));
     assert_eq!(server.finished(&witness)["status"], "FAILURE");
