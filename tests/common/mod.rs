@@ -329,3 +329,17 @@ pub fn now() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// The `webhook-signature` value a Standard Webhooks sender computes for `id`, `timestamp` and
+/// `body` under a `whsec_` secret, computed here independently of tickgate's own code.
+pub fn standard_webhook_signature(secret: &str, id: &str, timestamp: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").expect("a whsec_ secret"))
+        .expect("base64 after whsec_");
+    let signed = [id.as_bytes(), b".", timestamp.as_bytes(), b".", body].concat();
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(hmac_bytes(&key, &signed))
+    )
+}
