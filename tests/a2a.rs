@@ -844,3 +844,43 @@ fn input_required_round_trip_with_the_tool_call_agent() {
         -32004
     );
 }
+
+/// The official A2A Python SDK (`a2a-sdk` 1.x) drives the server through
+/// `tests/a2a_sdk/interop.py`: card resolution, blocking, polling and streaming sends, GetTask,
+/// ListTasks, the A2A errors, a wrong token, and the input-required round trip. Runs when the
+/// interpreter named by `A2A_SDK_PYTHON` (default `python3`) can import the SDK; otherwise it
+/// says so and passes (`.ci/run` installs the SDK when it can).
+#[test]
+fn sdk_client_interoperates() {
+    let python = std::env::var("A2A_SDK_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_sdk = std::process::Command::new(&python)
+        .args(["-c", "import a2a.client, httpx"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        eprintln!("skipped: {python} cannot import a2a-sdk (pip install a2a-sdk==1.3.0, or set A2A_SDK_PYTHON)");
+        return;
+    }
+    let env = Env::new();
+    let server = start(&env);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/a2a_sdk/interop.py");
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .args(["--url", &endpoint(&server, "echo"), "--token", ECHO])
+        .args([
+            "--toolcall-url",
+            &endpoint(&server, "toolcall"),
+            "--toolcall-token",
+            TOOL,
+        ])
+        .output()
+        .expect("run the interop script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "interop failed:\n{stdout}\n{}\nserver:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.logs()
+    );
+    assert!(stdout.contains("interop: all checks passed"), "{stdout}");
+}
