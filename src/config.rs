@@ -1049,6 +1049,42 @@ mod tests {
     }
 
     #[test]
+    fn a2a_section_parses_and_is_checked() {
+        let agent = |a2a: &str, webhook: &str| {
+            format!("[[agent]]\nname = \"r\"\nrunner = {{ kind = \"echo\" }}\n{webhook}[agent.a2a]\n{a2a}\n")
+        };
+        let s = parse(&agent(
+            "enabled = true\ndescription = \"d\"\nskills = [{ id = \"s\", name = \"S\", tags = [\"t\"] }]",
+            "",
+        ))
+        .unwrap();
+        let a2a = s.agents[0].a2a.as_ref().unwrap();
+        assert_eq!(
+            (a2a.description.as_deref(), a2a.skills[0].id.as_str()),
+            (Some("d"), "s")
+        );
+        assert!(parse(&agent("enabled = false", "")).unwrap().agents[0]
+            .a2a
+            .is_none());
+        assert!(
+            parse("[[agent]]\nname = \"r\"\nrunner = { kind = \"echo\" }\n")
+                .unwrap()
+                .agents[0]
+                .a2a
+                .is_none()
+        );
+        for (a2a, webhook, wanted) in [
+            ("enabled = true", "[agent.webhook]\nenabled = false\n", "a2a: enabled, but webhook.enabled = false"),
+            ("enabled = true\nskills = [{ id = \"s\", name = \"S\" }, { id = \"s\", name = \"T\" }]", "", "used twice"),
+            ("enabled = true\nskills = [{ id = \"\", name = \"S\" }]", "", "must not be empty"),
+            ("enabled = true\ncolour = 1", "", "colour"),
+        ] {
+            let e = parse(&agent(a2a, webhook)).err().unwrap_or_else(|| panic!("{a2a} accepted"));
+            assert!(e.message.contains(wanted), "{a2a}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = parse(
             "[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\ntick_timeout = \"soon\"\n",

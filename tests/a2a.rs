@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 const ECHO: &str = "echo-token-0123456789-abcdefghijklmnopqrstu";
 const GATED: &str = "gated-token-0123456789-abcdefghijklmnopqrst";
 const TOOL: &str = "toolcall-token-0123456789-abcdefghijklmnopq";
+const BROKEN: &str = "broken-token-0123456789-abcdefghijklmnopqrs";
 
 fn config() -> String {
     format!(
@@ -50,6 +51,15 @@ token_env = "TOOL_TOKEN"
 enabled = true
 
 [[agent]]
+name = "broken"
+runner = {{ kind = "command", program = "{{dir}}/broken.sh" }}
+breaker = {{ failures = 1, open_for = "1h" }}
+[agent.webhook]
+token_env = "BROKEN_TOKEN"
+[agent.a2a]
+enabled = true
+
+[[agent]]
 name = "plain"
 runner = {{ kind = "echo" }}
 "#,
@@ -68,12 +78,14 @@ fn start(env: &Env) -> Server {
             go = go.display()
         ),
     );
+    env.script("broken.sh", "cat >/dev/null\nexit 3");
     env.start_with(
         &config(),
         &[
             ("ECHO_TOKEN", ECHO),
             ("GATED_TOKEN", GATED),
             ("TOOL_TOKEN", TOOL),
+            ("BROKEN_TOKEN", BROKEN),
         ],
     )
 }
@@ -883,4 +895,69 @@ fn sdk_client_interoperates() {
         server.logs()
     );
     assert!(stdout.contains("interop: all checks passed"), "{stdout}");
+}
+
+#[test]
+fn a_failing_agent_answers_failed_then_breaker_open_and_accepted_messages_survive_a_crash() {
+    let env = Env::new();
+    let server = start(&env);
+    // The tick fails: the task is FAILED with the error as the agent's status message.
+    let failed = result(&rpc(
+        &server,
+        "broken",
+        BROKEN,
+        "SendMessage",
+        json!({"message": message("b-1", "x")}),
+    ));
+    assert_eq!(state(&failed["task"]), "TASK_STATE_FAILED", "{failed}");
+    assert_eq!(failed["task"]["status"]["message"]["role"], "ROLE_AGENT");
+    // One failure opens this agent's breaker: a retryable 503 with Retry-After, no task.
+    let refused = rpc(
+        &server,
+        "broken",
+        BROKEN,
+        "SendMessage",
+        json!({"message": message("b-2", "x")}),
+    );
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert!(refused
+        .header("retry-after")
+        .is_some_and(|s| s.parse::<u64>().unwrap() > 1));
+    assert_eq!(refused.json["error"]["code"], -32000);
+    assert_eq!(refused.json["error"]["data"][0]["reason"], "BREAKER_OPEN");
+    let listed = result(&rpc(&server, "broken", BROKEN, "ListTasks", json!({})));
+    assert_eq!(listed["tasks"].as_array().unwrap().len(), 1);
+
+    // A message accepted without waiting is durable: after kill -9 and a restart it is still
+    // there, runs, and its messageId still names it.
+    let msg = message("d-1", "keep me");
+    let accepted = result(&rpc(
+        &server,
+        "gated",
+        GATED,
+        "SendMessage",
+        send_params(msg.clone(), true),
+    ));
+    let id = accepted["task"]["id"].as_str().unwrap().to_string();
+    server.kill();
+    let server = start(&env);
+    let again = result(&rpc(
+        &server,
+        "gated",
+        GATED,
+        "SendMessage",
+        send_params(msg, true),
+    ));
+    assert_eq!(
+        again["task"]["id"],
+        id.as_str(),
+        "the same messageId after a restart"
+    );
+    open_gate(&env);
+    let mut task = Value::Null;
+    assert!(wait_until(|| {
+        task = result(&rpc(&server, "gated", GATED, "GetTask", json!({"id": id})));
+        state(&task) == "TASK_STATE_COMPLETED"
+    }));
+    assert_eq!(task["artifacts"][0]["parts"], json!([{"text": "done"}]));
 }
