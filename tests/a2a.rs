@@ -17,6 +17,7 @@ const ECHO: &str = "echo-token-0123456789-abcdefghijklmnopqrstu";
 const GATED: &str = "gated-token-0123456789-abcdefghijklmnopqrst";
 const TOOL: &str = "toolcall-token-0123456789-abcdefghijklmnopq";
 const BROKEN: &str = "broken-token-0123456789-abcdefghijklmnopqrs";
+const ASKER: &str = "asker-token-0123456789-abcdefghijklmnopqrstu";
 
 fn config() -> String {
     format!(
@@ -60,6 +61,15 @@ token_env = "BROKEN_TOKEN"
 enabled = true
 
 [[agent]]
+name = "asker"
+runner = {{ kind = "command", program = "{{dir}}/asker.sh" }}
+tick_timeout = "120s"
+[agent.webhook]
+token_env = "ASKER_TOKEN"
+[agent.a2a]
+enabled = true
+
+[[agent]]
 name = "plain"
 runner = {{ kind = "echo" }}
 "#,
@@ -79,6 +89,14 @@ fn start(env: &Env) -> Server {
         ),
     );
     env.script("broken.sh", "cat >/dev/null\nexit 3");
+    // Asks a question; its continuation waits for `go`, then answers.
+    env.script(
+        "asker.sh",
+        &format!(
+            "input=$(cat)\nif printf '%s' \"$input\" | grep -q '\"resume\":{{'; then\n  while [ ! -e {go} ]; do sleep 0.05; done\n  echo '{{\"response\":\"answered\"}}'\nelse\n  echo '{{\"await\":{{\"request\":\"which colour?\"}}}}'\nfi",
+            go = go.display()
+        ),
+    );
     env.start_with(
         &config(),
         &[
@@ -86,6 +104,7 @@ fn start(env: &Env) -> Server {
             ("GATED_TOKEN", GATED),
             ("TOOL_TOKEN", TOOL),
             ("BROKEN_TOKEN", BROKEN),
+            ("ASKER_TOKEN", ASKER),
         ],
     )
 }
@@ -960,4 +979,70 @@ fn a_failing_agent_answers_failed_then_breaker_open_and_accepted_messages_surviv
         state(&task) == "TASK_STATE_COMPLETED"
     }));
     assert_eq!(task["artifacts"][0]["parts"], json!([{"text": "done"}]));
+}
+
+#[test]
+fn a_repeated_answer_is_not_taken_twice() {
+    let env = Env::new();
+    let server = start(&env);
+    let asked = result(&rpc(
+        &server,
+        "asker",
+        ASKER,
+        "SendMessage",
+        json!({"message": message("q-1", "start")}),
+    ));
+    let task = &asked["task"];
+    assert_eq!(state(task), "TASK_STATE_INPUT_REQUIRED", "{asked}");
+    // A string request is a text part.
+    assert_eq!(
+        task["status"]["message"]["parts"],
+        json!([{"text": "which colour?"}])
+    );
+    let id = task["id"].as_str().unwrap().to_string();
+    let mut answer = message("q-2", "blue");
+    answer["taskId"] = json!(id);
+    let taken = result(&rpc(
+        &server,
+        "asker",
+        ASKER,
+        "SendMessage",
+        send_params(answer.clone(), true),
+    ));
+    assert_eq!(state(&taken["task"]), "TASK_STATE_SUBMITTED", "{taken}");
+    // The continuation waits for the gate; the same answer again is the task as it is, and
+    // another message is refused (the task no longer requires input).
+    let again = result(&rpc(
+        &server,
+        "asker",
+        ASKER,
+        "SendMessage",
+        send_params(answer, true),
+    ));
+    assert_eq!(again["task"]["id"], id.as_str());
+    assert!(
+        ["TASK_STATE_SUBMITTED", "TASK_STATE_WORKING"].contains(&state(&again["task"])),
+        "{again}"
+    );
+    let mut other = message("q-3", "red");
+    other["taskId"] = json!(id);
+    assert_eq!(
+        rpc_error(&rpc(
+            &server,
+            "asker",
+            ASKER,
+            "SendMessage",
+            json!({"message": other})
+        )),
+        -32004
+    );
+    open_gate(&env);
+    let mut done = Value::Null;
+    assert!(wait_until(|| {
+        done = result(&rpc(&server, "asker", ASKER, "GetTask", json!({"id": id})));
+        state(&done) == "TASK_STATE_COMPLETED"
+    }));
+    assert_eq!(done["artifacts"][0]["parts"], json!([{"text": "answered"}]));
+    let ticks = server.get(&format!("/tasks/{id}")).json["tick"].as_u64();
+    assert_eq!(ticks, Some(2), "one question, one continuation");
 }

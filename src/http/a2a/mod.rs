@@ -371,8 +371,18 @@ async fn continue_task(
             "message.contextId is not the context of the task named by message.taskId".into(),
         ));
     }
-    not_awaiting(&existing)?;
     let sub = state.events.subscribe(existing.id);
+    // A repeated answer (a client's retry) is the answer already taken: the task as it is now,
+    // never a second resume, even when the continuation has parked again.
+    let last_answer = existing
+        .resume
+        .as_ref()
+        .and_then(|r| r.response.pointer("/message/messageId"))
+        .and_then(Value::as_str);
+    if last_answer == Some(msg.message_id.as_str()) {
+        return Ok((existing, sub));
+    }
+    not_awaiting(&existing)?;
     let resumed = state
         .intake
         .resume(existing.id, json!({ "message": msg.message }))
