@@ -822,6 +822,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn every_status_has_a_state_whose_filter_matches_it() {
+        use TaskStatus::*;
+        for s in [
+            Pending,
+            Started,
+            Retry,
+            AwaitingInput,
+            Success,
+            Failure,
+            Revoked,
+        ] {
+            assert!(statuses(state(s)).unwrap().contains(&s), "{s:?}");
+        }
+        assert_eq!(statuses("TASK_STATE_REJECTED"), Some(&[][..]));
+        assert_eq!(statuses("completed"), None);
+    }
+
     proptest! {
         #[test]
         fn any_body_gets_a_request_or_a_json_rpc_error(body in proptest::collection::vec(any::<u8>(), 0..64)) {
