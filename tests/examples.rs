@@ -230,3 +230,55 @@ fn toolcall_example_asks_once_per_city_then_succeeds() {
     );
     assert_eq!(done["tick"], 3);
 }
+
+#[test]
+fn contrib_config_passes_check_and_its_store_is_in_the_state_directory() {
+    let file = repo().join("contrib/tickgate.toml");
+    let out = check(&file, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: toml::Value = toml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let unit = std::fs::read_to_string(repo().join("contrib/tickgate.service")).unwrap();
+    assert!(unit.contains("StateDirectory=tickgate\n"));
+    assert!(
+        config["store"]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/var/lib/tickgate/"),
+        "the store must live in the unit's state directory, the only writable place"
+    );
+    assert!(unit.contains(
+        "ExecStart=/usr/local/bin/tickgate serve --config /etc/tickgate/tickgate.toml\n"
+    ));
+}
+
+/// `systemd-analyze verify` on the unit, with `ExecStart` pointed at the binary under test
+/// (verify checks that the program exists). Hosts without systemd's tools skip the check.
+#[test]
+fn systemd_unit_verifies() {
+    let Ok(probe) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("systemd-analyze not installed; unit not verified");
+        return;
+    };
+    assert!(probe.status.success());
+    let unit = std::fs::read_to_string(repo().join("contrib/tickgate.service"))
+        .unwrap()
+        .replace("/usr/local/bin/tickgate", env!("CARGO_BIN_EXE_tickgate"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tickgate.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
