@@ -71,7 +71,7 @@ pub enum Command {
 
 /// Where the admin API of a running server is and the token that opens it; shared by the
 /// operator commands so that scripts set both once in the environment.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct Remote {
     /// Base URL of the running tickgate.
     #[arg(
@@ -93,6 +93,17 @@ pub struct Remote {
     /// Print the server's JSON answer instead of a table, for scripts.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+/// Never shows the token, so a debug print of the command line cannot leak it.
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("json", &self.json)
+            .finish()
+    }
 }
 
 /// `tickgate tasks` subcommands (SPEC section 8: listing, replay, cancel, resume).

@@ -461,3 +461,79 @@ fn tasks_resume_and_cancel() {
         .json();
     assert_eq!(revoked["status"], "REVOKED", "{revoked}");
 }
+
+#[test]
+fn a_bulk_replay_with_refusals_lists_them_and_exits_1() {
+    let env = Env::new();
+    let block = env.path().join("block");
+    let go = env.path().join("go");
+    // Fails at once until `block` exists; then holds its tick until `go` exists.
+    env.script(
+        "gate.sh",
+        &format!(
+            "cat >/dev/null\nif [ ! -e {block} ]; then exit 1; fi\nwhile [ ! -e {go} ]; do sleep 0.05; done\necho '{{}}'",
+            block = block.display(),
+            go = go.display()
+        ),
+    );
+    let server = env.start_with(
+        r#"
+[[agent]]
+name = "gate"
+runner = { kind = "command", program = "{dir}/gate.sh" }
+mailbox = 1
+breaker = { failures = 100, open_for = "1s" }
+"#,
+        &[("TICKGATE_ADMIN_TOKEN", ADMIN)],
+    );
+    let url = server.url("default/gate").to_string();
+    // A finished task's slot is freed just after its completion is announced.
+    let idle = || {
+        assert!(wait_until(|| {
+            cli(&server, &["agents", "--json"]).ok().json()["agents"][0]["queued"] == 0
+        }))
+    };
+    let mut failed = Vec::new();
+    for _ in 0..2 {
+        idle();
+        let id = submit(&url, &json!({}));
+        assert_eq!(server.finished(&id)["status"], "FAILURE");
+        failed.push(id);
+    }
+    idle();
+    std::fs::write(&block, "").unwrap();
+    let running = submit(&url, &json!({}));
+    server.wait_task(&running, |t| t["status"] == "STARTED");
+
+    // The one slot is taken: every replay is refused, reported, and the exit status says so.
+    let r = cli(
+        &server,
+        &["tasks", "replay", "--agent", "gate", "--status", "FAILURE"],
+    );
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.starts_with("replayed 0 task(s) of default/gate\n"),
+        "{}",
+        r.stdout
+    );
+    for id in &failed {
+        assert!(
+            r.stdout
+                .contains(&format!("  refused {id}: mailbox_full\n")),
+            "{}",
+            r.stdout
+        );
+    }
+    assert!(r.stderr.contains("2 task(s) were refused"), "{}", r.stderr);
+    let r = cli(
+        &server,
+        &[
+            "tasks", "replay", "--agent", "gate", "--status", "FAILURE", "--json",
+        ],
+    );
+    assert_eq!(r.code, 1);
+    assert_eq!(r.json()["refused"].as_array().unwrap().len(), 2);
+
+    std::fs::write(&go, "").unwrap();
+    server.finished(&running);
+}
