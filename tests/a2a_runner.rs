@@ -1,0 +1,502 @@
+//! The `a2a` runner (SPEC section 10) against the real binary: each test runs a small A2A 1.0
+//! JSON-RPC agent of its own on 127.0.0.1 (agent card, `SendMessage`, `GetTask`, `CancelTask`
+//! in the protocol's real shapes), points an agent's runner at its card and triggers the agent
+//! through its webhook. Covered: a text artifact and a data artifact as the response, a working
+//! task polled to completion, failed and refused exchanges, input-required parked as
+//! `AWAITING_INPUT` and resumed as the next message of the same remote task, the bearer token
+//! taken from the environment (and never logged), a remote that never finishes, and the config
+//! check of `token_env`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// The webhook token of the agent under test (pinned so that resumes can use it).
+const HOOK: &str = "a2a-runner-hook-token-0123456789-abcdefgh";
+/// The bearer token the remote agent expects; must never show up in tickgate's output.
+const REMOTE_SECRET: &str = "remote-bearer-secret-9f8e7d6c5b4a";
+
+/// What the fake remote answers to one JSON-RPC call.
+enum Reply {
+    /// `{"jsonrpc":"2.0","id":…,"result":…}`.
+    Result(Value),
+    /// An HTTP error status with no JSON-RPC body, as an auth layer in front of an agent sends.
+    Status(u16),
+}
+
+/// One JSON-RPC call the fake remote received.
+#[derive(Debug, Clone)]
+struct Call {
+    /// The path prefix the call was made under (`/fails`, `/denied`, …).
+    agent: String,
+    method: String,
+    params: Value,
+    /// Header names lower-cased.
+    headers: HashMap<String, String>,
+}
+
+type Handler = dyn Fn(&str, &str, &Value) -> Reply + Send + Sync;
+
+/// A minimal A2A 1.0 agent over plain HTTP/1.1. `GET <prefix>/.well-known/agent-card.json`
+/// serves a card whose JSON-RPC interface is `<prefix>/rpc`; a POST there is handed to the
+/// test's handler with the prefix, the method and the params. Stopped (and joined) on drop.
+struct Remote {
+    addr: SocketAddr,
+    calls: Arc<Mutex<Vec<Call>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Remote {
+    fn start(handler: impl Fn(&str, &str, &Value) -> Reply + Send + Sync + 'static) -> Remote {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let thread = {
+            let (calls, stop) = (calls.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (calls, handler) = (calls.clone(), handler.clone());
+                    std::thread::spawn(move || serve(stream, addr, &calls, &*handler));
+                }
+            })
+        };
+        Remote {
+            addr,
+            calls,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn card_url(&self, agent: &str) -> String {
+        format!("http://{}/{agent}/.well-known/agent-card.json", self.addr)
+    }
+
+    fn calls(&self, method: &str) -> Vec<Call> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|c| c.method == method)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(mut stream: TcpStream, addr: SocketAddr, calls: &Mutex<Vec<Call>>, handler: &Handler) {
+    let _ = stream.set_read_timeout(Some(DEADLINE));
+    let Some((head, body)) = read_request(&mut stream) else {
+        return;
+    };
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let (status, reply) = if method == "GET" && path.ends_with("/.well-known/agent-card.json") {
+        let prefix = path.trim_end_matches("/.well-known/agent-card.json");
+        (200, card(addr, prefix))
+    } else if let (true, Some(prefix)) = (method == "POST", path.strip_suffix("/rpc")) {
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let call = Call {
+            agent: prefix.trim_start_matches('/').to_string(),
+            method: request["method"].as_str().unwrap_or("").to_string(),
+            params: request["params"].clone(),
+            headers,
+        };
+        let reply = handler(&call.agent, &call.method, &call.params);
+        calls.lock().unwrap().push(call);
+        match reply {
+            Reply::Result(result) => (
+                200,
+                json!({ "jsonrpc": "2.0", "id": request["id"], "result": result }),
+            ),
+            Reply::Status(status) => (status, json!({ "detail": "no" })),
+        }
+    } else {
+        (404, json!({ "detail": "not found" }))
+    };
+    let body = reply.to_string();
+    let text = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(text.as_bytes());
+}
+
+/// An A2A 1.0 agent card with one JSON-RPC interface.
+fn card(addr: SocketAddr, prefix: &str) -> Value {
+    json!({
+        "name": format!("remote{prefix}"),
+        "description": "a test agent",
+        "version": "1.0.0",
+        "supportedInterfaces": [
+            { "url": format!("http://{addr}{prefix}/grpc"), "protocolBinding": "GRPC", "protocolVersion": "1.0" },
+            { "url": format!("http://{addr}{prefix}/rpc"), "protocolBinding": "JSONRPC", "protocolVersion": "1.0" },
+        ],
+        "capabilities": { "streaming": false },
+        "defaultInputModes": ["application/json"],
+        "defaultOutputModes": ["application/json"],
+        "skills": [],
+    })
+}
+
+/// Reads one request: the head as text and the body by `Content-Length`.
+fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).into_owned();
+            let length = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if data.len() >= end + 4 + length {
+                return Some((head, data[end + 4..end + 4 + length].to_vec()));
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(n) if n > 0 => data.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// A remote task in A2A 1.0 JSON.
+fn task(id: &str, state: &str, more: Value) -> Value {
+    let mut t = json!({ "id": id, "contextId": format!("ctx-{id}"), "status": { "state": state } });
+    if let Value::Object(more) = more {
+        t.as_object_mut().unwrap().extend(more);
+    }
+    t
+}
+
+fn agent_message(text: &str) -> Value {
+    json!({ "messageId": "m-agent", "role": "ROLE_AGENT", "parts": [{ "text": text }] })
+}
+
+/// One agent `a` whose runner calls the remote's card for `remote_agent`.
+fn config(remote: &Remote, remote_agent: &str, tick_timeout: &str) -> String {
+    format!(
+        r#"
+[[agent]]
+name = "a"
+runner = {{ kind = "a2a", url = "{}", token_env = "REMOTE_TOKEN" }}
+tick_timeout = "{tick_timeout}"
+[agent.webhook]
+token_env = "A_HOOK"
+"#,
+        remote.card_url(remote_agent)
+    )
+}
+
+fn start(env: &Env, config: &str) -> Server {
+    env.start_with(config, &[("A_HOOK", HOOK), ("REMOTE_TOKEN", REMOTE_SECRET)])
+}
+
+/// Triggers agent `a` and waits for a stopping point.
+fn trigger(server: &Server, body: Value) -> Response {
+    let r = post_json(&format!("{}/webhooks/{HOOK}?wait=60", server.base), &body);
+    assert_eq!(r.status, 200, "{}", r.text);
+    r
+}
+
+#[test]
+fn a_text_artifact_is_the_response_and_the_message_carries_the_tick_input() {
+    let remote = Remote::start(|_, method, _| match method {
+        "SendMessage" => {
+            Reply::Result(json!({ "task": task("rt-1", "TASK_STATE_COMPLETED", json!({
+            "artifacts": [{ "artifactId": "a1", "parts": [{ "text": "hello from remote" }] }],
+        })) }))
+        }
+        _ => Reply::Status(500),
+    });
+    let env = Env::new();
+    let server = start(&env, &config(&remote, "text", "30s"));
+
+    let r = trigger(&server, json!({ "title": "Greet", "who": "me" }));
+    assert_eq!(r.json["status"], "SUCCESS", "{}", r.text);
+    assert_eq!(r.json["response"], "hello from remote", "{}", r.text);
+    assert_eq!(r.json["result"]["a2a"]["taskId"], "rt-1", "{}", r.text);
+    let id = r.json["task_id"].as_str().unwrap();
+
+    let sent = remote.calls("SendMessage");
+    assert_eq!(sent.len(), 1);
+    let call = &sent[0];
+    assert_eq!(call.agent, "text");
+    assert_eq!(
+        call.headers.get("authorization").map(String::as_str),
+        Some(&*format!("Bearer {REMOTE_SECRET}"))
+    );
+    assert_eq!(
+        call.headers.get("a2a-version").map(String::as_str),
+        Some("1.0")
+    );
+    let message = &call.params["message"];
+    assert_eq!(message["role"], "ROLE_USER");
+    assert!(message["messageId"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(message.get("taskId").is_none(), "{message}");
+    let tick = &message["parts"][0]["data"];
+    assert_eq!(tick["inputs"]["who"], "me", "{message}");
+    assert_eq!(tick["task_id"], id);
+    assert_eq!(tick["agent"], "default/a");
+    assert_eq!(message["parts"][1]["text"], "Greet");
+    assert!(
+        !server.logs().contains(REMOTE_SECRET),
+        "the bearer token was logged"
+    );
+}
+
+#[test]
+fn a_working_task_is_polled_until_its_data_artifact_is_ready() {
+    let polls = Arc::new(Mutex::new(0u32));
+    let counted = polls.clone();
+    let remote = Remote::start(move |_, method, params| match method {
+        "SendMessage" => {
+            Reply::Result(json!({ "task": task("rt-2", "TASK_STATE_WORKING", json!({})) }))
+        }
+        "GetTask" if params["id"] == "rt-2" => {
+            let mut n = counted.lock().unwrap();
+            *n += 1;
+            if *n < 3 {
+                Reply::Result(task("rt-2", "TASK_STATE_WORKING", json!({})))
+            } else {
+                Reply::Result(task(
+                    "rt-2",
+                    "TASK_STATE_COMPLETED",
+                    json!({
+                        "artifacts": [{ "artifactId": "a1", "parts": [{ "data": { "temperature": 21 } }] }],
+                    }),
+                ))
+            }
+        }
+        _ => Reply::Status(404),
+    });
+    let env = Env::new();
+    let server = start(&env, &config(&remote, "data", "30s"));
+
+    let r = trigger(&server, json!({ "city": "Oslo" }));
+    assert_eq!(r.json["status"], "SUCCESS", "{}", r.text);
+    assert_eq!(
+        r.json["response"],
+        json!({ "temperature": 21 }),
+        "{}",
+        r.text
+    );
+    let gets = remote.calls("GetTask");
+    assert_eq!(gets.len(), 3);
+    assert!(gets.iter().all(|c| c.params["id"] == "rt-2"
+        && c.headers.get("authorization") == Some(&format!("Bearer {REMOTE_SECRET}"))));
+}
+
+#[test]
+fn failed_and_refused_exchanges_fail_the_task_with_a_clear_error() {
+    let remote = Remote::start(|agent, method, _| match (agent, method) {
+        ("fails", "SendMessage") => {
+            Reply::Result(json!({ "task": task("rt-3", "TASK_STATE_FAILED", json!({
+            "status": { "state": "TASK_STATE_FAILED", "message": agent_message("quota exceeded") },
+        })) }))
+        }
+        ("rejects", "SendMessage") => {
+            Reply::Result(json!({ "task": task("rt-4", "TASK_STATE_REJECTED", json!({})) }))
+        }
+        _ => Reply::Status(401),
+    });
+    let env = Env::new();
+    let hooks = ["fails", "rejects", "denied"];
+    let config: String = hooks
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            format!(
+                "[[agent]]\nname = \"{name}\"\nrunner = {{ kind = \"a2a\", url = \"{}\", token_env = \"REMOTE_TOKEN\" }}\n[agent.webhook]\ntoken_env = \"HOOK_{i}\"\n",
+                remote.card_url(name)
+            )
+        })
+        .collect();
+    let tokens: Vec<String> = (0..hooks.len()).map(|i| format!("{HOOK}-{i}")).collect();
+    let vars: Vec<String> = (0..hooks.len()).map(|i| format!("HOOK_{i}")).collect();
+    let mut vars_env: Vec<(&str, &str)> = vars
+        .iter()
+        .zip(&tokens)
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    vars_env.push(("REMOTE_TOKEN", REMOTE_SECRET));
+    let server = env.start_with(&config, &vars_env);
+
+    let mut errors = Vec::new();
+    for token in &tokens {
+        let r = post_json(
+            &format!("{}/webhooks/{token}?wait=60", server.base),
+            &json!({}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.json["status"], "FAILURE", "{}", r.text);
+        errors.push(r.json["error"].as_str().unwrap().to_string());
+    }
+    assert!(
+        errors[0].contains("rt-3") && errors[0].contains("FAILED: quota exceeded"),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[1].contains("REJECTED"), "{}", errors[1]);
+    assert!(
+        errors[2].contains("refused the credentials") && errors[2].contains("401"),
+        "{}",
+        errors[2]
+    );
+    for e in &errors {
+        assert!(e.starts_with("remote A2A agent: "), "{e}");
+        assert!(!e.contains(REMOTE_SECRET), "{e}");
+    }
+    assert!(!server.logs().contains(REMOTE_SECRET));
+}
+
+#[test]
+fn input_required_parks_the_task_and_the_resume_continues_the_same_remote_task() {
+    let remote = Remote::start(|_, method, params| {
+        let message = &params["message"];
+        match (method, message["taskId"].as_str()) {
+            ("SendMessage", None) => Reply::Result(
+                json!({ "task": task("rt-5", "TASK_STATE_INPUT_REQUIRED", json!({
+                "status": { "state": "TASK_STATE_INPUT_REQUIRED", "message": agent_message("Which city?") },
+            })) }),
+            ),
+            ("SendMessage", Some("rt-5")) => {
+                let city = message["parts"][0]["data"]["city"].as_str().unwrap_or("?");
+                Reply::Result(json!({ "task": task("rt-5", "TASK_STATE_COMPLETED", json!({
+                    "artifacts": [{ "artifactId": "a1", "parts": [{ "text": format!("sunny in {city}") }] }],
+                })) }))
+            }
+            _ => Reply::Status(400),
+        }
+    });
+    let env = Env::new();
+    let server = start(&env, &config(&remote, "ask", "30s"));
+
+    let r = trigger(&server, json!({ "question": "weather?" }));
+    assert_eq!(r.json["status"], "AWAITING_INPUT", "{}", r.text);
+    let request = &r.json["awaiting"]["request"];
+    assert_eq!(request["parts"][0]["text"], "Which city?", "{request}");
+    assert_eq!(request["taskId"], "rt-5", "{request}");
+    assert_eq!(request["contextId"], "ctx-rt-5", "{request}");
+    let id = r.json["task_id"].as_str().unwrap().to_string();
+
+    let answer = send(
+        client()
+            .post(format!("{}/tasks/{id}/resume", server.base))
+            .header("Authorization", format!("Bearer {HOOK}"))
+            .json(&json!({ "response": { "city": "Oslo" } })),
+    );
+    assert!(answer.status < 300, "{}", answer.text);
+    let done = server.finished(&id);
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    assert_eq!(done["response"], "sunny in Oslo", "{done}");
+
+    let sent = remote.calls("SendMessage");
+    assert_eq!(sent.len(), 2);
+    let second = &sent[1].params["message"];
+    assert_eq!(second["taskId"], "rt-5", "{second}");
+    assert_eq!(second["contextId"], "ctx-rt-5", "{second}");
+    assert_eq!(second["role"], "ROLE_USER");
+    assert_eq!(second["parts"], json!([{ "data": { "city": "Oslo" } }]));
+    assert_ne!(second["messageId"], sent[0].params["message"]["messageId"]);
+}
+
+#[test]
+fn a_remote_that_never_finishes_times_the_tick_out_and_is_cancelled() {
+    let remote = Remote::start(|_, method, params| match method {
+        "SendMessage" => {
+            Reply::Result(json!({ "task": task("rt-6", "TASK_STATE_SUBMITTED", json!({})) }))
+        }
+        "GetTask" => Reply::Result(task("rt-6", "TASK_STATE_WORKING", json!({}))),
+        "CancelTask" if params["id"] == "rt-6" => {
+            Reply::Result(task("rt-6", "TASK_STATE_CANCELED", json!({})))
+        }
+        _ => Reply::Status(400),
+    });
+    let env = Env::new();
+    let server = start(&env, &config(&remote, "slow", "2s"));
+
+    let r = trigger(&server, json!({}));
+    assert_eq!(r.json["status"], "FAILURE", "{}", r.text);
+    assert_eq!(r.json["error"], "tick timed out after 2s", "{}", r.text);
+    assert!(!remote.calls("GetTask").is_empty());
+    assert!(
+        wait_until(|| !remote.calls("CancelTask").is_empty()),
+        "the remote task was not cancelled"
+    );
+    let cancel = &remote.calls("CancelTask")[0];
+    assert_eq!(
+        cancel.headers.get("authorization").map(String::as_str),
+        Some(&*format!("Bearer {REMOTE_SECRET}"))
+    );
+}
+
+#[test]
+fn an_unset_token_variable_or_a_bad_url_is_a_config_error() {
+    let env = Env::new();
+    let path = env.write_config(
+        "[[agent]]\nname = \"a\"\nrunner = { kind = \"a2a\", url = \"http://127.0.0.1:9/card\", token_env = \"TICKGATE_TEST_UNSET_A2A\" }\n",
+    );
+    let out = env.run(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("runner.token_env") && text.contains("TICKGATE_TEST_UNSET_A2A"),
+        "{text}"
+    );
+
+    let path = env.write_config(
+        "[[agent]]\nname = \"a\"\nrunner = { kind = \"a2a\", url = \"ftp://example.com/card\" }\n",
+    );
+    let out = env.run(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("runner.url"), "{text}");
+
+    let path = env.write_config(
+        "[[agent]]\nname = \"a\"\nrunner = { kind = \"a2a\", url = \"http://127.0.0.1:9/card\", token_env = \"TICKGATE_TEST_SET_A2A\" }\n",
+    );
+    let out = env.run(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("TICKGATE_TEST_SET_A2A", "x")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
