@@ -4,8 +4,8 @@
 //! through its webhook. Covered: a text artifact and a data artifact as the response, a working
 //! task polled to completion, failed and refused exchanges, input-required parked as
 //! `AWAITING_INPUT` and resumed as the next message of the same remote task, the bearer token
-//! taken from the environment (and never logged), a remote that never finishes, and the config
-//! check of `token_env`.
+//! taken from the environment (and never logged), a parked task's remote ids surviving `kill -9`,
+//! a remote that never finishes, and the config check of `token_env`.
 
 mod common;
 
@@ -411,6 +411,13 @@ fn input_required_parks_the_task_and_the_resume_continues_the_same_remote_task()
     assert_eq!(request["taskId"], "rt-5", "{request}");
     assert_eq!(request["contextId"], "ctx-rt-5", "{request}");
     let id = r.json["task_id"].as_str().unwrap().to_string();
+
+    // The remote ids live in the parked task's record: they survive `kill -9`.
+    server.kill();
+    let server = start(&env, &config(&remote, "ask", "30s"));
+    let parked = server.get(&format!("/tasks/{id}"));
+    assert_eq!(parked.json["status"], "AWAITING_INPUT", "{}", parked.text);
+    assert_eq!(parked.json["awaiting"]["request"]["taskId"], "rt-5");
 
     let answer = send(
         client()
