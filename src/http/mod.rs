@@ -1,6 +1,7 @@
 //! The HTTP edge: routes, shared state, and the access log. Handlers stay short: extract, call
 //! one domain function or actor, map the result.
 
+mod a2a;
 pub mod admin;
 mod admin_tasks;
 pub mod deliveries;
@@ -76,6 +77,8 @@ pub struct AppState {
     pub schedules: HashMap<AgentId, Vec<tickgate_actors::schedule::Entry>>,
     /// The status callback worker, when any agent has `[[agent.notify]]`.
     pub notifier: Option<crate::outbox_worker::Notifier>,
+    /// The agents served over A2A (`[agent.a2a] enabled`), with their card settings.
+    pub a2a: HashMap<AgentId, crate::config::A2aConfig>,
 }
 
 impl AppState {
@@ -146,6 +149,16 @@ pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
     .service(
         web::resource("/api/task_status")
             .route(web::get().to(tasks::status_alias))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/a2a/{namespace}/{agent}/.well-known/agent-card.json")
+            .route(web::get().to(a2a::card))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/a2a/{namespace}/{agent}")
+            .route(web::post().to(a2a::rpc))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
