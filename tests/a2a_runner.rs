@@ -5,7 +5,9 @@
 //! task polled to completion, failed and refused exchanges, input-required parked as
 //! `AWAITING_INPUT` and resumed as the next message of the same remote task, the bearer token
 //! taken from the environment (and never logged), a parked task's remote ids surviving `kill -9`,
-//! a remote that never finishes, and the config check of `token_env`.
+//! a remote that never finishes, and the config check of `token_env`. Then two agents of one
+//! tickgate bridged over A2A: a webhook on one runs a tick on the other and returns its answer,
+//! and input-required on the far side parks the near side until it is answered.
 
 mod common;
 
@@ -506,4 +508,165 @@ fn an_unset_token_variable_or_a_bad_url_is_a_config_error() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Two agents in one config bridged over A2A: `b-echo` and `b-tool` are served by tickgate's own
+/// A2A server, and `a-echo` / `a-tool` are `kind = "a2a"` runners pointing at their cards, with
+/// B's webhook token as the bearer. The card names the interface by `public_url`, which is the
+/// bound address, so the port must be known before the config is written: a free port is picked
+/// and, should another process take it first, a start that fails to bind is retried on another.
+fn start_bridge(env: &Env) -> Server {
+    let vars = [
+        ("A_ECHO_HOOK", "bridge-a-echo-hook-0123456789-abcdefghij"),
+        ("A_TOOL_HOOK", "bridge-a-tool-hook-0123456789-abcdefghij"),
+        ("B_ECHO_HOOK", "bridge-b-echo-hook-0123456789-abcdefghij"),
+        ("B_TOOL_HOOK", "bridge-b-tool-hook-0123456789-abcdefghij"),
+    ];
+    for _ in 0..5 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let card = |agent: &str| {
+            format!("http://127.0.0.1:{port}/a2a/default/{agent}/.well-known/agent-card.json")
+        };
+        let config = format!(
+            r#"
+[[agent]]
+name = "b-echo"
+runner = {{ kind = "echo" }}
+[agent.webhook]
+token_env = "B_ECHO_HOOK"
+[agent.a2a]
+enabled = true
+
+[[agent]]
+name = "b-tool"
+runner = {{ kind = "command", program = "{root}/config/agents/toolcall.sh", mode = "oneshot" }}
+tick_timeout = "30s"
+[agent.webhook]
+token_env = "B_TOOL_HOOK"
+[agent.a2a]
+enabled = true
+
+[[agent]]
+name = "a-echo"
+runner = {{ kind = "a2a", url = "{echo}", token_env = "B_ECHO_HOOK" }}
+tick_timeout = "30s"
+[agent.webhook]
+token_env = "A_ECHO_HOOK"
+
+[[agent]]
+name = "a-tool"
+runner = {{ kind = "a2a", url = "{tool}", token_env = "B_TOOL_HOOK" }}
+tick_timeout = "30s"
+[agent.webhook]
+token_env = "A_TOOL_HOOK"
+"#,
+            root = env!("CARGO_MANIFEST_DIR"),
+            echo = card("b-echo"),
+            tool = card("b-tool"),
+        );
+        let listen = format!("127.0.0.1:{port}");
+        let mut all: Vec<(&str, &str)> = vars.to_vec();
+        all.push(("TICKGATE_SERVER_LISTEN", &listen));
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            env.start_with(&config, &all)
+        }));
+        match started {
+            Ok(server) => return server,
+            Err(panic) => {
+                let text = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+                if !text.contains("in use") {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        }
+    }
+    panic!("tickgate could not be started on a free port in 5 tries");
+}
+
+#[test]
+fn a_webhook_on_one_agent_runs_a_tick_on_another_over_a2a() {
+    let env = Env::new();
+    let server = start_bridge(&env);
+
+    // a-echo → b-echo: B echoes its inputs, `{"message": <the message A sent>}`, and that value
+    // comes back as A's response, holding A's own tick input.
+    let r = post_json(
+        &format!(
+            "{}/webhooks/bridge-a-echo-hook-0123456789-abcdefghij?wait=60",
+            server.base
+        ),
+        &json!({ "title": "Bridge", "n": 7 }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["status"], "SUCCESS", "{}", r.text);
+    let message = &r.json["response"]["message"];
+    assert_eq!(message["parts"][0]["data"]["inputs"]["n"], 7, "{}", r.text);
+    assert_eq!(message["parts"][0]["data"]["agent"], "default/a-echo");
+    assert_eq!(message["parts"][1]["text"], "Bridge");
+    // A's result names B's task, which is a task of b-echo in the same tickgate.
+    let b_task = r.json["result"]["a2a"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = server.get(&format!("/tasks/{b_task}"));
+    assert_eq!(b.json["agent"], "default/b-echo", "{}", b.text);
+    assert_eq!(b.json["status"], "SUCCESS");
+    assert!(
+        !server.logs().contains("bridge-b-echo-hook"),
+        "a token was logged"
+    );
+}
+
+#[test]
+fn a_remote_tickgate_agent_that_waits_for_input_parks_the_caller_until_answered() {
+    let env = Env::new();
+    let server = start_bridge(&env);
+    let hook = "bridge-a-tool-hook-0123456789-abcdefghij";
+
+    // The tool-call agent behind A parks twice; each time A's task parks too, with B's question.
+    let r = post_json(
+        &format!("{}/webhooks/{hook}?wait=60", server.base),
+        &json!({ "q": 1 }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["status"], "AWAITING_INPUT", "{}", r.text);
+    let id = r.json["task_id"].as_str().unwrap().to_string();
+    let request = &r.json["awaiting"]["request"];
+    assert_eq!(request["parts"][0]["data"]["step"], 1, "{request}");
+    let b_task = request["taskId"].as_str().unwrap().to_string();
+    let b = server.get(&format!("/tasks/{b_task}"));
+    assert_eq!(b.json["agent"], "default/b-tool", "{}", b.text);
+    assert_eq!(b.json["status"], "AWAITING_INPUT");
+
+    let resume = |answer: Value| {
+        let r = send(
+            client()
+                .post(format!("{}/tasks/{id}/resume", server.base))
+                .header("Authorization", format!("Bearer {hook}"))
+                .json(&json!({ "response": answer })),
+        );
+        assert!(r.status < 300, "{}", r.text);
+    };
+    resume(json!({ "temperature": 21 }));
+    let second = server.wait_task(&id, |t| {
+        t["status"] == "AWAITING_INPUT" && t["awaiting"]["request"]["parts"][0]["data"]["step"] == 2
+    });
+    assert_eq!(second["awaiting"]["request"]["taskId"], b_task);
+
+    resume(json!("yes"));
+    let done = server.finished(&id);
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    // B got each answer as the data part of A's message, in its `resume.response.message`.
+    let answers = &done["response"]["answers"];
+    assert_eq!(
+        answers[0]["message"]["parts"][0]["data"],
+        json!({ "temperature": 21 }),
+        "{done}"
+    );
+    assert_eq!(answers[1]["message"]["parts"][0]["data"], "yes", "{done}");
+    assert_eq!(done["result"]["a2a"]["taskId"], b_task);
 }
