@@ -670,3 +670,41 @@ fn a_remote_tickgate_agent_that_waits_for_input_parks_the_caller_until_answered(
     assert_eq!(answers[1]["message"]["parts"][0]["data"], "yes", "{done}");
     assert_eq!(done["result"]["a2a"]["taskId"], b_task);
 }
+
+/// The runner against an agent built with the official A2A Python SDK (server side):
+/// `tests/a2a_sdk/runner_interop.py` serves the SDK agent and drives this binary (data artifact,
+/// input-required and resumed on the same SDK task, refused token). Runs when the interpreter
+/// named by `A2A_SDK_PYTHON` (default `python3`) can import the SDK's server with uvicorn;
+/// otherwise it says so and passes (`.ci/run` and `tests/a2a_sdk/run.sh` install them).
+#[test]
+fn sdk_agent_interoperates() {
+    let python = std::env::var("A2A_SDK_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_sdk = std::process::Command::new(&python)
+        .args(["-c", "import a2a.server.routes, starlette, uvicorn"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        eprintln!("skipped: {python} cannot import the a2a-sdk server and uvicorn (pip install \"a2a-sdk[http-server]==1.3.0\" uvicorn, or set A2A_SDK_PYTHON)");
+        return;
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/a2a_sdk/runner_interop.py"
+    );
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_tickgate"))
+        .env_remove("TICKGATE_ADMIN_TOKEN")
+        .output()
+        .expect("run the runner interop script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "runner interop failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("runner interop: all checks passed"),
+        "{stdout}"
+    );
+}

@@ -13,11 +13,13 @@ it through tickgate's webhook:
    task, which completes with a text artifact → SUCCESS with that string;
 3. an agent configured with the wrong token: the SDK agent refuses it → FAILURE.
 
-Usage (from the repository root, after `cargo build`):
+`bash tests/a2a_sdk/run.sh` installs the SDK (with its `http-server` extra and uvicorn) and runs
+this through the `sdk_agent_interoperates` test of `tests/a2a_runner.rs`; by hand, from the
+repository root after `cargo build`:
 
     python3 -m venv /tmp/a2a-venv
-    /tmp/a2a-venv/bin/pip install "a2a-sdk[http-server]==1.3.0" uvicorn
-    /tmp/a2a-venv/bin/python tests/interop/a2a_runner_sdk.py [target/debug/tickgate]
+    /tmp/a2a-venv/bin/pip install "a2a-sdk[http-server]==1.3.0" "uvicorn==0.55.0"
+    /tmp/a2a-venv/bin/python tests/a2a_sdk/runner_interop.py target/debug/tickgate
 
 It prints one line per check and exits non-zero on the first mismatch.
 """
@@ -254,7 +256,7 @@ def main() -> None:
         finally:
             proc.kill()
             proc.wait()
-    print("all interoperability checks passed")
+    print("runner interop: all checks passed")
 
 
 if __name__ == "__main__":
