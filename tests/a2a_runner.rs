@@ -34,7 +34,7 @@ enum Reply {
     Status(u16),
 }
 
-/// One JSON-RPC call the fake remote received.
+/// One JSON-RPC call the fake remote received (an agent card fetch is method `card`).
 #[derive(Debug, Clone)]
 struct Call {
     /// The path prefix the call was made under (`/fails`, `/denied`, …).
@@ -124,6 +124,12 @@ fn serve(mut stream: TcpStream, addr: SocketAddr, calls: &Mutex<Vec<Call>>, hand
         .collect();
     let (status, reply) = if method == "GET" && path.ends_with("/.well-known/agent-card.json") {
         let prefix = path.trim_end_matches("/.well-known/agent-card.json");
+        calls.lock().unwrap().push(Call {
+            agent: prefix.trim_start_matches('/').to_string(),
+            method: "card".to_string(),
+            params: Value::Null,
+            headers,
+        });
         (200, card(addr, prefix))
     } else if let (true, Some(prefix)) = (method == "POST", path.strip_suffix("/rpc")) {
         let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -317,6 +323,13 @@ fn a_working_task_is_polled_until_its_data_artifact_is_ready() {
     );
     let gets = remote.calls("GetTask");
     assert_eq!(gets.len(), 3);
+    // The card was read once (the interface is cached for later ticks), without the token:
+    // that goes only to the JSON-RPC endpoint.
+    let r = trigger(&server, json!({ "city": "Bergen" }));
+    assert_eq!(r.json["status"], "SUCCESS", "{}", r.text);
+    let cards = remote.calls("card");
+    assert_eq!(cards.len(), 1);
+    assert!(!cards[0].headers.contains_key("authorization"));
     assert!(gets.iter().all(|c| c.params["id"] == "rt-2"
         && c.headers.get("authorization") == Some(&format!("Bearer {REMOTE_SECRET}"))));
 }
