@@ -5,9 +5,10 @@
 //! task polled to completion, failed and refused exchanges, input-required parked as
 //! `AWAITING_INPUT` and resumed as the next message of the same remote task, the bearer token
 //! taken from the environment (and never logged), a parked task's remote ids surviving `kill -9`,
-//! a remote that never finishes, and the config check of `token_env`. Then two agents of one
-//! tickgate bridged over A2A: a webhook on one runs a tick on the other and returns its answer,
-//! and input-required on the far side parks the near side until it is answered.
+//! a continuation re-run after `kill -9` resending the same answer message, a remote that never
+//! finishes, and the config check of `token_env`. Then two agents of one tickgate bridged over
+//! A2A: a webhook on one runs a tick on the other and returns its answer, and input-required on
+//! the far side parks the near side until it is answered. Last, an official A2A SDK agent.
 
 mod common;
 
@@ -139,8 +140,9 @@ fn serve(mut stream: TcpStream, addr: SocketAddr, calls: &Mutex<Vec<Call>>, hand
             params: request["params"].clone(),
             headers,
         };
+        // Recorded before the handler runs, so that a test can see a call the handler holds.
+        calls.lock().unwrap().push(call.clone());
         let reply = handler(&call.agent, &call.method, &call.params);
-        calls.lock().unwrap().push(call);
         match reply {
             Reply::Result(result) => (
                 200,
@@ -521,6 +523,73 @@ fn an_unset_token_variable_or_a_bad_url_is_a_config_error() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_continuation_re_run_after_a_crash_sends_the_same_answer_message() {
+    // The remote holds the first answer until the test is done with it: tickgate dies with the
+    // answer delivered but its outcome unknown, which is what a crash mid-continuation looks like.
+    let released = Arc::new(AtomicBool::new(false));
+    let held = released.clone();
+    let answers = Arc::new(Mutex::new(0u32));
+    let remote = Remote::start(move |_, method, params| {
+        match (method, params["message"]["taskId"].as_str()) {
+            ("SendMessage", None) => Reply::Result(
+                json!({ "task": task("rt-7", "TASK_STATE_INPUT_REQUIRED", json!({
+                "status": { "state": "TASK_STATE_INPUT_REQUIRED", "message": agent_message("Proceed?") },
+            })) }),
+            ),
+            ("SendMessage", Some("rt-7")) => {
+                let first = {
+                    let mut n = answers.lock().unwrap();
+                    *n += 1;
+                    *n == 1
+                };
+                if first {
+                    let deadline = std::time::Instant::now() + DEADLINE;
+                    while !held.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                }
+                Reply::Result(json!({ "task": task("rt-7", "TASK_STATE_COMPLETED", json!({
+                    "artifacts": [{ "artifactId": "a1", "parts": [{ "text": "proceeded" }] }],
+                })) }))
+            }
+            _ => Reply::Status(400),
+        }
+    });
+    let env = Env::new();
+    let server = start(&env, &config(&remote, "crash", "30s"));
+    let r = trigger(&server, json!({}));
+    assert_eq!(r.json["status"], "AWAITING_INPUT", "{}", r.text);
+    let id = r.json["task_id"].as_str().unwrap().to_string();
+    let answer = send(
+        client()
+            .post(format!("{}/tasks/{id}/resume", server.base))
+            .header("Authorization", format!("Bearer {HOOK}"))
+            .json(&json!({ "response": "yes" })),
+    );
+    assert!(answer.status < 300, "{}", answer.text);
+    assert!(
+        wait_until(|| remote.calls("SendMessage").len() == 2),
+        "the answer never reached the remote"
+    );
+    server.kill();
+
+    let server = start(&env, &config(&remote, "crash", "30s"));
+    let done = server.finished(&id);
+    released.store(true, Ordering::SeqCst);
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    assert_eq!(done["response"], "proceeded", "{done}");
+    let sent = remote.calls("SendMessage");
+    assert_eq!(sent.len(), 3);
+    let (before, after) = (&sent[1].params["message"], &sent[2].params["message"]);
+    assert_eq!(after["taskId"], "rt-7");
+    assert_eq!(
+        after["messageId"], before["messageId"],
+        "a re-run must resend the same answer"
+    );
+    assert_eq!(after["parts"], before["parts"]);
 }
 
 /// Two agents in one config bridged over A2A: `b-echo` and `b-tool` are served by tickgate's own

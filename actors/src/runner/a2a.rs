@@ -24,6 +24,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION};
 use reqwest::{Client, Url};
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 
 use super::http::{causes, read_body, safe_url};
 use super::{A2aSpec, RunnerError};
@@ -373,9 +374,15 @@ fn pick_interface(card: &Value, card_url: &Url) -> Result<Url, String> {
 
 /// The message a tick sends: the first message of a new remote task, or, on a continuation
 /// tick, the answer as the next message of the remote task the task parked on.
+///
+/// A first message gets a random `messageId`: a retried or re-run tick must start a new remote
+/// task (its input differs anyway: `attempt` changes). An answer's `messageId` is derived from
+/// this task, the question and the answer, so that a continuation tick re-run after a crash sends
+/// the very same message again, which a remote that deduplicates on message ids (tickgate's own
+/// A2A server does) recognises instead of refusing it as a message to a task no longer waiting.
 fn message_for(input: &TickInput) -> Result<Value, RunnerError> {
-    let message_id = TaskId::random().to_string();
     let Some(resume) = &input.resume else {
+        let message_id = TaskId::random().to_string();
         let tick = serde_json::to_value(input)
             .map_err(|e| RunnerError::A2a(format!("the tick input could not be encoded: {e}")))?;
         let mut parts = vec![json!({ "data": tick })];
@@ -395,8 +402,16 @@ fn message_for(input: &TickInput) -> Result<Value, RunnerError> {
                     .to_string(),
             )
         })?;
+    let digest = Sha256::new()
+        .chain_update(input.task_id.as_bytes())
+        .chain_update([0])
+        .chain_update(resume.request.to_string().as_bytes())
+        .chain_update([0])
+        .chain_update(resume.response.to_string().as_bytes())
+        .finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     let mut message = json!({
-        "messageId": message_id,
+        "messageId": format!("tickgate-answer-{hex}"),
         "role": "ROLE_USER",
         "taskId": task_id,
         "parts": [{ "data": resume.response }],
@@ -626,6 +641,10 @@ mod tests {
             (json!("r-9"), json!("c-9"))
         );
         assert_eq!(m["parts"], json!([{ "data": { "city": "Oslo" } }]));
+        // The same answer to the same question is the same message; another answer is not.
+        assert_eq!(message_for(&tick).unwrap()["messageId"], m["messageId"]);
+        tick.resume.as_mut().unwrap().response = json!({ "city": "Bergen" });
+        assert_ne!(message_for(&tick).unwrap()["messageId"], m["messageId"]);
         tick.resume.as_mut().unwrap().request = json!({ "question": "?" });
         assert!(matches!(message_for(&tick), Err(RunnerError::A2a(m)) if m.contains("taskId")));
     }
