@@ -17,9 +17,9 @@ it through tickgate's webhook:
 this through the `sdk_agent_interoperates` test of `tests/a2a_runner.rs`; by hand, from the
 repository root after `cargo build`:
 
-    python3 -m venv /tmp/a2a-venv
-    /tmp/a2a-venv/bin/pip install "a2a-sdk[http-server]==1.3.0" "uvicorn==0.55.0"
-    /tmp/a2a-venv/bin/python tests/a2a_sdk/runner_interop.py target/debug/tickgate
+    python3 -m venv target/a2a-sdk-venv
+    target/a2a-sdk-venv/bin/pip install "a2a-sdk[http-server]==1.3.0" "uvicorn==0.55.0"
+    target/a2a-sdk-venv/bin/python tests/a2a_sdk/runner_interop.py target/debug/tickgate
 
 It prints one line per check and exits non-zero on the first mismatch.
 """
