@@ -181,12 +181,18 @@ pub async fn build_state(
     let closed_breakers = breaker.closed();
     let breaker = breaker.start();
     let recorder = TickRecorder(metrics.clone()).start();
+    let tick_stats = Arc::new(http::ui::TickStats::default());
+    let stats_recorder = http::ui::StatsRecorder(tick_stats.clone()).start();
     let events = Arc::new(TaskEvents::default());
     let lifecycle = Arc::new(Lifecycle::default());
     let deps = AgentDeps {
         store: store.clone(),
         events: events.clone(),
-        outcomes: vec![breaker.clone().recipient(), recorder.recipient()],
+        outcomes: vec![
+            breaker.clone().recipient(),
+            recorder.recipient(),
+            stats_recorder.recipient(),
+        ],
         lifecycle: lifecycle.clone(),
     };
     // Before any agent starts: pending deliveries are loaded before new ones can be created.
@@ -303,6 +309,7 @@ pub async fn build_state(
             .map(|(handle, entries, _)| (handle.spec.id.clone(), entries.clone()))
             .collect(),
         notifier,
+        tick_stats,
     });
     for (handle, entries, catch_up) in scheduled {
         crate::schedule::start(scheduler_deps.clone(), handle, entries, catch_up);

@@ -8,6 +8,7 @@ pub mod error;
 pub mod health;
 mod limits;
 pub mod tasks;
+pub(crate) mod ui;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -76,6 +77,8 @@ pub struct AppState {
     pub schedules: HashMap<AgentId, Vec<tickgate_actors::schedule::Entry>>,
     /// The status callback worker, when any agent has `[[agent.notify]]`.
     pub notifier: Option<crate::outbox_worker::Notifier>,
+    /// Per-agent ticks per second and durations over the last minutes, for the operator page.
+    pub tick_stats: Arc<ui::TickStats>,
 }
 
 impl AppState {
@@ -225,6 +228,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
                 .default_service(web::to(method_not_allowed)),
         );
     }
+    ui::routes(cfg, admin_enabled);
 }
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
