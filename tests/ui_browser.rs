@@ -501,7 +501,13 @@ fn operator_page_in_headless_chromium() {
     assert!(!page.shown("#login"));
 
     // A trigger ticks the agent; the page shows it without a reload.
-    let first = trigger(&server, "default/echo", &json!({"marker": "browser-1"}));
+    // Markup in a title or payload is shown as text, never interpreted.
+    let markup = r#"<img src=x id=pwned onerror="document.title='pwned'"> & <b>bold</b>"#;
+    let first = trigger(
+        &server,
+        "default/echo",
+        &json!({"marker": "browser-1", "title": markup}),
+    );
     server.finished(&first);
     let second = trigger(&server, "default/echo", &json!({"marker": "browser-2"}));
     server.finished(&second);
@@ -513,6 +519,17 @@ fn operator_page_in_headless_chromium() {
     page.wait_text(&format!(r#"tr[data-task="{second}"] td.status"#), |t| {
         t == "SUCCESS"
     });
+    assert_eq!(
+        page.text(&format!(r#"tr[data-task="{first}"] td.title"#)),
+        Some(markup.to_string())
+    );
+    assert_eq!(
+        page.js(
+            "return [!!document.getElementById('pwned'), document.querySelectorAll('main b, main img').length, document.title];",
+            vec![]
+        ),
+        json!([false, 0, "tickgate"])
+    );
     assert_eq!(
         page.js(
             "return performance.getEntriesByType('navigation').length;",
@@ -529,6 +546,19 @@ fn operator_page_in_headless_chromium() {
     assert!(page.text("#detail-response").unwrap().contains("browser-1"));
     assert_eq!(page.count("#detail-attempts tbody tr"), 1);
     assert_eq!(page.text("#detail-status").unwrap(), "SUCCESS");
+    assert!(page.text("#detail-fields").unwrap().contains(markup));
+
+    // Replay from the record: a new task with the same inputs, which ticks live.
+    page.click("#detail-replay");
+    let notice = page.wait_text("#notice", |t| t.starts_with("Replayed as task "));
+    let replay = notice
+        .trim_start_matches("Replayed as task ")
+        .trim_end_matches('.')
+        .to_string();
+    let replayed = server.finished(&replay);
+    assert_eq!(replayed["replay_of"], first.as_str());
+    assert_eq!(replayed["response"]["marker"], "browser-1");
+    page.wait_text(r#"tr[data-agent="default/echo"] td.ticks"#, |t| t == "3");
 
     // A failing agent opens its breaker; the page shows it and resets it.
     let failed = trigger(&server, "ops/flaky", &json!({"marker": "fail"}));
@@ -583,9 +613,40 @@ fn operator_page_in_headless_chromium() {
         t.ends_with("03:00:00Z")
     });
     page.wait_text(r#"tr[data-agent="default/echo"] td.chart"#, |t| {
-        t.starts_with("2 ticks")
+        t.starts_with("3 ticks")
     });
     page.screenshot("ui-agents.png");
+
+    // Cancel the parked task from its record.
+    page.js(
+        "document.getElementById('task-detail').scrollIntoView();",
+        vec![],
+    );
+    page.click("#detail-cancel");
+    server.wait_task(&asking, |t| t["status"] == "REVOKED");
+    page.wait_text("#detail-status", |t| t == "REVOKED");
+    assert!(!page.shown("#detail-awaiting"));
+
+    // Rotating a token takes a second click and shows the new URL once.
+    let old_url = server.url("default/echo").to_string();
+    let rotate = r#"tr[data-agent="default/echo"] button.rotate-token"#;
+    page.js("window.scrollTo(0, 0);", vec![]);
+    page.click(rotate);
+    page.wait_text(rotate, |t| t == "Confirm rotate");
+    assert!(!page.shown("#secret"));
+    page.click(rotate);
+    page.wait_shown("#secret");
+    let new_url = page.wait_text("#secret-url", |t| !t.is_empty());
+    assert!(
+        new_url.starts_with(&format!("{}/webhooks/", server.base)),
+        "{new_url}"
+    );
+    assert_ne!(new_url, old_url);
+    assert_eq!(post_json(&new_url, &json!({})).status, 202);
+    assert_ne!(post_json(&old_url, &json!({})).status, 202);
+    page.click("#secret-dismiss");
+    assert!(!page.shown("#secret"));
+    assert_eq!(page.text("#secret-url").as_deref(), Some(""));
 
     // Signing out forgets the token and the data.
     page.click("#logout");

@@ -17,6 +17,7 @@
   const tasks = new Map();     // id -> record
   const taskRows = new Map();  // id -> tr
   let selected = null;         // id of the task shown in the detail panel
+  const rotateTimers = new Map(); // agent id -> timer that disarms its rotate button
 
   // ---------- helpers ----------
   function el(tag, cls, text) {
@@ -298,9 +299,11 @@
     if (!button.classList.contains('confirm')) {
       button.classList.add('confirm');
       button.textContent = 'Confirm rotate';
-      setTimeout(() => { button.classList.remove('confirm'); button.textContent = 'Rotate token'; }, 5000);
+      rotateTimers.set(id, setTimeout(() => { button.classList.remove('confirm'); button.textContent = 'Rotate token'; }, 10000));
       return;
     }
+    clearTimeout(rotateTimers.get(id));
+    rotateTimers.delete(id);
     button.classList.remove('confirm');
     button.textContent = 'Rotate token';
     const [ns, name] = id.split('/');
