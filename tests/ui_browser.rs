@@ -206,6 +206,9 @@ fn admin_feed_streams_task_changes_and_tick_history() {
     assert_eq!(echo["history"]["ticks"].as_array().unwrap().len(), 180);
 
     let id = trigger(&server, "default/echo", &json!({"marker": "feed-1"}));
+    // New tasks are announced when accepted, before their tick starts.
+    let accepted = next_frame(&rx, |e, d| e == "task" && d["task_id"] == id.as_str());
+    assert_eq!(accepted["status"], "PENDING");
     let done = next_frame(&rx, |e, d| {
         e == "task" && d["task_id"] == id.as_str() && d["status"] == "SUCCESS"
     });

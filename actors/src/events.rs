@@ -57,6 +57,12 @@ impl TaskEvents {
             .subscribe()
     }
 
+    /// The whole feed's sender while someone reads it, for a publisher that announces a task
+    /// only there (the intake's new tasks, which no per-task watcher can know of yet).
+    pub fn feed(&self) -> Option<broadcast::Sender<Task>> {
+        self.all.get().filter(|tx| tx.receiver_count() > 0).cloned()
+    }
+
     /// Announces a task's new state, after it is durable.
     pub fn publish(&self, task: &Task) {
         if let Some(all) = self.all.get().filter(|tx| tx.receiver_count() > 0) {
