@@ -29,6 +29,12 @@ const BROWSER_DEADLINE: Duration = Duration::from_secs(60);
 /// agent that waits for answers.
 fn start(env: &Env) -> Server {
     let failing = env.script("failing.sh", "cat >/dev/null\necho 'no luck' >&2\nexit 3");
+    // A status callback receiver that is never there: the failure's callback dead-letters.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = format!(
         r#"
 [admin]
@@ -44,6 +50,14 @@ namespace = "ops"
 runner = {{ kind = "command", program = "{failing}", mode = "oneshot" }}
 breaker = {{ failures = 1, open_for = "1h" }}
 
+[[agent.notify]]
+url = "http://127.0.0.1:{gone}/hook"
+secret_env = "UI_TEST_NOTIFY"
+events = ["task.failed"]
+retry_schedule = ["100ms"]
+timeout = "2s"
+allow_private = true
+
 [[agent]]
 name = "nightly"
 namespace = "ops"
@@ -58,9 +72,19 @@ runner = {{ kind = "command", program = "{root}/config/agents/toolcall.sh", mode
 tick_timeout = "20s"
 "#,
         failing = failing.display(),
+        gone = gone,
         root = env!("CARGO_MANIFEST_DIR"),
     );
-    env.start_with(&config, &[("UI_TEST_ADMIN", ADMIN)])
+    env.start_with(
+        &config,
+        &[
+            ("UI_TEST_ADMIN", ADMIN),
+            (
+                "UI_TEST_NOTIFY",
+                "whsec_dGlja2dhdGUtdGVzdC1zaWduaW5nLWtleS0zMmJ5dGVz",
+            ),
+        ],
+    )
 }
 
 fn admin_get(server: &Server, path: &str) -> Response {
@@ -580,6 +604,12 @@ fn operator_page_in_headless_chromium() {
         .unwrap()
         .clone();
     assert_eq!(flaky["breaker"], "closed");
+
+    // Its failure's status callback could not be delivered: it shows among failed deliveries,
+    // and the page sends it again.
+    page.wait_text("#deliveries tbody tr td:nth-child(2)", |t| t == "ops/flaky");
+    page.click("#deliveries tbody tr button.retry-delivery");
+    page.wait_text("#notice", |t| t.contains("queued again"));
 
     // An awaiting task answered from the page with JSON.
     let asking = trigger(
