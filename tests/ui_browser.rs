@@ -466,6 +466,37 @@ impl Browser {
             .unwrap();
     }
 
+    /// Picks the option with `value` in the `<select>` matching `css`.
+    fn select(&self, css: &str, value: &str) {
+        self.rt
+            .block_on(async {
+                let e = self.c().find(Locator::Css(css)).await?;
+                e.select_by_value(value).await
+            })
+            .unwrap();
+    }
+
+    /// Waits until exactly the tasks `ids` are listed, in any order.
+    fn wait_listed(&self, ids: &[&str]) {
+        let deadline = Instant::now() + BROWSER_DEADLINE;
+        let mut want: Vec<&str> = ids.to_vec();
+        want.sort();
+        loop {
+            let listed = self.js(
+                "return [...document.querySelectorAll('#tasks tbody tr')].map(r => r.dataset.task).sort();",
+                vec![],
+            );
+            if listed == json!(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "listed {listed}, expected {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Saves a PNG of the viewport into `docs/`.
     fn screenshot(&self, name: &str) {
         let png = self.rt.block_on(self.c().screenshot()).unwrap();
@@ -604,6 +635,15 @@ fn operator_page_in_headless_chromium() {
         .unwrap()
         .clone();
     assert_eq!(flaky["breaker"], "closed");
+
+    // The task list filters by status and by agent.
+    page.select("#filter-status", "FAILURE");
+    page.wait_listed(&[&failed]);
+    page.select("#filter-status", "");
+    page.select("#filter-agent", "default/echo");
+    page.wait_listed(&[&first, &second, &replay]);
+    page.select("#filter-agent", "");
+    page.wait_listed(&[&first, &second, &replay, &failed]);
 
     // Its failure's status callback could not be delivered: it shows among failed deliveries,
     // and the page sends it again.
