@@ -12,7 +12,8 @@
 //! string would end up in proxy logs and browser history, so the page reads the stream with
 //! `fetch()` and parses the frames itself. The stream sends:
 //! - `agents`: every agent's breaker, queue, tick count, schedules and tick history, once a
-//!   second (the charts move with time even when nothing ticks);
+//!   second (the charts move with time even when nothing ticks); the first frame carries the
+//!   whole history window, later ones only its last seconds, which the page merges;
 //! - `task`: a task record each time any task changes state;
 //! - `deliveries`: the failed status callbacks, when that list changes;
 //! - `resync`: the stream fell behind and dropped task changes; the page re-reads its lists.
@@ -38,9 +39,11 @@ use super::tasks::{load, TaskRecord};
 use super::{method_not_allowed, AppState};
 pub use stats::{StatsRecorder, TickStats};
 
-/// The page, its script and its style, compiled in.
+/// The page, compiled in.
 const INDEX_HTML: &str = include_str!("ui/index.html");
+/// The page's script, compiled in.
 const APP_JS: &str = include_str!("ui/app.js");
+/// The page's style, compiled in.
 const APP_CSS: &str = include_str!("ui/app.css");
 
 /// Only the page's own origin may provide scripts, styles, images and connections; nothing may
@@ -146,11 +149,11 @@ pub async fn task(
     Ok(HttpResponse::Ok().json(record))
 }
 
-/// Every agent as the `agents` frame shows it: the `/admin/agents` fields plus the history.
-async fn agents_frame(state: &AppState) -> Result<Value, ApiError> {
+/// Every agent as the `agents` frame shows it at `now` (Unix ms): the `/admin/agents` fields
+/// plus the history of the last `history_secs` seconds.
+async fn agents_frame(state: &AppState, now: u64, history_secs: u64) -> Result<Value, ApiError> {
     let agents = state.registry.send(List).await?;
     let breakers = state.breaker.send(Snapshot).await?;
-    let now = now_ms();
     let agents: Vec<Value> = agents
         .iter()
         .map(|a| {
@@ -161,11 +164,11 @@ async fn agents_frame(state: &AppState) -> Result<Value, ApiError> {
                 "mailbox": a.mailbox.capacity(),
                 "ticks": a.ticks.load(std::sync::atomic::Ordering::Acquire),
                 "schedules": super::admin::schedules(state, &a.spec.id, now / 1000),
-                "history": state.tick_stats.history(&a.spec.id, now),
+                "history": state.tick_stats.recent(&a.spec.id, now, history_secs),
             })
         })
         .collect();
-    Ok(json!({ "now": now, "agents": agents }))
+    Ok(json!({ "now": now, "window_secs": stats::WINDOW_SECS, "agents": agents }))
 }
 
 /// The failed deliveries, newest last, as `GET /admin/deliveries?status=failed` shows them.
@@ -194,6 +197,9 @@ struct Feed {
     tasks: broadcast::Receiver<Task>,
     every: tokio::time::Interval,
     beats: u32,
+    /// The second of the last agents frame: the next one resends history from the second before
+    /// it, so a tick counted after a frame was built is in the next, however late that comes.
+    last_second: Option<u64>,
     /// The last deliveries frame sent, to send it again only when it changed.
     deliveries: Option<Value>,
 }
@@ -216,7 +222,12 @@ impl Feed {
                 }
             },
             _ = self.every.tick() => {
-                let mut out = frame("agents", &agents_frame(&self.state).await?).to_vec();
+                let now = now_ms();
+                let secs = self.last_second.map_or(stats::WINDOW_SECS, |last| {
+                    (now / 1000).saturating_sub(last) + 2
+                });
+                self.last_second = Some(now / 1000);
+                let mut out = frame("agents", &agents_frame(&self.state, now, secs).await?).to_vec();
                 if self.beats.is_multiple_of(DELIVERIES_EVERY) {
                     let failed = deliveries_frame(&self.state).await?;
                     if self.deliveries.as_ref() != Some(&failed) {
@@ -243,6 +254,7 @@ pub async fn events(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse
         tasks,
         every,
         beats: 0,
+        last_second: None,
         deliveries: None,
     };
     let body = stream::unfold(Some(feed), |feed| async move {

@@ -230,6 +230,27 @@
     return s;
   }
 
+  // The first agents frame of a stream carries the whole window; later ones only the seconds
+  // that may have changed since, merged here into the window the chart shows.
+  const HISTORY_KEYS = ['ticks', 'failures', 'avg_ms', 'max_ms'];
+  function mergeHistory(old, h, windowSecs) {
+    if (!h) return old;
+    const len = h.ticks.length;
+    if (!old || len >= windowSecs) return h;
+    const start = h.start + len - windowSecs;
+    const out = { start, last_tick_at: h.last_tick_at, last_tick_ms: h.last_tick_ms };
+    for (const k of HISTORY_KEYS) {
+      const values = new Array(windowSecs);
+      for (let i = 0; i < windowSecs; i++) {
+        const sec = start + i;
+        const j = sec - old.start;
+        values[i] = sec >= h.start ? h[k][sec - h.start] : (j >= 0 && j < old[k].length ? old[k][j] : 0);
+      }
+      out[k] = values;
+    }
+    return out;
+  }
+
   function agentRow(id) {
     let row = agentRows.get(id);
     if (row) return row;
@@ -263,22 +284,24 @@
   function renderAgents(data) {
     lastFrameNow = data.now || Date.now();
     for (const a of data.agents) {
-      const { cells } = agentRow(a.id);
+      const row = agentRow(a.id);
+      const { cells } = row;
+      row.history = mergeHistory(row.history, a.history, data.window_secs || 180);
       cells.badge.textContent = a.breaker;
       cells.badge.className = 'badge b-' + a.breaker;
       cells.queue.textContent = a.queued + ' / ' + a.mailbox;
       cells.ticks.textContent = a.ticks;
-      const h = a.history || {};
+      const h = row.history || {};
       cells.last.textContent = h.last_tick_at ? ago(h.last_tick_at, lastFrameNow) + ' (' + h.last_tick_ms + ' ms)' : '—';
       const next = (a.schedules || []).map((s) => s.next_at).filter(Boolean).sort()[0];
       cells.next.textContent = next ? fmtTime(next) : '—';
-      if (a.history) {
+      if (row.history) {
         clear(cells.chart);
-        cells.chart.appendChild(chart(a.history));
-        const ticks = a.history.ticks || [];
+        cells.chart.appendChild(chart(row.history));
+        const ticks = row.history.ticks || [];
         const total = ticks.reduce((x, y) => x + y, 0);
-        const failed = (a.history.failures || []).reduce((x, y) => x + y, 0);
-        const ms = (a.history.max_ms || []).reduce((x, y) => Math.max(x, y), 0);
+        const failed = (row.history.failures || []).reduce((x, y) => x + y, 0);
+        const ms = (row.history.max_ms || []).reduce((x, y) => Math.max(x, y), 0);
         cells.chart.appendChild(el('div', 'chart-note', total + ' ticks' + (failed ? ', ' + failed + ' failed' : '') + ' · peak ' + Math.max(0, ...ticks) + '/s · longest ' + ms + ' ms'));
       }
     }

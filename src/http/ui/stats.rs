@@ -98,8 +98,14 @@ impl TickStats {
     /// `agent`'s last [`WINDOW_SECS`] seconds ending with the second of `now_ms`; all zeros for
     /// an agent that has not ticked since start.
     pub fn history(&self, agent: &AgentId, now_ms: u64) -> History {
+        self.recent(agent, now_ms, WINDOW_SECS)
+    }
+
+    /// Like [`TickStats::history`] for the last `secs` seconds only (at most the window): what
+    /// an open event stream sends after its first frame, since earlier seconds do not change.
+    pub fn recent(&self, agent: &AgentId, now_ms: u64, secs: u64) -> History {
         let now = now_ms / 1000;
-        let start = now.saturating_sub(WINDOW_SECS - 1);
+        let start = now.saturating_sub(secs.clamp(1, WINDOW_SECS) - 1);
         let n = (now - start + 1) as usize;
         let mut h = History {
             start,
@@ -180,6 +186,12 @@ mod tests {
         assert_eq!(&h.max_ms[n - 3..], &[30.0, 0.0, 5.0]);
         assert_eq!(h.last_tick_at, Some(t0 + 2000));
         assert_eq!(h.last_tick_ms, Some(5.0));
+        // The tail an event stream sends is the end of the full history.
+        let tail = stats.recent(&agent(), t0 + 2000, 3);
+        assert_eq!(tail.start, (t0 + 2000) / 1000 - 2);
+        assert_eq!(tail.ticks, vec![2, 0, 1]);
+        assert_eq!(tail.max_ms, vec![30.0, 0.0, 5.0]);
+        assert_eq!(tail.last_tick_at, Some(t0 + 2000));
         // A full window later the same slots belong to other seconds and read as zero.
         let later = stats.history(&agent(), t0 + 2000 + WINDOW_SECS * 1000);
         assert!(later.ticks.iter().all(|&t| t == 0));
