@@ -302,7 +302,7 @@
         const total = ticks.reduce((x, y) => x + y, 0);
         const failed = (row.history.failures || []).reduce((x, y) => x + y, 0);
         const ms = (row.history.max_ms || []).reduce((x, y) => Math.max(x, y), 0);
-        cells.chart.appendChild(el('div', 'chart-note', total + ' ticks' + (failed ? ', ' + failed + ' failed' : '') + ' · peak ' + Math.max(0, ...ticks) + '/s · longest ' + ms + ' ms'));
+        cells.chart.appendChild(el('div', 'chart-note', total + (total === 1 ? ' tick' : ' ticks') + (failed ? ', ' + failed + ' failed' : '') + ' · peak ' + Math.max(0, ...ticks) + '/s · longest ' + ms + ' ms'));
       }
     }
   }
@@ -354,9 +354,14 @@
     renderTasks();
   }
 
+  // A burst of task changes is drawn once, a tenth of a second after its first change.
+  let renderQueued = false;
   function upsertTask(t) {
     tasks.set(t.task_id, t);
-    renderTasks();
+    if (!renderQueued) {
+      renderQueued = true;
+      setTimeout(() => { renderQueued = false; renderTasks(); }, 100);
+    }
     if (selected === t.task_id) openTask(t.task_id);
   }
 
