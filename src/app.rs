@@ -451,6 +451,9 @@ fn announce(settings: &Settings, bound: &str, public_url: &str, created: &[NewTo
             );
         }
     }
+    if settings.admin_token.is_some() {
+        println!("dashboard: {public_url}/ui (sign in with the admin token)");
+    }
     println!("tickgate serving {} agents", settings.agents.len());
 }
 

@@ -556,6 +556,11 @@ fn operator_page_in_headless_chromium() {
     let driver = Driver::start(&chromedriver);
     let page = Browser::open(&driver, &chromium);
     let ui = format!("{}/ui", server.base);
+    assert!(
+        server.logs().contains(&format!("dashboard: {ui} ")),
+        "{}",
+        server.logs()
+    );
     page.goto(&ui);
 
     // A wrong token: an error, and no data anywhere on the page.
