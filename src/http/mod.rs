@@ -9,6 +9,7 @@ pub mod error;
 pub mod health;
 mod limits;
 pub mod tasks;
+pub(crate) mod ui;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -79,6 +80,8 @@ pub struct AppState {
     pub notifier: Option<crate::outbox_worker::Notifier>,
     /// The agents served over A2A (`[agent.a2a] enabled`), with their card settings.
     pub a2a: HashMap<AgentId, crate::config::A2aConfig>,
+    /// Per-agent ticks per second and durations over the last minutes, for the operator page.
+    pub tick_stats: Arc<ui::TickStats>,
 }
 
 impl AppState {
@@ -238,6 +241,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
                 .default_service(web::to(method_not_allowed)),
         );
     }
+    ui::routes(cfg, admin_enabled);
 }
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
