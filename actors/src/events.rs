@@ -2,7 +2,9 @@
 //!
 //! A small broadcast channel per watched task delivers every change in order (an SSE client must
 //! see STARTED even when the tick is quick). Entries exist only while someone watches; a publisher
-//! never creates one, so tasks nobody waits on cost nothing here.
+//! never creates one, so tasks nobody waits on cost nothing here. Events carry `Arc<Task>`: a
+//! publisher that already shares its task (the store writer's answers do) hands out a reference,
+//! not a deep copy of the payload, however many watchers there are.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,14 +19,14 @@ const EVENTS_PER_TASK: usize = 16;
 /// The hub shared by agents (publishers) and the HTTP edge (subscribers).
 #[derive(Default)]
 pub struct TaskEvents {
-    watched: Mutex<HashMap<TaskId, broadcast::Sender<Task>>>,
+    watched: Mutex<HashMap<TaskId, broadcast::Sender<Arc<Task>>>>,
 }
 
 /// A live subscription; dropping it unregisters the task when it was the last watcher.
 pub struct Subscription {
     hub: Arc<TaskEvents>,
     id: TaskId,
-    rx: broadcast::Receiver<Task>,
+    rx: broadcast::Receiver<Arc<Task>>,
 }
 
 impl TaskEvents {
@@ -43,13 +45,26 @@ impl TaskEvents {
         }
     }
 
-    /// Announces a task's new state, after it is durable.
+    /// Announces a task's new state, after it is durable. The task is copied only when someone
+    /// watches it; publishers holding an `Arc` use [`TaskEvents::publish_shared`] instead.
     pub fn publish(&self, task: &Task) {
+        self.send(task.id, task.status.is_terminal(), || {
+            Arc::new(task.clone())
+        });
+    }
+
+    /// Like [`TaskEvents::publish`] for a task that is already shared: watchers get the same
+    /// `Arc`, so announcing costs no copy of the task on the request path.
+    pub fn publish_shared(&self, task: &Arc<Task>) {
+        self.send(task.id, task.status.is_terminal(), || task.clone());
+    }
+
+    fn send(&self, id: TaskId, terminal: bool, task: impl FnOnce() -> Arc<Task>) {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = watched.get(&task.id) {
-            let _ = tx.send(task.clone());
-            if task.status.is_terminal() {
-                watched.remove(&task.id);
+        if let Some(tx) = watched.get(&id) {
+            let _ = tx.send(task());
+            if terminal {
+                watched.remove(&id);
             }
         }
     }
@@ -63,7 +78,7 @@ impl TaskEvents {
 impl Subscription {
     /// Waits for the next published state. `None` once the task reached a terminal state and
     /// every state before it has been returned.
-    pub async fn next(&mut self) -> Option<Task> {
+    pub async fn next(&mut self) -> Option<Arc<Task>> {
         loop {
             match self.rx.recv().await {
                 Ok(task) => return Some(task),

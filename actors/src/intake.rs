@@ -268,7 +268,7 @@ impl Intake {
                 let reply = match res {
                     Ok(Written::Updated(task)) => {
                         let task: Arc<Task> = Arc::from(task);
-                        events.publish(&task);
+                        events.publish_shared(&task);
                         if mailbox.queued() > QUEUED_IN_MEMORY {
                             addr.do_send(RunStored(task.id, slot));
                         } else {
