@@ -496,6 +496,7 @@ machine_header() {
 	else
 		echo "- tickgate: working tree of $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' + uncommitted changes')"
 	fi
+	if [[ -n $TG_BASE ]]; then echo "- base (rows marked [base], column × base): $TG_BASE ($("$TG_BASE" --version 2>/dev/null || echo '?'))"; fi
 	echo "- wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $THREADS threads, body $(printf %s "$BODY" | wc -c) bytes JSON; webhook $(webhook -version | awk '{print $3}')"
 	echo "- server and wrk share the same $(nproc) cores"
 }
