@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Load benchmark harness for tickgate.
 #
-#   benches/load.sh          # main comparison: bare actix-web vs Go `webhook` vs tickgate (~4 min)
+#   benches/load.sh          # main comparison: bare actix-web, plain sled, Go `webhook`, tickgate (~6 min)
 #   benches/load.sh scale    # scale checks: 10k agents, 100k pending recovery, lookups at 1M tasks
+#
+# The whole issue-#16 table in one command (same-run ratios to the plain sled design and to Go
+# `webhook` running the same command, fsync beside flush, CPU per request, and the same tickgate
+# cases for a second binary, e.g. the commit before a change, alternated with the current one):
+#
+#   TG_BASE=/path/to/older/tickgate DURATION=8 OUT=/tmp/lean.md benches/load.sh
 #
 # Why this exists: the criterion benches in benches/enqueue.rs time functions in isolation; this
 # script answers the operator's question "how many webhooks per second does the real binary take,
@@ -32,8 +38,11 @@
 #   CASES=regex        run only the cases whose key matches (e.g. CASES='bare|tg-ff')
 #   SKIP_BUILD=1       use the binaries already built
 #   TG_BIN=path        measure this tickgate binary instead of building target/release/tickgate
+#   TG_BASE=path       also run every tickgate case with this binary (right after the same case
+#                      with TG_BIN), reported as "base" rows and a before/after column
 #   KEEP_TMP=1         keep the temp dir (server logs, configs, wrk output) for inspection
-#   MAX_SECONDS        watchdog for the whole run after the build (default 900 main, 3600 scale)
+#   MAX_SECONDS        watchdog for the whole run after the build (default 1500 main, 2700 with
+#                      TG_BASE, 3600 scale)
 # Scale mode only:
 #   SCALE_AGENTS=10000 SCALE_PENDING=100000 SCALE_TASKS=1000000 IDLE=5
 #   SCALE_PARTS="agents pending lookup"   which of the three checks to run
@@ -62,14 +71,21 @@ SCALE_PENDING=${SCALE_PENDING:-100000}
 SCALE_TASKS=${SCALE_TASKS:-1000000}
 SCALE_PARTS=${SCALE_PARTS:-"agents pending lookup"}
 IDLE=${IDLE:-5}
-if [[ $MODE == main ]]; then MAX_SECONDS=${MAX_SECONDS:-900}; else MAX_SECONDS=${MAX_SECONDS:-3600}; fi
+if [[ $MODE == main ]]; then MAX_SECONDS=${MAX_SECONDS:-$([[ -n ${TG_BASE:-} ]] && echo 2700 || echo 1500)}; else MAX_SECONDS=${MAX_SECONDS:-3600}; fi
 
 # Set TG_BIN to measure another build (e.g. of a past commit); the script then does not build tickgate.
 TG_BIN_GIVEN=${TG_BIN:+1}
 TG_BIN=${TG_BIN:-$ROOT/target/release/tickgate}
+TG_BASE=${TG_BASE:-}
+# Which binary start_tickgate runs (TG_BIN, or TG_BASE for the "base-" cases).
+CUR_TG_BIN=$TG_BIN
 BARE_DIR=$ROOT/benches/bare
-BARE_BIN=$BARE_DIR/target/release/tickgate-bench-bare
-LINE_RUNNER=$BARE_DIR/target/release/line-runner
+PLAIN_DIR=$ROOT/benches/plain-sled
+# The two reference servers share one target dir (most of their dependencies are the same).
+BENCH_TARGET=$ROOT/benches/target
+BARE_BIN=$BENCH_TARGET/release/tickgate-bench-bare
+PLAIN_BIN=$BENCH_TARGET/release/tickgate-bench-plain-sled
+LINE_RUNNER=$BENCH_TARGET/release/line-runner
 
 log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() {
@@ -151,11 +167,14 @@ build() {
 			(cd "$ROOT" && timeout 1800 cargo build --release --bin tickgate --quiet) ||
 				die "tickgate does not build (someone mid-edit?); retry later, or set TG_BIN to a binary built elsewhere"
 		fi
-		log "building the bare actix-web server (release)"
-		(cd "$BARE_DIR" && CARGO_TARGET_DIR=$BARE_DIR/target timeout 1800 cargo build --release --quiet)
+		log "building the bare actix-web server and the plain sled reference (release)"
+		(cd "$BARE_DIR" && CARGO_TARGET_DIR=$BENCH_TARGET timeout 1800 cargo build --release --quiet)
+		(cd "$PLAIN_DIR" && CARGO_TARGET_DIR=$BENCH_TARGET timeout 1800 cargo build --release --quiet)
 	fi
 	[[ -x $TG_BIN ]] || die "missing $TG_BIN"
+	[[ -z $TG_BASE || -x $TG_BASE ]] || die "missing TG_BASE $TG_BASE"
 	[[ -x $BARE_BIN ]] || die "missing $BARE_BIN"
+	[[ -x $PLAIN_BIN ]] || die "missing $PLAIN_BIN"
 	[[ -x $LINE_RUNNER ]] || die "missing $LINE_RUNNER"
 }
 
@@ -194,6 +213,18 @@ start_bare() {
 	track "$SERVER_PID"
 	wait_for_tail "$dir/stdout" '^bare listening on ' "$SERVER_PID" 30 || die "bare server did not start: $(cat "$dir/stderr")"
 	SERVER_BASE=$(sed -n 's/^bare listening on //p' "$dir/stdout" | head -1)
+}
+
+# The plain durable design (benches/plain-sled): handler -> one writer thread -> one sled batch
+# of the raw bodies -> one flush per batch (plus fdatasync in fsync mode) -> 202.
+start_plain() {
+	local dir=$1 mode=$2
+	SERVER_KIND=plain
+	"$PLAIN_BIN" 127.0.0.1:0 "$dir/store" "$mode" >"$dir/stdout" 2>"$dir/stderr" &
+	SERVER_PID=$!
+	track "$SERVER_PID"
+	wait_for_tail "$dir/stdout" '^plain-sled listening on ' "$SERVER_PID" 30 || die "plain sled server did not start: $(cat "$dir/stderr")"
+	SERVER_BASE=$(sed -n 's/^plain-sled listening on //p' "$dir/stdout" | head -1)
 }
 
 # Go webhook cannot bind port 0 and report it, so probe for a free port and retry if it was
@@ -246,7 +277,8 @@ start_tickgate() {
 		cd "$dir"
 		exec env -u TICKGATE_ADMIN_TOKEN -u TICKGATE_SERVER_PUBLIC_URL \
 			RUST_LOG=warn TICKGATE_SERVER_LISTEN=127.0.0.1:0 TICKGATE_STORE_PATH="$dir/store" \
-			"$TG_BIN" serve --config "$dir/tickgate.toml" >"$dir/stdout" 2>>"$dir/stderr" </dev/null
+			TICKGATE_STORE_SYNC="${TG_SYNC:-flush}" \
+			"$CUR_TG_BIN" serve --config "$dir/tickgate.toml" >"$dir/stdout" 2>>"$dir/stderr" </dev/null
 	) &
 	SERVER_PID=$!
 	track "$SERVER_PID"
@@ -464,6 +496,7 @@ machine_header() {
 	else
 		echo "- tickgate: working tree of $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' + uncommitted changes')"
 	fi
+	if [[ -n $TG_BASE ]]; then echo "- base (rows marked [base], column × base): $TG_BASE ($("$TG_BASE" --version 2>/dev/null || echo '?'))"; fi
 	echo "- wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $THREADS threads, body $(printf %s "$BODY" | wc -c) bytes JSON; webhook $(webhook -version | awk '{print $3}')"
 	echo "- server and wrk share the same $(nproc) cores"
 }
@@ -516,20 +549,37 @@ start_case_server() {
 		start_bare "$dir"
 		CASE_PATHS=(/webhooks/bench)
 		;;
-	go-ff | go-sync)
+	plain)
+		start_plain "$dir" flush
+		CASE_PATHS=(/webhooks/bench)
+		;;
+	plain-fsync)
+		start_plain "$dir" fsync
+		CASE_PATHS=(/webhooks/bench)
+		;;
+	go-ff | go-sync | go-sync-printf)
 		# ff: webhook answers at once and runs the command in the background (its default).
 		# sync: include-command-output-in-response makes it wait for the command to finish.
+		# sync-printf: the very command tickgate's oneshot case runs (`/usr/bin/printf {}`), so
+		# that case is compared with Go doing the same exec synchronously.
 		cat >"$dir/hooks.json" <<-'JSON'
 			[
 			  {"id": "ff", "execute-command": "/bin/true", "command-working-directory": "/tmp"},
 			  {"id": "sync", "execute-command": "/bin/true", "command-working-directory": "/tmp",
+			   "include-command-output-in-response": true},
+			  {"id": "sync-printf", "execute-command": "/usr/bin/printf", "command-working-directory": "/tmp",
+			   "pass-arguments-to-command": [{"source": "string", "name": "{}"}],
 			   "include-command-output-in-response": true}
 			]
 		JSON
 		start_webhook "$dir"
-		if [[ $key == go-ff ]]; then CASE_PATHS=(/hooks/ff); else CASE_PATHS=(/hooks/sync); fi
+		case $key in
+		go-ff) CASE_PATHS=(/hooks/ff) ;;
+		go-sync) CASE_PATHS=(/hooks/sync) ;;
+		*) CASE_PATHS=(/hooks/sync-printf) ;;
+		esac
 		;;
-	tg-ff-echo | tg-sync-echo) start_tg_case "$dir" 1 echo '{ kind = "echo" }' ;;
+	tg-ff-echo | tg-sync-echo | tg-ff-echo-fsync | tg-sync-echo-fsync) start_tg_case "$dir" 1 echo '{ kind = "echo" }' ;;
 	tg-ff-fanout) start_tg_case "$dir" "$FANOUT" echo '{ kind = "echo" }' ;;
 	tg-sync-echo-spread) start_tg_case "$dir" "$SPREAD" echo '{ kind = "echo" }' ;;
 	tg-sync-persistent)
@@ -552,19 +602,31 @@ start_case_server() {
 # Columns of results.tsv, one line per measured run.
 # key label kind conns rps p50_ms p99_ms non2xx sockerr requests codes backlog flag
 RUN_NO=0
+# CPU time (user + system, in clock ticks) of a process and of its reaped children: a tickgate
+# oneshot tick's process and Go webhook's commands are billed to the server that ran them.
+cpu_ticks() { awk '{ s = 0; for (i = 14; i <= 17; i++) s += $i; print s }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# run_case KEY LABEL KIND CONNS. A KEY starting with "base-" runs the same case with TG_BASE.
 run_case() {
-	local key=$1 label=$2 kind=$3 conns=$4 dir lua out rps p50 p99 non2xx sockerr requests codes dur backlog=- flag=ok errs
+	local key=$1 label=$2 kind=$3 conns=$4 dir lua out rps p50 p99 non2xx sockerr requests codes dur backlog=- flag=ok errs case_key cpu0 cpu1 cpu_us=-
 	[[ $key =~ $CASES ]] || return 0
+	case_key=${key#base-}
+	CUR_TG_BIN=$TG_BIN
+	[[ $key == base-* ]] && CUR_TG_BIN=$TG_BASE
+	TG_SYNC=flush
+	[[ $case_key == *-fsync ]] && TG_SYNC=fsync
 	RUN_NO=$((RUN_NO + 1))
 	dir=$WORK/run$(printf %02d "$RUN_NO")-$key-c$conns
 	mkdir -p "$dir"
 	log "case $key, $conns connections"
-	start_case_server "$key" "$dir"
+	start_case_server "$case_key" "$dir"
 	lua=$dir/load.lua
 	make_lua "$lua" POST 0 "$dir/done." "${CASE_PATHS[@]}"
 	if ((WARMUP > 0)); then run_wrk "$dir/warmup.txt" "$conns" "$WARMUP" "$lua" || true; fi
 	out=$dir/wrk.txt
+	cpu0=$(cpu_ticks "$SERVER_PID")
 	run_wrk "$out" "$conns" "$DURATION" "$lua" || log "wrk exited non-zero for $key (see $out)"
+	cpu1=$(cpu_ticks "$SERVER_PID")
 	requests=$(field "$out" requests)
 	if [[ -z $requests ]]; then
 		log "no BENCHRESULT from wrk for $key:"
@@ -572,13 +634,18 @@ run_case() {
 		requests=0
 	fi
 	dur=$(field "$out" duration_us)
+	# Server CPU per request, in µs: the measured run's CPU time over its requests. Requests wrk
+	# sent but that were not answered yet are few against tens of thousands.
+	if ((requests > 0)); then
+		cpu_us=$(awk -v a="$cpu0" -v b="$cpu1" -v r="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.0f", (b - a) / hz * 1e6 / r }')
+	fi
 	rps=$(awk -v r="$requests" -v d="${dur:-0}" 'BEGIN { printf "%.0f", (d > 0 ? r / (d / 1e6) : 0) }')
 	p50=$(awk -v v="$(field "$out" p50_us)" 'BEGIN { printf "%.2f", v / 1000 }')
 	p99=$(awk -v v="$(field "$out" p99_us)" 'BEGIN { printf "%.2f", v / 1000 }')
 	non2xx=$(num "$out" non2xx)
 	sockerr=$(($(num "$out" connect) + $(num "$out" read) + $(num "$out" write) + $(num "$out" timeout)))
 	codes=$(field "$out" codes)
-	if [[ $key == tg-* ]]; then
+	if [[ $case_key == tg-* ]]; then
 		kill -0 "$SERVER_PID" 2>/dev/null && backlog=$(backlog)
 	fi
 	# More than 1% of answers not 2xx (or transport errors) means the run measured refusals, not
@@ -590,7 +657,7 @@ run_case() {
 	elif ((non2xx + sockerr > 0)); then
 		flag="ok ($((non2xx + sockerr)) errors)"
 	fi
-	if [[ $key == tg-sync-* && ,$codes, == *,202:* ]]; then
+	if [[ $case_key == tg-sync-* && ,$codes, == *,202:* ]]; then
 		flag="$flag; 202 = wait timed out"
 	fi
 	stop_server
@@ -606,47 +673,91 @@ run_case() {
 			} >>"$NOTES"
 		fi
 	fi
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$key" "$label" "$kind" "$conns" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" "$requests" "${codes:--}" "$backlog" "$flag" >>"$RESULTS"
-	log "  -> $rps req/s, p50 $p50 ms, p99 $p99 ms, non-2xx $non2xx, socket errors $sockerr, codes ${codes:--}, backlog $backlog"
+	if [[ $key == base-* ]]; then label="$label [base]"; fi
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$key" "$label" "$kind" "$conns" "$rps" "$p50" "$p99" "$non2xx" "$sockerr" "$requests" "${codes:--}" "$backlog" "$flag" "$cpu_us" >>"$RESULTS"
+	log "  -> $rps req/s, p50 $p50 ms, p99 $p99 ms, non-2xx $non2xx, socket errors $sockerr, codes ${codes:--}, backlog $backlog, CPU $cpu_us µs/req"
 	# Let lingering work (webhook's background /bin/true, page-cache writeback) settle so it is not
 	# billed to the next case.
 	sleep 1
 }
 
 print_main_table() {
-	echo "| case | conns | req/s | p50 ms | p99 ms | non-2xx | × bare (a) | × Go same mode (b) | status codes | backlog after | validity |"
-	echo "|---|---|---|---|---|---|---|---|---|---|---|"
+	echo "| case | conns | req/s | p50 ms | p99 ms | non-2xx | CPU µs/req | × bare (a) | × plain sled (p) | × Go same mode (b) | × base | status codes | backlog after | validity |"
+	echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 	awk -F'\t' '
+		function ratio(a, ref) { return ((ref in rps) && rps[ref] > 0) ? sprintf("%.2f", a / rps[ref]) : "–" }
 		{ rows[NR] = $0; rps[$1 "|" $4] = $5 }
 		END {
 			for (i = 1; i <= NR; i++) {
 				split(rows[i], f, "\t")
 				key = f[1]; kind = f[3]; c = f[4]
-				ra = ((("bare|" c) in rps) && rps["bare|" c] > 0) ? sprintf("%.2f", f[5] / rps["bare|" c]) : "–"
-				ref = (kind == "ff") ? "go-ff" : (kind == "sync") ? "go-sync" : ""
-				rb = "–"
-				if (ref != "" && key != ref && ((ref "|" c) in rps) && rps[ref "|" c] > 0) rb = sprintf("%.2f", f[5] / rps[ref "|" c])
-				if (key == "bare") ra = "1.00"
-				printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", f[2], c, f[5], f[6], f[7], f[8] (f[9] > 0 ? " (+" f[9] " socket)" : ""), ra, rb, f[11], f[12], f[13]
+				k = key; sub(/^base-/, "", k)
+				ra = (key == "bare") ? "1.00" : ratio(f[5], "bare|" c)
+				# The plain sled design in the same durability mode as the case.
+				rp = "–"
+				if (kind == "ff" || kind == "sync" || kind == "oneshot") rp = ratio(f[5], (k ~ /-fsync$/ ? "plain-fsync|" : "plain|") c)
+				if (key == "plain" || key == "plain-fsync") rp = "1.00"
+				# Go: fire-and-forget vs Go fire-and-forget, sync vs Go sync of /bin/true, oneshot vs
+				# Go running the same printf synchronously.
+				ref = (kind == "ff") ? "go-ff" : (kind == "sync") ? "go-sync" : (kind == "oneshot") ? "go-sync-printf" : ""
+				rb = (ref != "" && k !~ /^go-/) ? ratio(f[5], ref "|" c) : "–"
+				rbase = (key != k || !(("base-" key "|" c) in rps)) ? "–" : ratio(f[5], "base-" key "|" c)
+				printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", f[2], c, f[5], f[6], f[7], f[8] (f[9] > 0 ? " (+" f[9] " socket)" : ""), f[14], ra, rp, rb, rbase, f[11], f[12], f[13]
 			}
 		}' "$RESULTS"
+	echo
+	echo "Issue #16 targets (same-run ratios; \"base\" is TG_BASE when given):"
+	echo
+	echo "| target | this binary | base |"
+	echo "|---|---|---|"
+	awk -F'\t' -v c="$CONNS" '
+		function r(k, ref) { return ((k "|" c) in rps && (ref "|" c) in rps && rps[ref "|" c] > 0) ? sprintf("%.2f× (%s vs %s)", rps[k "|" c] / rps[ref "|" c], rps[k "|" c], rps[ref "|" c]) : "–" }
+		function p(k) { return ((k "|" c) in p99) ? p99[k "|" c] " ms" : "–" }
+		function cpu(k) { return ((k "|" c) in cpus) ? cpus[k "|" c] " µs" : "–" }
+		{ rps[$1 "|" $4] = $5; p99[$1 "|" $4] = $7; cpus[$1 "|" $4] = $14 }
+		END {
+			printf "| fire-and-forget → echo ≥ 0.7× plain sled (%s conns) | %s | %s |\n", c, r("tg-ff-echo", "plain"), r("base-tg-ff-echo", "plain")
+			printf "| fire-and-forget → echo p99 ≤ 10 ms | %s | %s |\n", p("tg-ff-echo"), p("base-tg-ff-echo")
+			printf "| sync → echo ≥ 0.5× plain sled | %s | %s |\n", r("tg-sync-echo", "plain"), r("base-tg-sync-echo", "plain")
+			printf "| oneshot sync ≥ 1.0× Go sync of the same command | %s | %s |\n", r("tg-sync-oneshot", "go-sync-printf"), r("base-tg-sync-oneshot", "go-sync-printf")
+			printf "| oneshot sync vs Go sync of /bin/true (the old reference) | %s | %s |\n", r("tg-sync-oneshot", "go-sync"), r("base-tg-sync-oneshot", "go-sync")
+			printf "| persistent sync (line-runner) unchanged or better: × plain sled | %s | %s |\n", r("tg-sync-persistent", "plain"), r("base-tg-sync-persistent", "plain")
+			printf "| fsync: fire-and-forget → echo × plain sled with fdatasync | %s | %s |\n", r("tg-ff-echo-fsync", "plain-fsync"), r("base-tg-ff-echo-fsync", "plain-fsync")
+			printf "| fsync: sync → echo × plain sled with fdatasync | %s | %s |\n", r("tg-sync-echo-fsync", "plain-fsync"), r("base-tg-sync-echo-fsync", "plain-fsync")
+			printf "| CPU per request, fire-and-forget → echo (plain sled: %s) | %s | %s |\n", cpu("plain"), cpu("tg-ff-echo"), cpu("base-tg-ff-echo")
+			printf "| CPU per request, sync → echo | %s | %s |\n", cpu("tg-sync-echo"), cpu("base-tg-sync-echo")
+			printf "| CPU per request, sync → oneshot (Go same command: %s) | %s | %s |\n", cpu("go-sync-printf"), cpu("tg-sync-oneshot"), cpu("base-tg-sync-oneshot")
+		}' "$RESULTS"
+}
+
+# Runs a tickgate case with TG_BIN, then (when TG_BASE is set) the same case with TG_BASE, so
+# that before/after pairs are measured back to back.
+tg_case() {
+	run_case "$@"
+	if [[ -n $TG_BASE ]]; then run_case "base-$1" "${@:2}"; fi
 }
 
 main_bench() {
 	local c
-	log "main comparison: DURATION=${DURATION}s WARMUP=${WARMUP}s CONNS=$CONNS CONNS_LIST='$CONNS_LIST' THREADS=$THREADS"
-	# Order: ceiling first, then the Go tool, then tickgate; fire-and-forget cases at every count
-	# in CONNS_LIST, sync cases at CONNS (their throughput is bounded by ticks, not connections).
+	log "main comparison: DURATION=${DURATION}s WARMUP=${WARMUP}s CONNS=$CONNS CONNS_LIST='$CONNS_LIST' THREADS=$THREADS${TG_BASE:+ TG_BASE=$TG_BASE}"
+	# Order: ceiling first, then the references (plain sled, the Go tool), then tickgate;
+	# fire-and-forget cases at every count in CONNS_LIST, sync cases at CONNS (their throughput is
+	# bounded by ticks, not connections).
 	for c in $CONNS_LIST; do run_case bare "(a) bare actix-web, 202 + small JSON" ceiling "$c"; done
+	for c in $CONNS_LIST; do run_case plain "(p) plain sled: writer thread, one batch + flush per group" ref "$c"; done
+	run_case plain-fsync "(p) plain sled, flush + fdatasync per group" ref "$CONNS"
 	for c in $CONNS_LIST; do run_case go-ff "(b) Go webhook, fire-and-forget /bin/true" ff "$c"; done
 	run_case go-sync "(b) Go webhook, sync /bin/true (include-command-output)" sync "$CONNS"
-	for c in $CONNS_LIST; do run_case tg-ff-echo "(c) tickgate fire-and-forget → echo, 1 agent" ff "$c"; done
-	for c in $CONNS_LIST; do run_case tg-ff-fanout "(c) tickgate fire-and-forget → echo, $FANOUT agents" ff "$c"; done
-	run_case tg-sync-echo "(c) tickgate sync ?wait=10 → echo, 1 agent" sync "$CONNS"
-	run_case tg-sync-echo-spread "(c) tickgate sync ?wait=10 → echo, $SPREAD agents" sync "$CONNS"
-	run_case tg-sync-persistent "(c) tickgate sync → persistent command (line-runner), $SPREAD agents" sync "$CONNS"
-	run_case tg-sync-persistent-sh "(c) tickgate sync → persistent command (sh read loop), $SPREAD agents" sync "$CONNS"
-	run_case tg-sync-oneshot "(c) tickgate sync → oneshot command (printf '{}'), $SPREAD agents" sync "$CONNS"
+	run_case go-sync-printf "(b) Go webhook, sync printf '{}' (the oneshot case's command)" sync "$CONNS"
+	for c in $CONNS_LIST; do tg_case tg-ff-echo "(c) tickgate fire-and-forget → echo, 1 agent" ff "$c"; done
+	for c in $CONNS_LIST; do tg_case tg-ff-fanout "(c) tickgate fire-and-forget → echo, $FANOUT agents" ff "$c"; done
+	tg_case tg-ff-echo-fsync "(c) tickgate fire-and-forget → echo, 1 agent, sync = \"fsync\"" ff "$CONNS"
+	tg_case tg-sync-echo "(c) tickgate sync ?wait=10 → echo, 1 agent" sync "$CONNS"
+	tg_case tg-sync-echo-spread "(c) tickgate sync ?wait=10 → echo, $SPREAD agents" sync "$CONNS"
+	tg_case tg-sync-echo-fsync "(c) tickgate sync ?wait=10 → echo, 1 agent, sync = \"fsync\"" sync "$CONNS"
+	tg_case tg-sync-persistent "(c) tickgate sync → persistent command (line-runner), $SPREAD agents" sync "$CONNS"
+	tg_case tg-sync-persistent-sh "(c) tickgate sync → persistent command (sh read loop), $SPREAD agents" sync "$CONNS"
+	tg_case tg-sync-oneshot "(c) tickgate sync → oneshot command (printf '{}'), $SPREAD agents" oneshot "$CONNS"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -419,7 +419,7 @@ impl Agent {
                         // Cancelled while queued: the store refused the start; never runs.
                         Ok(Written::Revoked) => return Ran::NotStarted { memory },
                         Ok(_) => {
-                            events.publish(&shared);
+                            events.publish_shared(&shared);
                             break;
                         }
                         Err(e) if lifecycle.is_draining() => {
@@ -597,7 +597,7 @@ impl Agent {
                     // Revoked meanwhile: the REVOKED record stays and was announced already.
                     Ok(Written::Revoked) => {}
                     Ok(_) => {
-                        events.publish(&task);
+                        events.publish_shared(&task);
                         if let Some(timer) = timer {
                             retry.scheduled(timer);
                         }

@@ -2,7 +2,9 @@
 //!
 //! A small broadcast channel per watched task delivers every change in order (an SSE client must
 //! see STARTED even when the tick is quick). Entries exist only while someone watches; a publisher
-//! never creates one, so tasks nobody waits on cost nothing here.
+//! never creates one, so tasks nobody waits on cost nothing here. Events carry `Arc<Task>`: a
+//! publisher that already shares its task (the store writer's answers do) hands out a reference,
+//! not a deep copy of the payload, however many watchers there are.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,17 +22,17 @@ const EVENTS_ALL: usize = 1024;
 /// The hub shared by agents (publishers) and the HTTP edge (subscribers).
 #[derive(Default)]
 pub struct TaskEvents {
-    watched: Mutex<HashMap<TaskId, broadcast::Sender<Task>>>,
+    watched: Mutex<HashMap<TaskId, broadcast::Sender<Arc<Task>>>>,
     /// Every task's changes, for the operator page's event stream; created on first use, and a
     /// publish costs one atomic read while nobody listens.
-    all: std::sync::OnceLock<broadcast::Sender<Task>>,
+    all: std::sync::OnceLock<broadcast::Sender<Arc<Task>>>,
 }
 
 /// A live subscription; dropping it unregisters the task when it was the last watcher.
 pub struct Subscription {
     hub: Arc<TaskEvents>,
     id: TaskId,
-    rx: broadcast::Receiver<Task>,
+    rx: broadcast::Receiver<Arc<Task>>,
 }
 
 impl TaskEvents {
@@ -51,7 +53,7 @@ impl TaskEvents {
 
     /// Watches every task's changes (the admin event stream). A reader that falls more than
     /// [`EVENTS_ALL`] changes behind gets `Lagged` and should re-read what it shows.
-    pub fn subscribe_all(&self) -> broadcast::Receiver<Task> {
+    pub fn subscribe_all(&self) -> broadcast::Receiver<Arc<Task>> {
         self.all
             .get_or_init(|| broadcast::channel(EVENTS_ALL).0)
             .subscribe()
@@ -59,20 +61,40 @@ impl TaskEvents {
 
     /// The whole feed's sender while someone reads it, for a publisher that announces a task
     /// only there (the intake's new tasks, which no per-task watcher can know of yet).
-    pub fn feed(&self) -> Option<broadcast::Sender<Task>> {
+    pub fn feed(&self) -> Option<broadcast::Sender<Arc<Task>>> {
         self.all.get().filter(|tx| tx.receiver_count() > 0).cloned()
     }
 
-    /// Announces a task's new state, after it is durable.
+    /// Announces a task's new state, after it is durable. The task is copied only when someone
+    /// watches it; publishers holding an `Arc` use [`TaskEvents::publish_shared`] instead.
     pub fn publish(&self, task: &Task) {
+        self.send(task.id, task.status.is_terminal(), || {
+            Arc::new(task.clone())
+        });
+    }
+
+    /// Like [`TaskEvents::publish`] for a task that is already shared: watchers get the same
+    /// `Arc`, so announcing costs no copy of the task on the request path.
+    pub fn publish_shared(&self, task: &Arc<Task>) {
+        self.send(task.id, task.status.is_terminal(), || task.clone());
+    }
+
+    fn send(&self, id: TaskId, terminal: bool, task: impl FnOnce() -> Arc<Task>) {
+        let mut task = Some(task);
+        let mut shared: Option<Arc<Task>> = None;
+        let mut take = || {
+            shared
+                .get_or_insert_with(|| (task.take().expect("made once"))())
+                .clone()
+        };
         if let Some(all) = self.all.get().filter(|tx| tx.receiver_count() > 0) {
-            let _ = all.send(task.clone());
+            let _ = all.send(take());
         }
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = watched.get(&task.id) {
-            let _ = tx.send(task.clone());
-            if task.status.is_terminal() {
-                watched.remove(&task.id);
+        if let Some(tx) = watched.get(&id) {
+            let _ = tx.send(take());
+            if terminal {
+                watched.remove(&id);
             }
         }
     }
@@ -86,7 +108,7 @@ impl TaskEvents {
 impl Subscription {
     /// Waits for the next published state. `None` once the task reached a terminal state and
     /// every state before it has been returned.
-    pub async fn next(&mut self) -> Option<Task> {
+    pub async fn next(&mut self) -> Option<Arc<Task>> {
         loop {
             match self.rx.recv().await {
                 Ok(task) => return Some(task),
@@ -130,6 +152,18 @@ mod tests {
         hub.publish(&task);
         assert_eq!(sub.next().await.unwrap().status, TaskStatus::Success);
         assert!(sub.next().await.is_none());
+        assert_eq!(hub.watched(), 0);
+    }
+
+    #[test]
+    fn dropping_the_last_subscription_unregisters() {
+        let hub = Arc::new(TaskEvents::default());
+        let id = TaskId::random();
+        let a = hub.subscribe(id);
+        let b = hub.subscribe(id);
+        drop(a);
+        assert_eq!(hub.watched(), 1);
+        drop(b);
         assert_eq!(hub.watched(), 0);
     }
 

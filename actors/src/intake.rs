@@ -206,7 +206,7 @@ impl Intake {
                         let task: Arc<Task> = Arc::from(task);
                         if let Some(feed) = &feed {
                             // Before the agent can start it, so PENDING precedes STARTED.
-                            let _ = feed.send(Task::clone(&task));
+                            let _ = feed.send(task.clone());
                         }
                         if mailbox.queued() > QUEUED_IN_MEMORY {
                             addr.do_send(RunStored(task.id, slot));
@@ -274,7 +274,7 @@ impl Intake {
                 let reply = match res {
                     Ok(Written::Updated(task)) => {
                         let task: Arc<Task> = Arc::from(task);
-                        events.publish(&task);
+                        events.publish_shared(&task);
                         if mailbox.queued() > QUEUED_IN_MEMORY {
                             addr.do_send(RunStored(task.id, slot));
                         } else {

@@ -1,6 +1,7 @@
 //! The task resource: polling, the DocsGPT-style alias, Server-Sent Events, and the wait used by
 //! synchronous triggers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{web, HttpResponse};
@@ -182,15 +183,16 @@ pub async fn status_alias(
     Ok(HttpResponse::Ok().json(TaskRecord::new(&task, &state)))
 }
 
-/// Waits until the task is terminal or awaiting input, or `wait` runs out; returns the latest known state and
-/// whether the wait ran out. `sub` must have been taken before `task` was read, so that no
-/// change can fall between the read and the subscription.
+/// Waits until the task is terminal or awaiting input, or `wait` runs out; returns the latest
+/// known state (the publisher's `Arc`, not a copy) and whether the wait ran out. `sub` must have
+/// been taken before `task` was read, so that no change can fall between the read and the
+/// subscription.
 pub async fn wait_for(
     state: &AppState,
     mut sub: Subscription,
-    mut task: Task,
+    mut task: Arc<Task>,
     wait: Duration,
-) -> Result<(Task, bool), ApiError> {
+) -> Result<(Arc<Task>, bool), ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
     // A task waiting for input is a stopping point too: nothing happens until someone answers.
     while !task.status.is_stopping_point() {
@@ -198,8 +200,11 @@ pub async fn wait_for(
             next = sub.next() => match next {
                 Some(t) => task = t,
                 None => {
-                    task = load(state, task.id).await?.unwrap_or(task);
-                    return Ok((task.clone(), !task.status.is_stopping_point()));
+                    if let Some(stored) = load(state, task.id).await? {
+                        task = Arc::new(stored);
+                    }
+                    let timed_out = !task.status.is_stopping_point();
+                    return Ok((task, timed_out));
                 }
             },
             _ = tokio::time::sleep_until(deadline) => return Ok((task, true)),

@@ -194,7 +194,7 @@ fn frame(event: &str, data: &Value) -> web::Bytes {
 /// What one event stream holds between frames.
 struct Feed {
     state: web::Data<AppState>,
-    tasks: broadcast::Receiver<Task>,
+    tasks: broadcast::Receiver<std::sync::Arc<Task>>,
     every: tokio::time::Interval,
     beats: u32,
     /// The second of the last agents frame: the next one resends history from the second before

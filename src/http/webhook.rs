@@ -13,7 +13,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 use tickgate_actors::agent::AgentHandle;
 use tickgate_actors::intake::Accepted;
-use tickgate_actors::model::{AgentId, Source, Task};
+use tickgate_actors::model::{AgentId, Source, Task, TaskId, TaskStatus};
 use tickgate_actors::registry::ResolveError;
 use tickgate_actors::token;
 
@@ -203,8 +203,8 @@ async fn trigger(
     match state.intake.accept(task, idempotency).await? {
         Accepted::New(task) => match (wait, sub) {
             (Some(wait), Some(sub)) => {
-                let (task, timed_out) =
-                    wait_for(state, sub, Arc::unwrap_or_clone(task), wait).await?;
+                // The accepted task is shared with the agent; waiting needs no copy of it.
+                let (task, timed_out) = wait_for(state, sub, task, wait).await?;
                 Ok(finished_or_pending(state, &task, timed_out, false))
             }
             // `webhook.ack` replaces the fire-and-forget answer.
@@ -220,7 +220,7 @@ async fn trigger(
                 return Ok(ack);
             }
             let sub = wait.map(|_| state.events.subscribe(id));
-            let original = load(state, id).await?.ok_or_else(|| {
+            let original = load(state, id).await?.map(Arc::new).ok_or_else(|| {
                 ApiError::Internal(format!("idempotency key points at missing task {id}"))
             })?;
             let (task, timed_out) = match (wait, sub) {
@@ -232,16 +232,29 @@ async fn trigger(
     }
 }
 
+/// The fire-and-forget answer's body, serialized straight from borrowed fields (no
+/// intermediate `serde_json::Value` tree on every accept).
+#[derive(serde::Serialize)]
+struct AcceptedBody<'a> {
+    task_id: &'a TaskId,
+    status: TaskStatus,
+    agent: &'a AgentId,
+    poll_url: &'a str,
+}
+
 fn accepted(state: &AppState, task: &Task) -> HttpResponse {
     let poll_url = state.poll_url(&task.id);
+    let body = serde_json::to_vec(&AcceptedBody {
+        task_id: &task.id,
+        status: task.status,
+        agent: &task.agent,
+        poll_url: &poll_url,
+    })
+    .unwrap_or_default();
     HttpResponse::Accepted()
-        .insert_header((header::LOCATION, poll_url.clone()))
-        .json(json!({
-            "task_id": task.id.to_string(),
-            "status": task.status,
-            "agent": task.agent.to_string(),
-            "poll_url": poll_url,
-        }))
+        .insert_header((header::LOCATION, poll_url))
+        .content_type("application/json")
+        .body(body)
 }
 
 fn finished_or_pending(

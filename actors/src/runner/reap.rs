@@ -41,6 +41,13 @@ static LEADERS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
 /// Read-held from a spawn until its pid is in [`LEADERS`]; write-held while zombies are reaped.
 static SPAWN_GATE: RwLock<()> = RwLock::new(());
 
+/// Thread ids of the threads that spawned a runner leader. A process is listed as a child of
+/// the thread that created it (`/proc/self/task/<tid>/children`), and an orphan handed to
+/// tickgate as subreaper, like the children of a thread that exits, goes to the first live
+/// thread of the process, the main thread; so tickgate's children are all on the lists of
+/// these threads and the main thread, and [`has_foreign_children`] reads only those.
+static SPAWNERS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+
 /// How many scan-and-kill passes a sweep makes at most: a process forking while it is being
 /// killed can create a new descendant after a scan, which the next pass catches.
 const MAX_PASSES: usize = 6;
@@ -97,6 +104,14 @@ impl Marker {
 /// so that a sweep never sees the new process without knowing it is a leader.
 pub(super) fn spawn_leader(command: &mut Command) -> io::Result<Child> {
     let _spawning = SPAWN_GATE.read().unwrap_or_else(PoisonError::into_inner);
+    // Before the spawn, so that no check can see the child without looking at this thread.
+    // SAFETY: gettid(2) has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    SPAWNERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_or_insert_with(HashSet::new)
+        .insert(tid);
     let child = command.spawn()?;
     if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
         LEADERS
@@ -159,20 +174,32 @@ fn scan() -> HashMap<i32, Proc> {
 }
 
 /// Whether tickgate has a child (live or zombie) that is not a leader tokio reaps, reading the
-/// per-thread `children` lists (a fraction of the cost of scanning every process). When the
-/// kernel does not provide those lists, answers `true` so that the caller does the full scan.
+/// `children` lists of the main thread and of the threads that spawned leaders ([`SPAWNERS`]):
+/// a handful of reads of this process's own `/proc` entries, which the kernel answers from
+/// memory (no device is involved), instead of a scan of every process. When the kernel does
+/// not provide those lists, answers `true` so that the caller does the full scan.
 fn has_foreign_children() -> bool {
-    let Ok(threads) = std::fs::read_dir("/proc/self/task") else {
-        return true;
-    };
+    let me = std::process::id() as i32;
+    let mut threads = vec![me];
+    threads.extend(
+        SPAWNERS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .flatten()
+            .filter(|&&tid| tid != me),
+    );
     let leaders = LEADERS
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone()
         .unwrap_or_default();
-    for thread in threads.flatten() {
-        let Ok(list) = std::fs::read_to_string(thread.path().join("children")) else {
-            return true;
+    for tid in threads {
+        let list = match std::fs::read_to_string(format!("/proc/self/task/{tid}/children")) {
+            Ok(list) => list,
+            // A spawner that has exited: its children moved to the main thread, read above.
+            Err(_) if tid != me => continue,
+            Err(_) => return true,
         };
         let foreign = list
             .split_whitespace()
@@ -265,8 +292,14 @@ pub(super) fn kill_tree(root: Option<i32>, marker: &Marker) -> usize {
     killed.len()
 }
 
-/// Runs [`kill_tree`] on tokio's blocking pool (runners only run inside a tokio runtime).
+/// Runs [`kill_tree`] on tokio's blocking pool (runners only run inside a tokio runtime). The
+/// common end of a oneshot tick (no leader to walk from, tickgate a subreaper without foreign
+/// children) is decided here from a few in-memory `/proc/self` reads, without the round trip to
+/// the blocking pool: that hop was one of the thread crossings of every oneshot tick.
 pub(super) async fn sweep(root: Option<i32>, marker: Marker) -> usize {
+    if root.is_none() && SUBREAPER.load(Ordering::SeqCst) && !has_foreign_children() {
+        return 0;
+    }
     tokio::task::spawn_blocking(move || kill_tree(root, &marker))
         .await
         .unwrap_or_default()

@@ -301,9 +301,9 @@ async fn send(
         )));
     }
     let task = if cfg.return_immediately {
-        task
+        std::sync::Arc::new(task)
     } else {
-        wait_for(state, sub, task, state.max_wait)
+        wait_for(state, sub, std::sync::Arc::new(task), state.max_wait)
             .await
             .map_err(from_api)?
             .0
