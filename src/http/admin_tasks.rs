@@ -37,7 +37,8 @@ const BULK_REPLAY_MAX: usize = 1000;
 const BULK_SCAN_MAX: usize = 100_000;
 
 /// The listing's query string; every filter is optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     agent: Option<String>,
     status: Option<String>,
@@ -125,6 +126,25 @@ fn filters(
 
 /// `GET /admin/tasks`: tasks newest first (by `created_at`, ties by id), filtered by agent,
 /// status and creation time, one page at a time.
+#[utoipa::path(
+    get,
+    path = "/admin/tasks",
+    tag = "admin",
+    operation_id = "list_tasks",
+    params(
+        ListParams
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Tasks, newest first", body = crate::http::openapi::TaskPage),
+        (status = 400, description = "A filter, `limit` or `cursor` is unusable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn list(
     _: Admin,
     params: web::Query<ListParams>,
@@ -198,6 +218,26 @@ fn task_id(raw: &str) -> Result<TaskId, ApiError> {
 
 /// `POST /admin/tasks/{id}/replay`: the task again, as a new task, through the intake (so the
 /// mailbox bound, the breaker and draining apply as to any trigger).
+#[utoipa::path(
+    post,
+    path = "/admin/tasks/{id}/replay",
+    tag = "admin",
+    operation_id = "replay_task",
+    params(
+        ("id" = String, Path, description = "The task id"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 202, description = "The new task, a replay of this one", body = TaskRecord,
+            headers(("Location" = String, description = "The new task's poll URL"))),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client, or the agent's mailbox is full", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The agent's breaker is open, the server is shutting down, or the store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn replay(
     _: Admin,
     id: web::Path<String>,
@@ -221,7 +261,7 @@ pub async fn replay(
 }
 
 /// Body of `POST /admin/agents/{namespace}/{agent}/replay`; every field is optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkReplay {
     status: Option<String>,
@@ -235,6 +275,29 @@ pub struct BulkReplay {
 /// their original order is kept). Each goes through the intake; once one is refused (mailbox
 /// full, breaker open, shutting down, store failing) the rest are not tried and are reported
 /// refused with the same error, so nothing is dropped silently and nothing overtakes.
+#[utoipa::path(
+    post,
+    path = "/admin/agents/{namespace}/{agent}/replay",
+    tag = "admin",
+    operation_id = "replay_agent",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+    ),
+    request_body(content = BulkReplay, content_type = "application/json", description = "Optional filters; an empty body replays every task of the agent"),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "What was replayed and what was refused", body = crate::http::openapi::BulkReplayResult),
+        (status = 400, description = "The body is not JSON, or a filter is unusable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "The body is too large", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn replay_agent(
     _: Admin,
     path: web::Path<(String, String)>,
@@ -327,6 +390,26 @@ fn refusal_code(e: &Refused) -> &'static str {
 /// `AWAITING_INPUT`. The store writer decides against the task's current status, so a cancel
 /// and the task's start are ordered: a task whose tick started is `409` (a running tick is not
 /// interrupted), and one revoked first never starts (the agent's start write is refused).
+#[utoipa::path(
+    post,
+    path = "/admin/tasks/{id}/cancel",
+    tag = "admin",
+    operation_id = "cancel_task",
+    params(
+        ("id" = String, Path, description = "The task id"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The task, now REVOKED", body = TaskRecord),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "The task has started or finished", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn cancel(
     _: Admin,
     id: web::Path<String>,
