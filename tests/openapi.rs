@@ -45,7 +45,9 @@ fn normalise(path: &str) -> String {
 fn documented(doc: &Value) -> BTreeSet<(String, String)> {
     let mut ops = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().expect("paths") {
-        for method in ["get", "put", "post", "delete", "options", "head", "patch", "trace"] {
+        for method in [
+            "get", "put", "post", "delete", "options", "head", "patch", "trace",
+        ] {
             if item.get(method).is_some() {
                 ops.insert((method.to_string(), normalise(path)));
             }
@@ -172,10 +174,7 @@ fn every_error_answer_refers_to_the_shared_error_schema() {
                 errors += 1;
             }
             if is_admin {
-                assert!(
-                    op["responses"].get("401").is_some(),
-                    "{method} {path}: 401"
-                );
+                assert!(op["responses"].get("401").is_some(), "{method} {path}: 401");
             }
         }
     }

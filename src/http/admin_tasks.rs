@@ -68,7 +68,12 @@ fn parse_status(raw: &str) -> Result<TaskStatus, ApiError> {
 fn parse_time(name: &str, raw: &str) -> Result<u64, ApiError> {
     let bad = || ApiError::BadRequest(format!("{name} {raw:?} is not an RFC 3339 time"));
     // humantime reads UTC times only; an offset is split off and applied here.
-    let (utc, offset_ms): (String, i64) = match raw.len().checked_sub(6).map(|i| raw.split_at(i)) {
+    // The offset is the last six bytes; a split inside a multi-byte character is no offset.
+    let split = raw
+        .len()
+        .checked_sub(6)
+        .filter(|i| raw.is_char_boundary(*i));
+    let (utc, offset_ms): (String, i64) = match split.map(|i| raw.split_at(i)) {
         Some((head, tail))
             if head.len() > 10
                 && tail.is_ascii()
@@ -472,9 +477,17 @@ mod tests {
         );
         assert!(parse_time("t", "1970-01-01T00:00:01").is_err());
         assert!(parse_time("t", "1969-12-31T23:59:59Z").is_err());
+        // A character of several bytes across the offset's place (found by the API fuzz run).
+        assert!(parse_time("since", "\u{80}00\u{800}").is_err());
     }
 
     proptest! {
+        /// Found by the API fuzz run: a multi-byte character across the offset's place panicked.
+        #[test]
+        fn any_time_text_is_parsed_or_refused(raw in "\\PC{0,40}") {
+            let _ = parse_time("since", &raw);
+        }
+
         #[test]
         fn cursors_round_trip_and_garbage_is_refused(ms in any::<u64>(), id in any::<[u8; 16]>(), junk in ".{0,60}") {
             let c = ListCursor { created_ms: ms, id: TaskId::from_bytes(id) };

@@ -227,6 +227,18 @@ pub enum GetTriggerAnswer {
     Task(#[schema(inline = false)] tasks::TaskRecord<'static>),
 }
 
+/// One Server-Sent Event of `GET /tasks/{id}/events` (the schema describes each event, as
+/// OpenAPI 3.1 has no item schema for streams).
+#[derive(Serialize, ToSchema)]
+pub struct TaskEvent {
+    /// Always `status`.
+    #[schema(pattern = "^status$")]
+    event: String,
+    /// The task record (schema `TaskRecord`) as JSON text.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
 /// The body of `POST /tasks/{id}/resume`.
 #[derive(Serialize, ToSchema)]
 pub struct ResumeBody {

@@ -268,7 +268,7 @@ fn sse_frame(task: &Task, state: &AppState) -> web::Bytes {
     params(("id" = String, Path, description = "The task id")),
     responses(
         (status = 200, description = "Server-Sent Events: `event: status` with the task record as `data`, one per change, closing after the terminal one",
-            content_type = "text/event-stream", body = String),
+            content_type = "text/event-stream", body = crate::http::openapi::TaskEvent),
         (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
         (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
