@@ -107,12 +107,12 @@ EOF
 
 started=$(date +%s)
 set +e
-schemathesis --no-color --config-file "$work/schemathesis.toml" run "$base/openapi.json" \
+(cd "$work" && schemathesis --no-color --config-file "$work/schemathesis.toml" run "$base/openapi.json" \
   --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
   --max-examples "$EXAMPLES" --seed "$SEED" --phases "$PHASES" \
   --header "Authorization: Bearer $token" \
   --request-timeout 30 --workers 2 \
-  --output-sanitize true 2>&1 | tee "$work/schemathesis.log"
+  --output-sanitize true) 2>&1 | tee "$work/schemathesis.log"
 status=${PIPESTATUS[0]}
 set -e
 echo "schemathesis exit $status after $(( $(date +%s) - started )) s"

@@ -224,7 +224,7 @@ pub enum GetTriggerAnswer {
     /// No query string: a sender's verification ping.
     Ping(OkBody),
     /// A trigger that waited for its task.
-    Task(#[schema(inline = false)] tasks::TaskRecord<'static>),
+    Task(Box<tasks::TaskRecord<'static>>),
 }
 
 /// One Server-Sent Event of `GET /tasks/{id}/events` (the schema describes each event, as
