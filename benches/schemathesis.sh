@@ -59,7 +59,7 @@ echo '{"await": {"request": {"question": "go?"}}}'
 EOF
 chmod +x "$work/asker.sh"
 
-(cd "$work" && TICKGATE_ADMIN_TOKEN="$token" RUST_LOG=warn exec "$OLDPWD/$BIN" serve --config tickgate.toml >"$work/out.log" 2>&1) &
+(cd "$work" && TICKGATE_ADMIN_TOKEN="$token" RUST_LOG=info exec "$OLDPWD/$BIN" serve --config tickgate.toml >"$work/out.log" 2>&1) &
 server_pid=$!
 base=""
 for _ in $(seq 300); do
@@ -111,11 +111,13 @@ set +e
   --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
   --max-examples "$EXAMPLES" --seed "$SEED" --phases "$PHASES" \
   --header "Authorization: Bearer $token" \
-  --request-timeout 30 --workers 2 \
+  --request-timeout 30 --workers 1 \
   --output-sanitize true) 2>&1 | tee "$work/schemathesis.log"
 status=${PIPESTATUS[0]}
 set -e
 echo "schemathesis exit $status after $(( $(date +%s) - started )) s"
+echo "answers by status (server access log):"
+grep -o 'status=[0-9]*' "$work/out.log" | sort | uniq -c | sort -k2 | sed 's/status=//' | awk '{printf "  %s x%s\n", $2, $1}'
 if grep -qE "panicked|internal error" "$work/out.log"; then
   echo "the server logged a panic or an internal error:" >&2
   grep -E "panicked|internal error" "$work/out.log" | head -20 >&2

@@ -40,11 +40,21 @@ const BULK_SCAN_MAX: usize = 100_000;
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only this agent's tasks (`namespace/name`).
     agent: Option<String>,
+    /// Only tasks with this status.
+    #[param(value_type = Option<crate::http::openapi::TaskStatusName>)]
     status: Option<String>,
+    /// Only tasks created at or after this time (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// Only tasks created before this time (RFC 3339).
+    #[param(format = DateTime)]
     until: Option<String>,
+    /// Page size (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
+    /// A `next_cursor` from the previous page.
     cursor: Option<String>,
 }
 
@@ -269,9 +279,16 @@ pub async fn replay(
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkReplay {
+    /// Only tasks with this status.
+    #[schema(value_type = Option<crate::http::openapi::TaskStatusName>)]
     status: Option<String>,
+    /// Only tasks created at or after this time (RFC 3339).
+    #[schema(format = DateTime)]
     since: Option<String>,
+    /// Only tasks created before this time (RFC 3339).
+    #[schema(format = DateTime)]
     until: Option<String>,
+    /// A `next_cursor` from a previous bulk replay.
     cursor: Option<String>,
 }
 

@@ -22,9 +22,14 @@ const DEFAULT_LIMIT: usize = 100;
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only this agent's deliveries (`namespace/name`).
     agent: Option<String>,
+    /// `pending`, `succeeded` or `failed`.
     status: Option<String>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// A `next_cursor` from the previous page.
     cursor: Option<String>,
 }
 
