@@ -50,6 +50,8 @@ mailbox = 4
 [[agent]]
 name = "asker"
 runner = { kind = "command", program = "$work/asker.sh", mode = "oneshot" }
+[agent.a2a]
+enabled = true
 EOF
 # An agent whose every tick waits for input, so that resume and cancel meet real parked tasks.
 cat >"$work/asker.sh" <<'EOF'
@@ -88,6 +90,8 @@ for url in "$(url_of default/echo)" "$(url_of default/asker)" "$(url_of default/
 done
 join() { local IFS=,; echo "$*"; }
 cat >"$work/schemathesis.toml" <<EOF
+headers = { Authorization = "Bearer $token" }
+
 [dictionaries.tokens]
 values = [$(join "${tokens[@]}")]
 [dictionaries.namespaces]
@@ -103,6 +107,12 @@ values = [$(join "${ids[@]}")]
 "path.agent" = { dictionary = "agents", probability = 0.7 }
 "path.id" = { dictionary = "ids", probability = 0.6 }
 "query.task_id" = { dictionary = "ids", probability = 0.6 }
+
+# A2A calls authenticate with the agent's webhook token, and only default/asker serves A2A.
+[[operations]]
+include-path = "/a2a/{namespace}/{agent}"
+headers = { Authorization = "Bearer ${tokens[2]//\"/}", "A2A-Version" = "1.0" }
+parameters = { "path.namespace" = "default", "path.agent" = "asker" }
 EOF
 
 started=$(date +%s)
@@ -110,7 +120,6 @@ set +e
 (cd "$work" && schemathesis --no-color --config-file "$work/schemathesis.toml" run "$base/openapi.json" \
   --checks not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance \
   --max-examples "$EXAMPLES" --seed "$SEED" --phases "$PHASES" \
-  --header "Authorization: Bearer $token" \
   --request-timeout 30 --workers 1 \
   --output-sanitize true) 2>&1 | tee "$work/schemathesis.log"
 status=${PIPESTATUS[0]}

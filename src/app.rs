@@ -303,6 +303,11 @@ pub async fn build_state(
             .map(|(handle, entries, _)| (handle.spec.id.clone(), entries.clone()))
             .collect(),
         notifier,
+        a2a: settings
+            .agents
+            .iter()
+            .filter_map(|a| Some((a.spec.id.clone(), a.a2a.clone()?)))
+            .collect(),
     });
     for (handle, entries, catch_up) in scheduled {
         crate::schedule::start(scheduler_deps.clone(), handle, entries, catch_up);

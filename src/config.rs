@@ -205,6 +205,40 @@ pub struct AgentConfig {
     /// Signed status callbacks: `[[agent.notify]]` (SPEC section 9).
     #[serde(default)]
     pub notify: Vec<NotifyConfig>,
+    /// The agent as an A2A server: `[agent.a2a]` (SPEC section 10).
+    #[serde(default)]
+    pub a2a: A2aConfig,
+}
+
+/// `[agent.a2a]`: whether the agent is served over A2A and what its Agent Card says.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct A2aConfig {
+    /// Serve `/a2a/{namespace}/{agent}` and its Agent Card.
+    pub enabled: bool,
+    /// The card's `description`; a generic sentence naming the agent when absent.
+    pub description: Option<String>,
+    /// The card's `skills`; one skill named after the agent when empty (the card requires one).
+    pub skills: Vec<A2aSkill>,
+}
+
+/// One entry of `[agent.a2a] skills`, shown as-is in the Agent Card.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct A2aSkill {
+    /// Unique within the agent.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// What the skill does.
+    #[serde(default)]
+    pub description: String,
+    /// Keywords.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Example prompts or inputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub examples: Vec<String>,
 }
 
 /// Most delays a `retry.schedule` may list; a longer one is a config mistake, not a policy.
@@ -480,6 +514,8 @@ pub struct AgentSetup {
     pub catch_up: CatchUp,
     /// Status callback endpoints, in file order (their index is their admin id).
     pub notify: Vec<NotifySetup>,
+    /// The A2A server settings, when `[agent.a2a] enabled = true`.
+    pub a2a: Option<A2aConfig>,
 }
 
 impl AgentSetup {
@@ -734,6 +770,7 @@ fn validate_agent(
         .enumerate()
         .map(|(i, n)| notify_setup(n, env).map_err(|m| format!("{at}: notify[{i}]: {m}")))
         .collect::<Result<Vec<_>, _>>()?;
+    let a2a = a2a_setup(&a.a2a, webhook_enabled).map_err(|m| format!("{at}: a2a: {m}"))?;
     Ok(AgentSetup {
         spec: AgentSpec {
             id,
@@ -757,7 +794,29 @@ fn validate_agent(
         schedule,
         catch_up: a.catch_up,
         notify,
+        a2a,
     })
+}
+
+/// Checks `[agent.a2a]`: the bearer A2A callers present is the webhook token, so an agent
+/// without a webhook cannot be served; skill ids must be present and unique.
+fn a2a_setup(a: &A2aConfig, webhook_enabled: bool) -> Result<Option<A2aConfig>, String> {
+    if !a.enabled {
+        return Ok(None);
+    }
+    if !webhook_enabled {
+        return Err("enabled, but webhook.enabled = false leaves the agent without the token A2A callers present".into());
+    }
+    let mut ids = BTreeSet::new();
+    for (i, skill) in a.skills.iter().enumerate() {
+        if skill.id.trim().is_empty() || skill.name.trim().is_empty() {
+            return Err(format!("skills[{i}]: id and name must not be empty"));
+        }
+        if !ids.insert(skill.id.as_str()) {
+            return Err(format!("skills[{i}]: the id {:?} is used twice", skill.id));
+        }
+    }
+    Ok(Some(a.clone()))
 }
 
 /// Whether `b` may appear in a pinned webhook token: the URL-safe alphabet, which no URL
@@ -987,6 +1046,42 @@ mod tests {
             .agents
             .iter()
             .any(|a| a.spec.id.to_string() == "default/echo"));
+    }
+
+    #[test]
+    fn a2a_section_parses_and_is_checked() {
+        let agent = |a2a: &str, webhook: &str| {
+            format!("[[agent]]\nname = \"r\"\nrunner = {{ kind = \"echo\" }}\n{webhook}[agent.a2a]\n{a2a}\n")
+        };
+        let s = parse(&agent(
+            "enabled = true\ndescription = \"d\"\nskills = [{ id = \"s\", name = \"S\", tags = [\"t\"] }]",
+            "",
+        ))
+        .unwrap();
+        let a2a = s.agents[0].a2a.as_ref().unwrap();
+        assert_eq!(
+            (a2a.description.as_deref(), a2a.skills[0].id.as_str()),
+            (Some("d"), "s")
+        );
+        assert!(parse(&agent("enabled = false", "")).unwrap().agents[0]
+            .a2a
+            .is_none());
+        assert!(
+            parse("[[agent]]\nname = \"r\"\nrunner = { kind = \"echo\" }\n")
+                .unwrap()
+                .agents[0]
+                .a2a
+                .is_none()
+        );
+        for (a2a, webhook, wanted) in [
+            ("enabled = true", "[agent.webhook]\nenabled = false\n", "a2a: enabled, but webhook.enabled = false"),
+            ("enabled = true\nskills = [{ id = \"s\", name = \"S\" }, { id = \"s\", name = \"T\" }]", "", "used twice"),
+            ("enabled = true\nskills = [{ id = \"\", name = \"S\" }]", "", "must not be empty"),
+            ("enabled = true\ncolour = 1", "", "colour"),
+        ] {
+            let e = parse(&agent(a2a, webhook)).err().unwrap_or_else(|| panic!("{a2a} accepted"));
+            assert!(e.message.contains(wanted), "{a2a}: {}", e.message);
+        }
     }
 
     #[test]

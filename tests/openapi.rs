@@ -161,10 +161,18 @@ fn every_error_answer_refers_to_the_shared_error_schema() {
                     assert_eq!(schema, "#/components/schemas/Readiness");
                     continue;
                 }
-                assert_eq!(
-                    schema, "#/components/schemas/ErrorBody",
-                    "{method} {path} {status}"
-                );
+                // A2A refusals are the error shape or a JSON-RPC error: a `oneOf` holding it.
+                let refers = schema == "#/components/schemas/ErrorBody"
+                    || schema
+                        .as_str()
+                        .and_then(|r| r.strip_prefix("#/components/schemas/"))
+                        .and_then(|name| doc["components"]["schemas"][name]["oneOf"].as_array())
+                        .is_some_and(|alternatives| {
+                            alternatives
+                                .iter()
+                                .any(|a| a["$ref"] == "#/components/schemas/ErrorBody")
+                        });
+                assert!(refers, "{method} {path} {status}: {schema}");
                 if code == 429 || code == 503 {
                     assert!(
                         response["headers"].get("Retry-After").is_some(),

@@ -148,6 +148,70 @@ runner = {{ kind = "command", program = "{}", mode = "oneshot" }}
 }
 
 /// The app running in-process on sled wrapped in a [`FaultyStore`].
+#[test]
+fn a2a_messages_get_a_retryable_error_while_the_store_fails_and_nothing_is_stored() {
+    let env = Env::new();
+    let config_path = env.write_config(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[[agent]]
+name = "echo"
+runner = { kind = "echo" }
+[agent.a2a]
+enabled = true
+"#,
+    );
+    let app = App::start(&env, &config_path, "echo");
+    let call =
+        |id: &str| {
+            send(
+            client()
+                .post(format!("{}/a2a/default/echo", app.base))
+                .header("A2A-Version", "1.0")
+                .bearer_auth(&app.token)
+                .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {
+                    "message": {"messageId": id, "role": "ROLE_USER", "parts": [{"text": "hi"}]}
+                }})),
+        )
+        };
+    let ok = call("m-1");
+    assert_eq!(
+        ok.json["result"]["task"]["status"]["state"], "TASK_STATE_COMPLETED",
+        "{}",
+        ok.text
+    );
+
+    app.faulty.fail_writes(true);
+    let refused = call("m-2");
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(refused.json["error"]["code"], -32000);
+    assert_eq!(
+        refused.json["error"]["data"][0]["reason"],
+        "STORE_UNAVAILABLE"
+    );
+    assert!(refused.json.get("result").is_none());
+    assert!(
+        !refused.text.contains("injected"),
+        "no internals: {}",
+        refused.text
+    );
+
+    app.faulty.fail_writes(false);
+    // The refused message was never stored: sent again, it is a new task that runs.
+    let again = call("m-2");
+    let task = &again.json["result"]["task"];
+    assert_eq!(
+        task["status"]["state"], "TASK_STATE_COMPLETED",
+        "{}",
+        again.text
+    );
+    assert_ne!(task["id"], ok.json["result"]["task"]["id"]);
+    app.stop();
+}
+
 struct App {
     faulty: Arc<FaultyStore>,
     sled: Arc<SledStore>,

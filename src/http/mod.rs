@@ -1,6 +1,7 @@
 //! The HTTP edge: routes, shared state, and the access log. Handlers stay short: extract, call
 //! one domain function or actor, map the result.
 
+mod a2a;
 pub mod admin;
 mod admin_tasks;
 pub mod deliveries;
@@ -77,6 +78,8 @@ pub struct AppState {
     pub schedules: HashMap<AgentId, Vec<tickgate_actors::schedule::Entry>>,
     /// The status callback worker, when any agent has `[[agent.notify]]`.
     pub notifier: Option<crate::outbox_worker::Notifier>,
+    /// The agents served over A2A (`[agent.a2a] enabled`), with their card settings.
+    pub a2a: HashMap<AgentId, crate::config::A2aConfig>,
 }
 
 impl AppState {
@@ -154,6 +157,8 @@ route_table! {
         "/tasks/{id}/resume" => [post tasks::resume],
         "/tasks/{id}/events" => [get tasks::events],
         "/api/task_status" => [get tasks::status_alias],
+        "/a2a/{namespace}/{agent}/.well-known/agent-card.json" => [get a2a::card],
+        "/a2a/{namespace}/{agent}" => [post a2a::rpc],
         "/healthz" => [get health::healthz],
         "/ready" => [get health::ready],
         "/ready/{namespace}/{agent}" => [get health::ready_agent],

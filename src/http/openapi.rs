@@ -18,7 +18,7 @@ use serde::Serialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{admin, admin_tasks, deliveries, health, tasks, webhook};
+use super::{a2a, admin, admin_tasks, deliveries, health, tasks, webhook};
 
 /// The generated document. The route list here is checked against the route table by
 /// `tests/openapi.rs`, so a handler that is registered but not listed fails the tests.
@@ -39,6 +39,8 @@ use super::{admin, admin_tasks, deliveries, health, tasks, webhook};
         tasks::resume,
         tasks::events,
         tasks::status_alias,
+        a2a::card,
+        a2a::rpc,
         health::healthz,
         health::ready,
         health::ready_agent,
@@ -62,6 +64,7 @@ use super::{admin, admin_tasks, deliveries, health, tasks, webhook};
         (name = "tasks", description = "Task records, their event streams, and answers to tasks awaiting input"),
         (name = "health", description = "Liveness, readiness and metrics"),
         (name = "admin", description = "Operator API; needs the admin bearer token"),
+        (name = "a2a", description = "Agents as A2A 1.0 servers (JSON-RPC binding); see docs/api.md, A2A"),
     )
 )]
 pub struct ApiDoc;
@@ -419,4 +422,115 @@ pub struct Readiness {
     agents: BTreeMap<String, AgentReadiness>,
     /// The store.
     store: StoreHealth,
+}
+
+/// An A2A Agent Card (A2A 1.0), as served for agents with `[agent.a2a] enabled`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct A2aAgentCard {
+    /// `namespace/name`.
+    name: String,
+    /// The configured description.
+    description: String,
+    /// tickgate's version.
+    version: String,
+    /// One JSON-RPC interface at `/a2a/{namespace}/{agent}`.
+    #[schema(value_type = Vec<Object>)]
+    supported_interfaces: Vec<serde_json::Value>,
+    /// Streaming yes, push notifications no.
+    #[schema(value_type = Object)]
+    capabilities: serde_json::Value,
+    /// The bearer scheme (the agent's webhook token).
+    #[schema(value_type = Object)]
+    security_schemes: serde_json::Value,
+    /// Requires the bearer scheme.
+    #[schema(value_type = Vec<Object>)]
+    security_requirements: Vec<serde_json::Value>,
+    /// `text/plain`, `application/json`.
+    default_input_modes: Vec<String>,
+    /// `text/plain`, `application/json`.
+    default_output_modes: Vec<String>,
+    /// The configured skills (or one describing the agent).
+    #[schema(value_type = Vec<Object>)]
+    skills: Vec<serde_json::Value>,
+}
+
+/// The A2A 1.0 methods served.
+#[derive(Serialize, ToSchema)]
+pub enum A2aMethod {
+    /// Sends a message: a new task, or the answer to one that requires input.
+    SendMessage,
+    /// The same, answered as a stream.
+    SendStreamingMessage,
+    /// One task.
+    GetTask,
+    /// Cancels a task that has not started.
+    CancelTask,
+    /// A task's updates as a stream.
+    SubscribeToTask,
+    /// The agent's tasks.
+    ListTasks,
+}
+
+/// A JSON-RPC 2.0 request.
+#[derive(Serialize, ToSchema)]
+pub struct JsonRpcRequest {
+    /// `2.0`.
+    #[schema(pattern = "^2\\.0$")]
+    jsonrpc: String,
+    /// The request id (a string or a number).
+    #[schema(value_type = serde_json::Value)]
+    id: serde_json::Value,
+    /// The A2A method.
+    method: A2aMethod,
+    /// The method's parameters.
+    #[schema(value_type = Option<Object>)]
+    params: Option<serde_json::Value>,
+}
+
+/// A JSON-RPC 2.0 response: `result` or `error`.
+#[derive(Serialize, ToSchema)]
+pub struct JsonRpcResponse {
+    /// `2.0`.
+    jsonrpc: String,
+    /// The request's id (`null` when it could not be read).
+    #[schema(value_type = serde_json::Value)]
+    id: serde_json::Value,
+    /// The method's result.
+    #[schema(value_type = Option<serde_json::Value>)]
+    result: Option<serde_json::Value>,
+    /// A JSON-RPC error.
+    error: Option<JsonRpcError>,
+}
+
+/// A JSON-RPC error object with A2A's `ErrorInfo` details.
+#[derive(Serialize, ToSchema)]
+pub struct JsonRpcError {
+    /// The JSON-RPC or A2A error code (e.g. `-32001` TaskNotFound).
+    code: i64,
+    /// A sentence.
+    message: String,
+    /// `google.rpc.ErrorInfo` entries.
+    #[schema(value_type = Option<Vec<Object>>)]
+    data: Option<serde_json::Value>,
+}
+
+/// One Server-Sent Event of an A2A stream: `data` holds a JSON-RPC response whose `result` is a
+/// `StreamResponse` (`task`, `statusUpdate` or `artifactUpdate`).
+#[derive(Serialize, ToSchema)]
+pub struct A2aStreamEvent {
+    /// A JSON-RPC response as JSON text.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+/// A refused A2A call: the edge's error shape (auth-failure limit, body limits) or a JSON-RPC
+/// error answered with 429/503 and `Retry-After`.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum A2aRefusal {
+    /// Refused at the edge.
+    Edge(ErrorBody),
+    /// Refused by the A2A method (mailbox full, breaker open, store unavailable).
+    Rpc(JsonRpcResponse),
 }

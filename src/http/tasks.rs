@@ -242,7 +242,7 @@ pub async fn wait_for(
 /// overlap: by attempt, then tick (a resumed task's continuation runs as a later tick of the same
 /// attempt), then status within the tick. A PENDING task holding an answer comes after the
 /// AWAITING_INPUT it answers, which has the same attempt and tick.
-fn progress(task: &Task) -> (u32, u64, u8) {
+pub(super) fn progress(task: &Task) -> (u32, u64, u8) {
     let rank = match task.status {
         TaskStatus::Pending if task.resume.is_some() => 3,
         TaskStatus::Pending => 0,
