@@ -181,12 +181,18 @@ pub async fn build_state(
     let closed_breakers = breaker.closed();
     let breaker = breaker.start();
     let recorder = TickRecorder(metrics.clone()).start();
+    let tick_stats = Arc::new(http::ui::TickStats::default());
+    let stats_recorder = http::ui::StatsRecorder(tick_stats.clone()).start();
     let events = Arc::new(TaskEvents::default());
     let lifecycle = Arc::new(Lifecycle::default());
     let deps = AgentDeps {
         store: store.clone(),
         events: events.clone(),
-        outcomes: vec![breaker.clone().recipient(), recorder.recipient()],
+        outcomes: vec![
+            breaker.clone().recipient(),
+            recorder.recipient(),
+            stats_recorder.recipient(),
+        ],
         lifecycle: lifecycle.clone(),
     };
     // Before any agent starts: pending deliveries are loaded before new ones can be created.
@@ -308,6 +314,7 @@ pub async fn build_state(
             .iter()
             .filter_map(|a| Some((a.spec.id.clone(), a.a2a.clone()?)))
             .collect(),
+        tick_stats,
     });
     for (handle, entries, catch_up) in scheduled {
         crate::schedule::start(scheduler_deps.clone(), handle, entries, catch_up);
@@ -448,6 +455,9 @@ fn announce(settings: &Settings, bound: &str, public_url: &str, created: &[NewTo
                 setup.spec.id, setup.spec.id
             );
         }
+    }
+    if settings.admin_token.is_some() {
+        println!("dashboard: {public_url}/ui (sign in with the admin token)");
     }
     println!("tickgate serving {} agents", settings.agents.len());
 }

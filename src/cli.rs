@@ -1,6 +1,10 @@
-//! The command line: `serve` (the default), `check`, and `token rotate`.
+//! The command line: `serve` (the default), `check`, `token rotate`, and the operator commands
+//! `tasks` and `agents` (clients of a running server's admin API, in [`client`]).
+
+mod client;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tickgate_actors::model::AgentId;
@@ -47,6 +51,124 @@ pub enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// List, inspect, replay, cancel and resume tasks through a running server's admin API.
+    Tasks {
+        /// Which server, and how to talk to it.
+        #[command(flatten)]
+        remote: Remote,
+        /// Task action.
+        #[command(subcommand)]
+        action: TaskAction,
+    },
+    /// List agents with breaker state, queue depth, tick count and next scheduled slot, through
+    /// a running server's admin API.
+    Agents {
+        /// Which server, and how to talk to it.
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Where the admin API of a running server is and the token that opens it; shared by the
+/// operator commands so that scripts set both once in the environment.
+#[derive(Clone, clap::Args)]
+pub struct Remote {
+    /// Base URL of the running tickgate.
+    #[arg(
+        long,
+        global = true,
+        env = "TICKGATE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+    /// The admin token. Prefer the environment variable: command lines are visible to every
+    /// user of the host. Never printed, not even in `--help`.
+    #[arg(
+        long,
+        global = true,
+        env = "TICKGATE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Print the server's JSON answer instead of a table, for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Never shows the token, so a debug print of the command line cannot leak it.
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("json", &self.json)
+            .finish()
+    }
+}
+
+/// `tickgate tasks` subcommands (SPEC section 8: listing, replay, cancel, resume).
+#[derive(Debug, Subcommand)]
+pub enum TaskAction {
+    /// Tasks newest first, one page at a time.
+    List {
+        /// Only this agent (`namespace/name`, or `name` in `default`).
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this status (PENDING, STARTED, RETRY, AWAITING_INPUT, SUCCESS, FAILURE, REVOKED).
+        #[arg(long)]
+        status: Option<String>,
+        /// Created at or after this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Created before this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Page size (1 to 1000; the server's default is 100).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Continue after a previous page (its `more: --cursor …` line).
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// One task's whole record: status, attempts, response, what it awaits.
+    Show {
+        /// The task id.
+        id: String,
+    },
+    /// Run a task again as a new task; or, with --agent, every matching task of an agent.
+    Replay {
+        /// The task id (omit with --agent).
+        #[arg(required_unless_present = "agent")]
+        id: Option<String>,
+        /// Replay the matching tasks of this agent instead of one task.
+        #[arg(long, conflicts_with = "id")]
+        agent: Option<String>,
+        /// With --agent: only tasks of this status (e.g. FAILURE).
+        #[arg(long, requires = "agent")]
+        status: Option<String>,
+        /// With --agent: only tasks created at or after this RFC 3339 time.
+        #[arg(long, requires = "agent")]
+        since: Option<String>,
+        /// With --agent: only tasks created before this RFC 3339 time.
+        #[arg(long, requires = "agent")]
+        until: Option<String>,
+        /// With --agent: continue a bulk replay that reported `more: --cursor …`.
+        #[arg(long, requires = "agent")]
+        cursor: Option<String>,
+    },
+    /// Revoke a task that is PENDING, RETRY or AWAITING_INPUT.
+    Cancel {
+        /// The task id.
+        id: String,
+    },
+    /// Answer a task that is AWAITING_INPUT; a continuation tick is queued.
+    Resume {
+        /// The task id.
+        id: String,
+        /// The answer: JSON text, `@file` holding it, or `@-` for standard input.
+        #[arg(long)]
+        answer: String,
+    },
 }
 
 /// Token subcommands.
@@ -57,6 +179,16 @@ pub enum TokenAction {
         /// The agent, as namespace/name.
         agent: String,
     },
+}
+
+/// `tickgate tasks …`: a client of the admin API; needs no config file.
+pub fn tasks(remote: &Remote, action: &TaskAction) -> ExitCode {
+    client::tasks(remote, action)
+}
+
+/// `tickgate agents`: a client of the admin API; needs no config file.
+pub fn agents(remote: &Remote) -> ExitCode {
+    client::agents(remote)
 }
 
 /// Loads and validates the config the command line points at.

@@ -709,6 +709,21 @@ fn validate_agent(
                 h.url
             ));
         }
+        RunnerSpec::A2a(r) if !(r.url.starts_with("http://") || r.url.starts_with("https://")) => {
+            return Err(format!(
+                "{at}: runner.url: {:?} must be the agent card's http:// or https:// URL",
+                r.url
+            ));
+        }
+        RunnerSpec::A2a(r) => {
+            if let Some(var) = &r.token_env {
+                if env(var).is_none() {
+                    return Err(format!(
+                        "{at}: runner.token_env: the variable {var} is not set"
+                    ));
+                }
+            }
+        }
         _ => {}
     }
     let pinned_token = match &a.webhook.token_env {

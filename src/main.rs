@@ -5,19 +5,30 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tickgate::cli::{self, Cli, Command, LogFormat, TokenAction};
+use tickgate::config::Settings;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let settings = match cli::settings(&cli) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("tickgate: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match cli.command.as_ref().unwrap_or(&Command::Serve) {
+    let command = cli.command.as_ref().unwrap_or(&Command::Serve);
+    match command {
+        // Operator commands talk to a running server and need no config file.
+        Command::Tasks { remote, action } => cli::tasks(remote, action),
+        Command::Agents { remote } => cli::agents(remote),
+        Command::Serve | Command::Check | Command::Token { .. } => match cli::settings(&cli) {
+            Ok(settings) => with_config(command, settings),
+            Err(e) => {
+                eprintln!("tickgate: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+/// The commands that read the config.
+fn with_config(command: &Command, settings: Settings) -> ExitCode {
+    match command {
         Command::Serve => match tickgate::app::serve(settings) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -45,6 +56,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Tasks { remote, action } => cli::tasks(remote, action),
+        Command::Agents { remote } => cli::agents(remote),
     }
 }
 

@@ -14,10 +14,16 @@ use crate::model::{Task, TaskId};
 /// A task changes state three times per attempt; this leaves room for a slow reader.
 const EVENTS_PER_TASK: usize = 16;
 
+/// Changes of all tasks buffered for one slow reader of the whole feed before it lags.
+const EVENTS_ALL: usize = 1024;
+
 /// The hub shared by agents (publishers) and the HTTP edge (subscribers).
 #[derive(Default)]
 pub struct TaskEvents {
     watched: Mutex<HashMap<TaskId, broadcast::Sender<Task>>>,
+    /// Every task's changes, for the operator page's event stream; created on first use, and a
+    /// publish costs one atomic read while nobody listens.
+    all: std::sync::OnceLock<broadcast::Sender<Task>>,
 }
 
 /// A live subscription; dropping it unregisters the task when it was the last watcher.
@@ -43,8 +49,25 @@ impl TaskEvents {
         }
     }
 
+    /// Watches every task's changes (the admin event stream). A reader that falls more than
+    /// [`EVENTS_ALL`] changes behind gets `Lagged` and should re-read what it shows.
+    pub fn subscribe_all(&self) -> broadcast::Receiver<Task> {
+        self.all
+            .get_or_init(|| broadcast::channel(EVENTS_ALL).0)
+            .subscribe()
+    }
+
+    /// The whole feed's sender while someone reads it, for a publisher that announces a task
+    /// only there (the intake's new tasks, which no per-task watcher can know of yet).
+    pub fn feed(&self) -> Option<broadcast::Sender<Task>> {
+        self.all.get().filter(|tx| tx.receiver_count() > 0).cloned()
+    }
+
     /// Announces a task's new state, after it is durable.
     pub fn publish(&self, task: &Task) {
+        if let Some(all) = self.all.get().filter(|tx| tx.receiver_count() > 0) {
+            let _ = all.send(task.clone());
+        }
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = watched.get(&task.id) {
             let _ = tx.send(task.clone());
@@ -107,6 +130,28 @@ mod tests {
         hub.publish(&task);
         assert_eq!(sub.next().await.unwrap().status, TaskStatus::Success);
         assert!(sub.next().await.is_none());
+        assert_eq!(hub.watched(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_whole_feed_sees_every_task_and_costs_nothing_unwatched() {
+        let hub = Arc::new(TaskEvents::default());
+        let task = Task::new(
+            "a".parse().unwrap(),
+            serde_json::json!(1),
+            Source::default(),
+        );
+        hub.publish(&task);
+        let mut all = hub.subscribe_all();
+        let other = Task::new(
+            "b".parse().unwrap(),
+            serde_json::json!(2),
+            Source::default(),
+        );
+        hub.publish(&other);
+        hub.publish(&task);
+        assert_eq!(all.recv().await.unwrap().id, other.id);
+        assert_eq!(all.recv().await.unwrap().id, task.id);
         assert_eq!(hub.watched(), 0);
     }
 

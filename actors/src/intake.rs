@@ -187,6 +187,8 @@ impl Intake {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let addr = agent.addr.clone();
         let mailbox = agent.mailbox.clone();
+        // New tasks reach the operator page's feed only while one is open.
+        let feed = self.events.feed();
         self.store.write(
             Write::Submit {
                 task: Box::new(task),
@@ -202,6 +204,10 @@ impl Intake {
                         }
                         // Shared with the caller rather than copied.
                         let task: Arc<Task> = Arc::from(task);
+                        if let Some(feed) = &feed {
+                            // Before the agent can start it, so PENDING precedes STARTED.
+                            let _ = feed.send(Task::clone(&task));
+                        }
                         if mailbox.queued() > QUEUED_IN_MEMORY {
                             addr.do_send(RunStored(task.id, slot));
                         } else {

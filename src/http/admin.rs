@@ -105,7 +105,7 @@ pub async fn list_agents(_: Admin, state: web::Data<AppState>) -> Result<HttpRes
 }
 
 /// An agent's schedule entries with their next slot (`null` if the entry never fires again).
-fn schedules(state: &AppState, agent: &AgentId, now: u64) -> Vec<serde_json::Value> {
+pub(super) fn schedules(state: &AppState, agent: &AgentId, now: u64) -> Vec<serde_json::Value> {
     state
         .schedules
         .get(agent)

@@ -34,7 +34,7 @@ pub struct ListQuery {
 }
 
 /// A delivery as the admin API shows it: never the secret, the signature or the body.
-fn render(d: &Delivery) -> Value {
+pub(super) fn render(d: &Delivery) -> Value {
     json!({
         "id": d.id.to_string(),
         "agent": d.agent.to_string(),

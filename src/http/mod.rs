@@ -10,6 +10,7 @@ pub mod health;
 mod limits;
 pub mod openapi;
 pub mod tasks;
+pub(crate) mod ui;
 pub mod webhook;
 
 use std::collections::HashMap;
@@ -80,6 +81,8 @@ pub struct AppState {
     pub notifier: Option<crate::outbox_worker::Notifier>,
     /// The agents served over A2A (`[agent.a2a] enabled`), with their card settings.
     pub a2a: HashMap<AgentId, crate::config::A2aConfig>,
+    /// Per-agent ticks per second and durations over the last minutes, for the operator page.
+    pub tick_stats: Arc<ui::TickStats>,
 }
 
 impl AppState {
@@ -164,6 +167,9 @@ route_table! {
         "/ready/{namespace}/{agent}" => [get health::ready_agent],
         "/metrics" => [get health::metrics],
         "/openapi.json" => [get openapi::document],
+        "/ui" => [get ui::page],
+        "/ui/app.js" => [get ui::script],
+        "/ui/app.css" => [get ui::style],
     }
     admin {
         "/admin/agents" => [get admin::list_agents],
@@ -177,6 +183,9 @@ route_table! {
         "/admin/tasks/{id}/replay" => [post admin_tasks::replay],
         "/admin/tasks/{id}/cancel" => [post admin_tasks::cancel],
         "/admin/agents/{namespace}/{agent}/replay" => [post admin_tasks::replay_agent],
+        "/admin/events" => [get ui::events],
+        "/admin/stats" => [get ui::stats],
+        "/admin/tasks/{id}" => [get ui::task],
     }
 }
 

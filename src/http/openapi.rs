@@ -18,7 +18,7 @@ use serde::Serialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::{a2a, admin, admin_tasks, deliveries, health, tasks, webhook};
+use super::{a2a, admin, admin_tasks, deliveries, health, tasks, ui, webhook};
 
 /// The generated document. The route list here is checked against the route table by
 /// `tests/openapi.rs`, so a handler that is registered but not listed fails the tests.
@@ -57,6 +57,12 @@ use super::{a2a, admin, admin_tasks, deliveries, health, tasks, webhook};
         admin_tasks::replay,
         admin_tasks::cancel,
         admin_tasks::replay_agent,
+        ui::page,
+        ui::script,
+        ui::style,
+        ui::events,
+        ui::stats,
+        ui::task,
     ),
     modifiers(&Aliases, &BearerSchemes),
     tags(
@@ -64,6 +70,7 @@ use super::{a2a, admin, admin_tasks, deliveries, health, tasks, webhook};
         (name = "tasks", description = "Task records, their event streams, and answers to tasks awaiting input"),
         (name = "health", description = "Liveness, readiness and metrics"),
         (name = "admin", description = "Operator API; needs the admin bearer token"),
+        (name = "ui", description = "The operator page (its data comes from the admin API)"),
         (name = "a2a", description = "Agents as A2A 1.0 servers (JSON-RPC binding); see docs/api.md, A2A"),
     )
 )]
@@ -533,4 +540,47 @@ pub enum A2aRefusal {
     Edge(ErrorBody),
     /// Refused by the A2A method (mailbox full, breaker open, store unavailable).
     Rpc(JsonRpcResponse),
+}
+
+/// One Server-Sent Event of `GET /admin/events`.
+#[derive(Serialize, ToSchema)]
+pub struct AdminEvent {
+    /// `agents`, `task`, `deliveries` or `resync`.
+    #[schema(pattern = "^(agents|task|deliveries|resync)$")]
+    event: String,
+    /// The frame as JSON text: the agents with their tick history, a task record, the failed
+    /// deliveries, or how many task changes were missed.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+/// `GET /admin/stats`.
+#[derive(Serialize, ToSchema)]
+pub struct TickStatsAnswer {
+    /// Seconds of history kept.
+    window_secs: u64,
+    /// Each agent's history.
+    agents: Vec<AgentTickHistory>,
+}
+
+/// One agent's tick history.
+#[derive(Serialize, ToSchema)]
+pub struct AgentTickHistory {
+    /// `namespace/name`.
+    id: String,
+    /// Per-second series from `start` (Unix seconds): `ticks`, `failures`, `avg_ms`, `max_ms`,
+    /// and `last_tick_at`, `last_tick_ms`.
+    #[schema(value_type = Object)]
+    history: serde_json::Value,
+}
+
+/// `GET /admin/tasks/{id}`: the task record plus its `inputs`, which only operators see.
+#[derive(Serialize, ToSchema)]
+pub struct AdminTaskRecord {
+    /// The task record's fields.
+    #[serde(flatten)]
+    record: tasks::TaskRecord<'static>,
+    /// The task's inputs.
+    #[schema(value_type = serde_json::Value)]
+    inputs: serde_json::Value,
 }

@@ -122,7 +122,7 @@ fn prepare(spec: &HttpSpec, shown_url: &str) -> Result<Prepared, String> {
 }
 
 /// The URL without user info, query or fragment, any of which may hold a secret.
-fn safe_url(url: &Url) -> String {
+pub(super) fn safe_url(url: &Url) -> String {
     let mut shown = url.clone();
     let _ = shown.set_username("");
     let _ = shown.set_password(None);
@@ -132,7 +132,7 @@ fn safe_url(url: &Url) -> String {
 }
 
 /// The error and its causes on one line, without the URL reqwest would repeat (query included).
-fn causes(error: reqwest::Error) -> String {
+pub(super) fn causes(error: reqwest::Error) -> String {
     let error = error.without_url();
     let mut text = error.to_string();
     let mut source = std::error::Error::source(&error);
@@ -145,7 +145,10 @@ fn causes(error: reqwest::Error) -> String {
 }
 
 /// Reads at most `cap` bytes of the body; the flag says whether that was all of it.
-async fn read_body(mut response: Response, cap: usize) -> Result<(Vec<u8>, bool), reqwest::Error> {
+pub(super) async fn read_body(
+    mut response: Response,
+    cap: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
         let room = cap - body.len();

@@ -1,6 +1,7 @@
 //! What a tick executes. The agent actor only knows `Runner::tick`; each kind of runner lives in
 //! its own module so that adding one (a gRPC runner, say) touches nothing else.
 
+mod a2a;
 pub(crate) mod command;
 pub(crate) mod http;
 pub(crate) mod persistent;
@@ -28,6 +29,8 @@ pub enum RunnerSpec {
     Command(CommandSpec),
     /// An HTTP endpoint receiving the tick input as a POST.
     Http(HttpSpec),
+    /// A remote agent speaking A2A 1.0 (JSON-RPC binding), found through its agent card.
+    A2a(A2aSpec),
 }
 
 /// A `command` runner's settings.
@@ -67,6 +70,19 @@ pub struct HttpSpec {
     pub headers: BTreeMap<String, String>,
 }
 
+/// An `a2a` runner's settings (SPEC section 10).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct A2aSpec {
+    /// The remote agent's card (`…/.well-known/agent-card.json`); operator config, so it is not
+    /// subject to the SSRF guard that protects URLs coming from requests.
+    pub url: String,
+    /// The variable holding the bearer token sent to the remote agent, when it wants one. Named
+    /// rather than written here so that the secret stays out of the config file.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
 /// Why a tick did not produce usable output. The `Display` text becomes the task's `error`, so it
 /// is written for the operator reading a failed task.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -86,6 +102,10 @@ pub enum RunnerError {
     /// The `http` runner's endpoint could not be reached or answered with an error status.
     #[error("runner endpoint: {0}")]
     Http(String),
+    /// The `a2a` runner's remote agent could not be reached, broke the protocol, or ended its
+    /// task without success.
+    #[error("remote A2A agent: {0}")]
+    A2a(String),
     /// The runner itself reported `"status": "error"`.
     #[error("runner reported an error")]
     Reported,
@@ -105,6 +125,8 @@ pub enum Runner {
     Persistent(persistent::Persistent),
     /// See [`http::HttpRunner`].
     Http(http::HttpRunner),
+    /// See [`a2a::A2aRunner`].
+    A2a(a2a::A2aRunner),
 }
 
 impl Runner {
@@ -119,6 +141,7 @@ impl Runner {
                 }
             },
             RunnerSpec::Http(h) => Runner::Http(http::HttpRunner::new(h.clone())),
+            RunnerSpec::A2a(a) => Runner::A2a(a2a::A2aRunner::new(a.clone())),
         }
     }
 
@@ -144,6 +167,7 @@ impl Runner {
             Runner::Oneshot(r) => r.tick(input, timeout).await,
             Runner::Persistent(r) => r.tick(input, timeout).await,
             Runner::Http(r) => r.tick(input, timeout).await,
+            Runner::A2a(r) => r.tick(input, timeout).await,
         }?;
         if out.status.as_deref() == Some("error") {
             return Err(RunnerError::Reported);
