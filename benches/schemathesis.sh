@@ -113,6 +113,11 @@ values = [$(join "${ids[@]}")]
 include-path = "/a2a/{namespace}/{agent}"
 headers = { Authorization = "Bearer ${tokens[2]//\"/}", "A2A-Version" = "1.0" }
 parameters = { "path.namespace" = "default", "path.agent" = "asker" }
+
+# The operator feed never ends (an agents frame every second): read two frames of it.
+[[operations]]
+include-path = "/admin/events"
+max-stream-events = 2
 EOF
 
 started=$(date +%s)
