@@ -313,3 +313,182 @@ runner = { kind = "echo" }
     }
     server.kill();
 }
+
+/// What is wrong with `body` as the answer `status` of `method template`, by the schema the
+/// document gives that answer (JSON bodies only).
+fn violations(doc: &Value, method: &str, template: &str, status: u16, body: &Value) -> Vec<String> {
+    let response = &doc["paths"][template][method]["responses"][status.to_string()];
+    if !response.is_object() {
+        return vec![format!("the document does not list {status}")];
+    }
+    let schema = &response["content"]["application/json"]["schema"];
+    if !schema.is_object() {
+        return vec![format!("no JSON schema for {status}")];
+    }
+    // `$ref`s in the schema point into the document's components.
+    let root = serde_json::json!({ "allOf": [schema], "components": doc["components"] });
+    let validator = jsonschema::validator_for(&root).expect("the schema compiles");
+    validator
+        .iter_errors(body)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect()
+}
+
+/// Asserts that a real answer matches its documented schema.
+fn conforms(doc: &Value, method: &str, template: &str, resp: &common::Response) {
+    let errors = violations(doc, method, template, resp.status, &resp.json);
+    assert!(
+        errors.is_empty(),
+        "{method} {template} {}: {errors:?}\n{}",
+        resp.status,
+        resp.text
+    );
+}
+
+/// What schemathesis checks in `benches/schemathesis.sh`, for the common answers and in CI: real
+/// answers (successes and errors, admin and public) match the schemas the document gives them.
+#[test]
+fn real_answers_match_the_documented_schemas() {
+    let env = Env::new();
+    let server = env.start_with(
+        r#"
+[admin]
+token_env = "TICKGATE_ADMIN_TOKEN"
+[[agent]]
+name = "echo"
+runner = { kind = "echo" }
+"#,
+        &[("TICKGATE_ADMIN_TOKEN", "openapi-test-admin-token")],
+    );
+    let doc = document();
+    // The check is not vacuous: a wrong error body or task record is refused.
+    let bad_error = serde_json::json!({ "error": "not_found" });
+    assert!(!violations(&doc, "get", "/tasks/{id}", 404, &bad_error).is_empty());
+    let bad_task = serde_json::json!({ "task_id": "x", "status": "DONE" });
+    assert!(!violations(&doc, "get", "/tasks/{id}", 200, &bad_task).is_empty());
+    assert!(!violations(&doc, "get", "/tasks/{id}", 418, &bad_task).is_empty());
+    let admin = |req: reqwest::blocking::RequestBuilder| {
+        common::send(req.bearer_auth("openapi-test-admin-token"))
+    };
+    let client = common::client();
+    let base = &server.base;
+
+    let accepted = common::post_json(server.url("default/echo"), &serde_json::json!({"n": 1}));
+    assert_eq!(accepted.status, 202, "{}", accepted.text);
+    conforms(&doc, "post", "/webhooks/{token}", &accepted);
+    let id = accepted.json["task_id"].as_str().unwrap().to_string();
+    server.finished(&id);
+    let waited = common::send(
+        client
+            .post(format!("{}?wait=10", server.url("default/echo")))
+            .json(&serde_json::json!({"n": 2})),
+    );
+    assert_eq!(waited.status, 200, "{}", waited.text);
+    conforms(&doc, "post", "/webhooks/{token}", &waited);
+    let ping = common::send(client.get(server.url("default/echo")));
+    conforms(&doc, "get", "/webhooks/{token}", &ping);
+
+    conforms(
+        &doc,
+        "get",
+        "/tasks/{id}",
+        &server.get(&format!("/tasks/{id}")),
+    );
+    conforms(&doc, "get", "/tasks/{id}", &server.get("/tasks/nope"));
+    conforms(
+        &doc,
+        "get",
+        "/api/task_status",
+        &server.get(&format!("/api/task_status?task_id={id}")),
+    );
+    conforms(
+        &doc,
+        "get",
+        "/api/task_status",
+        &server.get("/api/task_status"),
+    );
+    conforms(&doc, "get", "/healthz", &server.get("/healthz"));
+    conforms(&doc, "get", "/ready", &server.get("/ready"));
+    conforms(
+        &doc,
+        "get",
+        "/ready/{namespace}/{agent}",
+        &server.get("/ready/default/echo"),
+    );
+    conforms(
+        &doc,
+        "get",
+        "/ready/{namespace}/{agent}",
+        &server.get("/ready/default/nope"),
+    );
+
+    let admin_get = |path: &str| admin(client.get(format!("{base}{path}")));
+    let admin_post = |path: &str| admin(client.post(format!("{base}{path}")));
+    conforms(&doc, "get", "/admin/agents", &admin_get("/admin/agents"));
+    conforms(&doc, "get", "/admin/agents", &server.get("/admin/agents"));
+    conforms(&doc, "get", "/admin/tasks", &admin_get("/admin/tasks"));
+    conforms(
+        &doc,
+        "get",
+        "/admin/tasks",
+        &admin_get("/admin/tasks?status=nope"),
+    );
+    conforms(
+        &doc,
+        "get",
+        "/admin/tasks/{id}",
+        &admin_get(&format!("/admin/tasks/{id}")),
+    );
+    conforms(&doc, "get", "/admin/stats", &admin_get("/admin/stats"));
+    conforms(
+        &doc,
+        "get",
+        "/admin/deliveries",
+        &admin_get("/admin/deliveries"),
+    );
+    conforms(
+        &doc,
+        "post",
+        "/admin/tasks/{id}/cancel",
+        &admin_post(&format!("/admin/tasks/{id}/cancel")),
+    );
+    let replayed = admin_post(&format!("/admin/tasks/{id}/replay"));
+    assert_eq!(replayed.status, 202, "{}", replayed.text);
+    conforms(&doc, "post", "/admin/tasks/{id}/replay", &replayed);
+    conforms(
+        &doc,
+        "post",
+        "/admin/agents/{namespace}/{agent}/replay",
+        &admin_post("/admin/agents/default/echo/replay"),
+    );
+    conforms(
+        &doc,
+        "post",
+        "/admin/agents/{namespace}/{agent}/breaker/reset",
+        &admin_post("/admin/agents/default/echo/breaker/reset"),
+    );
+    conforms(
+        &doc,
+        "post",
+        "/admin/agents/{namespace}/{agent}/restart",
+        &admin_post("/admin/agents/default/echo/restart"),
+    );
+    conforms(
+        &doc,
+        "post",
+        "/admin/agents/{namespace}/{agent}/token",
+        &admin_post("/admin/agents/default/echo/token"),
+    );
+    conforms(
+        &doc,
+        "post",
+        "/tasks/{id}/resume",
+        &common::send(
+            client
+                .post(format!("{base}/tasks/{id}/resume"))
+                .bearer_auth("openapi-test-admin-token")
+                .json(&serde_json::json!({"response": 1})),
+        ),
+    );
+    server.kill();
+}
