@@ -1,7 +1,9 @@
 //! `GET /openapi.json`: the document is valid OpenAPI 3.1, describes exactly the routes the server
 //! registers (the route table in `src/http/mod.rs`), refers every error answer to the one shared
 //! error schema, and is what the real binary serves. A route registered outside the table fails
-//! here too, so the table is the whole route list.
+//! here too, so the table is the whole route list. Real answers of the common routes are checked
+//! against the schemas the document gives them (the API fuzz run, `benches/schemathesis.sh`, does
+//! that for generated requests to every operation).
 //!
 //! `tests/fixtures/openapi-3.1-schema.json` is the official JSON Schema of OpenAPI 3.1 documents
 //! (`https://spec.openapis.org/oas/3.1/schema/2022-10-07`, Apache-2.0), vendored so that the check
