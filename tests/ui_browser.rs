@@ -3,7 +3,9 @@
 //! The HTTP tests always run. The browser test drives the page in real headless Chromium
 //! through chromedriver (WebDriver, with the `fantoccini` client): sign-in with a wrong token and
 //! then the right one, an agent ticking live after a trigger, a task record, a breaker reset, and
-//! an awaiting task resumed with a JSON answer. It saves screenshots into `docs/`. When
+//! an awaiting task resumed with a JSON answer. It takes screenshots and checks they are PNGs; with
+//! `TICKGATE_SCREENSHOTS=1` it saves them into `docs/` (how the README's pictures are made), so a
+//! plain test run leaves the work tree clean. When
 //! `chromium` or `chromedriver` is missing it prints SKIPPED and passes, unless
 //! `TICKGATE_REQUIRE_BROWSER=1` (CI sets it), which makes a missing browser a failure.
 
@@ -518,10 +520,13 @@ impl Browser {
         }
     }
 
-    /// Saves a PNG of the viewport into `docs/`.
+    /// Takes a PNG of the viewport; saves it into `docs/` when `TICKGATE_SCREENSHOTS=1`.
     fn screenshot(&self, name: &str) {
         let png = self.rt.block_on(self.c().screenshot()).unwrap();
         assert!(png.starts_with(b"\x89PNG"));
+        if std::env::var_os("TICKGATE_SCREENSHOTS").is_none_or(|v| v != "1") {
+            return;
+        }
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("docs")
             .join(name);
