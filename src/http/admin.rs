@@ -69,6 +69,19 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 }
 
 /// `GET /admin/agents`: every agent with its queue and tick count; never a token.
+#[utoipa::path(
+    get,
+    path = "/admin/agents",
+    tag = "admin",
+    operation_id = "list_agents",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every agent with its breaker, queue and schedules", body = crate::http::openapi::AgentList),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn list_agents(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let agents = state.registry.send(List).await?;
     let breakers = state.breaker.send(Snapshot).await?;
@@ -111,6 +124,27 @@ pub(super) fn schedules(state: &AppState, agent: &AgentId, now: u64) -> Vec<serd
 }
 
 /// `POST /admin/agents/{namespace}/{agent}/token`: a new token, shown in this answer only.
+#[utoipa::path(
+    post,
+    path = "/admin/agents/{namespace}/{agent}/token",
+    tag = "admin",
+    operation_id = "rotate_token",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The new token, shown in this answer only", body = crate::http::openapi::RotatedToken),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "The agent's token is pinned by configuration, or it has no webhook", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn rotate_token(
     _: Admin,
     path: web::Path<(String, String)>,
@@ -138,6 +172,24 @@ pub async fn rotate_token(
 
 /// `POST /admin/agents/{namespace}/{agent}/breaker/reset`: closes an agent's breaker at once,
 /// for when the operator knows the cause is fixed and does not want to wait for `open_for`.
+#[utoipa::path(
+    post,
+    path = "/admin/agents/{namespace}/{agent}/breaker/reset",
+    tag = "admin",
+    operation_id = "reset_breaker",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The breaker is closed", body = crate::http::openapi::BreakerReset),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn reset_breaker(
     _: Admin,
     path: web::Path<(String, String)>,
@@ -154,6 +206,24 @@ pub async fn reset_breaker(
 
 /// `POST /admin/agents/{namespace}/{agent}/restart`: restarts the agent actor (and so its
 /// persistent runner process) after the ticks already queued; nothing queued is lost.
+#[utoipa::path(
+    post,
+    path = "/admin/agents/{namespace}/{agent}/restart",
+    tag = "admin",
+    operation_id = "restart_agent",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 202, description = "The restart is queued behind the agent's queued ticks", body = crate::http::openapi::RestartQueued),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn restart_agent(
     _: Admin,
     path: web::Path<(String, String)>,

@@ -37,13 +37,24 @@ const BULK_REPLAY_MAX: usize = 1000;
 const BULK_SCAN_MAX: usize = 100_000;
 
 /// The listing's query string; every filter is optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only this agent's tasks (`namespace/name`).
     agent: Option<String>,
+    /// Only tasks with this status.
+    #[param(value_type = Option<crate::http::openapi::TaskStatusName>)]
     status: Option<String>,
+    /// Only tasks created at or after this time (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// Only tasks created before this time (RFC 3339).
+    #[param(format = DateTime)]
     until: Option<String>,
+    /// Page size (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
+    /// A `next_cursor` from the previous page.
     cursor: Option<String>,
 }
 
@@ -67,7 +78,12 @@ fn parse_status(raw: &str) -> Result<TaskStatus, ApiError> {
 fn parse_time(name: &str, raw: &str) -> Result<u64, ApiError> {
     let bad = || ApiError::BadRequest(format!("{name} {raw:?} is not an RFC 3339 time"));
     // humantime reads UTC times only; an offset is split off and applied here.
-    let (utc, offset_ms): (String, i64) = match raw.len().checked_sub(6).map(|i| raw.split_at(i)) {
+    // The offset is the last six bytes; a split inside a multi-byte character is no offset.
+    let split = raw
+        .len()
+        .checked_sub(6)
+        .filter(|i| raw.is_char_boundary(*i));
+    let (utc, offset_ms): (String, i64) = match split.map(|i| raw.split_at(i)) {
         Some((head, tail))
             if head.len() > 10
                 && tail.is_ascii()
@@ -125,6 +141,25 @@ fn filters(
 
 /// `GET /admin/tasks`: tasks newest first (by `created_at`, ties by id), filtered by agent,
 /// status and creation time, one page at a time.
+#[utoipa::path(
+    get,
+    path = "/admin/tasks",
+    tag = "admin",
+    operation_id = "list_tasks",
+    params(
+        ListParams
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Tasks, newest first", body = crate::http::openapi::TaskPage),
+        (status = 400, description = "A filter, `limit` or `cursor` is unusable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn list(
     _: Admin,
     params: web::Query<ListParams>,
@@ -198,6 +233,26 @@ fn task_id(raw: &str) -> Result<TaskId, ApiError> {
 
 /// `POST /admin/tasks/{id}/replay`: the task again, as a new task, through the intake (so the
 /// mailbox bound, the breaker and draining apply as to any trigger).
+#[utoipa::path(
+    post,
+    path = "/admin/tasks/{id}/replay",
+    tag = "admin",
+    operation_id = "replay_task",
+    params(
+        ("id" = String, Path, description = "The task id"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 202, description = "The new task, a replay of this one", body = TaskRecord,
+            headers(("Location" = String, description = "The new task's poll URL"))),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client, or the agent's mailbox is full", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The agent's breaker is open, the server is shutting down, or the store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn replay(
     _: Admin,
     id: web::Path<String>,
@@ -221,12 +276,19 @@ pub async fn replay(
 }
 
 /// Body of `POST /admin/agents/{namespace}/{agent}/replay`; every field is optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkReplay {
+    /// Only tasks with this status.
+    #[schema(value_type = Option<crate::http::openapi::TaskStatusName>)]
     status: Option<String>,
+    /// Only tasks created at or after this time (RFC 3339).
+    #[schema(format = DateTime)]
     since: Option<String>,
+    /// Only tasks created before this time (RFC 3339).
+    #[schema(format = DateTime)]
     until: Option<String>,
+    /// A `next_cursor` from a previous bulk replay.
     cursor: Option<String>,
 }
 
@@ -235,6 +297,29 @@ pub struct BulkReplay {
 /// their original order is kept). Each goes through the intake; once one is refused (mailbox
 /// full, breaker open, shutting down, store failing) the rest are not tried and are reported
 /// refused with the same error, so nothing is dropped silently and nothing overtakes.
+#[utoipa::path(
+    post,
+    path = "/admin/agents/{namespace}/{agent}/replay",
+    tag = "admin",
+    operation_id = "replay_agent",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+    ),
+    request_body(content = BulkReplay, content_type = "application/json", description = "Optional filters; an empty body replays every task of the agent"),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "What was replayed and what was refused", body = crate::http::openapi::BulkReplayResult),
+        (status = 400, description = "The body is not JSON, or a filter is unusable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "The body is too large", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn replay_agent(
     _: Admin,
     path: web::Path<(String, String)>,
@@ -327,6 +412,26 @@ fn refusal_code(e: &Refused) -> &'static str {
 /// `AWAITING_INPUT`. The store writer decides against the task's current status, so a cancel
 /// and the task's start are ordered: a task whose tick started is `409` (a running tick is not
 /// interrupted), and one revoked first never starts (the agent's start write is refused).
+#[utoipa::path(
+    post,
+    path = "/admin/tasks/{id}/cancel",
+    tag = "admin",
+    operation_id = "cancel_task",
+    params(
+        ("id" = String, Path, description = "The task id"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The task, now REVOKED", body = TaskRecord),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "The task has started or finished", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn cancel(
     _: Admin,
     id: web::Path<String>,
@@ -389,9 +494,17 @@ mod tests {
         );
         assert!(parse_time("t", "1970-01-01T00:00:01").is_err());
         assert!(parse_time("t", "1969-12-31T23:59:59Z").is_err());
+        // A character of several bytes across the offset's place (found by the API fuzz run).
+        assert!(parse_time("since", "\u{80}00\u{800}").is_err());
     }
 
     proptest! {
+        /// Found by the API fuzz run: a multi-byte character across the offset's place panicked.
+        #[test]
+        fn any_time_text_is_parsed_or_refused(raw in "\\PC{0,40}") {
+            let _ = parse_time("since", &raw);
+        }
+
         #[test]
         fn cursors_round_trip_and_garbage_is_refused(ms in any::<u64>(), id in any::<[u8; 16]>(), junk in ".{0,60}") {
             let c = ListCursor { created_ms: ms, id: TaskId::from_bytes(id) };

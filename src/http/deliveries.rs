@@ -19,11 +19,17 @@ const MAX_LIMIT: usize = 1000;
 const DEFAULT_LIMIT: usize = 100;
 
 /// `GET /admin/deliveries` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only this agent's deliveries (`namespace/name`).
     agent: Option<String>,
+    /// `pending`, `succeeded` or `failed`.
     status: Option<String>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// A `next_cursor` from the previous page.
     cursor: Option<String>,
 }
 
@@ -62,6 +68,25 @@ impl From<NotifyError> for ApiError {
 }
 
 /// `GET /admin/deliveries?agent=&status=&limit=&cursor=`, oldest first.
+#[utoipa::path(
+    get,
+    path = "/admin/deliveries",
+    tag = "admin",
+    operation_id = "list_deliveries",
+    params(
+        ListQuery
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Deliveries, oldest first", body = crate::http::openapi::DeliveryPage),
+        (status = 400, description = "A filter, `limit` or `cursor` is unusable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn list(
     _: Admin,
     query: web::Query<ListQuery>,
@@ -116,6 +141,26 @@ pub async fn list(
 }
 
 /// `POST /admin/deliveries/{id}/retry`: `202` with the delivery, pending again.
+#[utoipa::path(
+    post,
+    path = "/admin/deliveries/{id}/retry",
+    tag = "admin",
+    operation_id = "retry_delivery",
+    params(
+        ("id" = String, Path, description = "The delivery id"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 202, description = "The delivery, pending again", body = crate::http::openapi::DeliveryRecord),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such delivery", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "The delivery has not failed", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn retry(
     _: Admin,
     path: web::Path<String>,
@@ -131,6 +176,27 @@ pub async fn retry(
 }
 
 /// `POST /admin/agents/{namespace}/{agent}/notify/{index}/enable`.
+#[utoipa::path(
+    post,
+    path = "/admin/agents/{namespace}/{agent}/notify/{index}/enable",
+    tag = "admin",
+    operation_id = "enable_notify_endpoint",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+        ("index" = String, Path, description = "The endpoint's index in the agent's `[[agent.notify]]` list"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The endpoint takes deliveries again", body = crate::http::openapi::EndpointEnabled),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such agent or endpoint", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn enable(
     _: Admin,
     path: web::Path<(String, String, String)>,

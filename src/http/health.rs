@@ -14,6 +14,16 @@ use super::error::ApiError;
 use super::{agent_in_path, no_such_agent, AppState};
 
 /// 200 while the process serves requests; says nothing about agents or the store.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    responses(
+        (status = 200, description = "The process serves requests", body = crate::http::openapi::OkBody),
+
+    )
+)]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "ok": true }))
 }
@@ -44,6 +54,18 @@ fn answer(ready: bool, agents: BTreeMap<String, Value>, state: &AppState) -> Htt
 
 /// `GET /ready`: ready when the store is healthy, the server is not draining, and at least one
 /// agent's breaker is not open.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "health",
+    operation_id = "ready",
+    responses(
+        (status = 200, description = "Ready", body = crate::http::openapi::Readiness),
+        (status = 503, description = "Not ready (the body says why)", body = crate::http::openapi::Readiness,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+
+    )
+)]
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let handles = state.registry.send(List).await?;
     let breakers = state.breaker.send(Snapshot).await?;
@@ -64,6 +86,22 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
 }
 
 /// `GET /ready/{namespace}/{agent}`: the same for one agent, whose breaker alone decides.
+#[utoipa::path(
+    get,
+    path = "/ready/{namespace}/{agent}",
+    tag = "health",
+    operation_id = "ready_agent",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+    ),
+    responses(
+        (status = 200, description = "The agent takes triggers", body = crate::http::openapi::Readiness),
+        (status = 503, description = "Not ready (the body says why)", body = crate::http::openapi::Readiness,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
+    )
+)]
 pub async fn ready_agent(
     path: web::Path<(String, String)>,
     state: web::Data<AppState>,
@@ -84,6 +122,16 @@ pub async fn ready_agent(
 
 /// `GET /metrics`: Prometheus text exposition. Gauges describing current state are refreshed
 /// from the registry and the breaker at scrape time.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    operation_id = "metrics",
+    responses(
+        (status = 200, description = "Prometheus text exposition", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String),
+
+    )
+)]
 pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let handles = state.registry.send(List).await?;
     let breakers = state.breaker.send(Snapshot).await?;

@@ -8,6 +8,7 @@ pub mod deliveries;
 pub mod error;
 pub mod health;
 mod limits;
+pub mod openapi;
 pub mod tasks;
 pub(crate) mod ui;
 pub mod webhook;
@@ -106,7 +107,90 @@ impl AppState {
     }
 }
 
-/// Registers every route. Admin routes exist only when an admin token is configured.
+/// One served route: what `tests/openapi.rs` compares with the OpenAPI document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// `get` or `post`.
+    pub method: &'static str,
+    /// The path template as registered (`{name}` segments).
+    pub path: &'static str,
+    /// Served only when an admin token is configured.
+    pub admin: bool,
+}
+
+/// The route table. Every route is registered from here and nowhere else (a test in this module
+/// fails on any other registration), and `tests/openapi.rs` fails when a row is missing from the
+/// OpenAPI document, so a new route cannot go undocumented. Each path also answers other methods
+/// with `405` in the one error shape.
+macro_rules! route_table {
+    (
+        public { $($pp:literal => [$($pm:ident $pmod:ident::$pf:ident),+ $(,)?]),* $(,)? }
+        admin { $($ap:literal => [$($am:ident $amod:ident::$af:ident),+ $(,)?]),* $(,)? }
+    ) => {
+        /// Every route tickgate serves (admin ones only with an admin token).
+        pub const ROUTES: &[Route] = &[
+            $($(Route { method: stringify!($pm), path: $pp, admin: false },)+)*
+            $($(Route { method: stringify!($am), path: $ap, admin: true },)+)*
+        ];
+
+        fn register_public(cfg: &mut web::ServiceConfig) {
+            $(cfg.service(
+                web::resource($pp)
+                    $(.route(web::$pm().to($pmod::$pf)))+
+                    .default_service(web::to(method_not_allowed)),
+            );)*
+        }
+
+        fn register_admin(cfg: &mut web::ServiceConfig) {
+            $(cfg.service(
+                web::resource($ap)
+                    $(.route(web::$am().to($amod::$af)))+
+                    .default_service(web::to(method_not_allowed)),
+            );)*
+        }
+    };
+}
+
+route_table! {
+    public {
+        "/webhooks/{token}" => [post webhook::post_by_token, get webhook::get_by_token],
+        "/api/webhooks/agents/{token}" => [post webhook::post_by_token, get webhook::get_by_token],
+        "/webhooks/{namespace}/{agent}/{token}" => [post webhook::post_named, get webhook::get_named],
+        "/tasks/{id}" => [get tasks::get],
+        "/tasks/{id}/resume" => [post tasks::resume],
+        "/tasks/{id}/events" => [get tasks::events],
+        "/api/task_status" => [get tasks::status_alias],
+        "/a2a/{namespace}/{agent}/.well-known/agent-card.json" => [get a2a::card],
+        "/a2a/{namespace}/{agent}" => [post a2a::rpc],
+        "/healthz" => [get health::healthz],
+        "/ready" => [get health::ready],
+        "/ready/{namespace}/{agent}" => [get health::ready_agent],
+        "/metrics" => [get health::metrics],
+        "/openapi.json" => [get openapi::document],
+        "/ui" => [get ui::page],
+        "/ui/app.js" => [get ui::script],
+        "/ui/app.css" => [get ui::style],
+    }
+    admin {
+        "/admin/agents" => [get admin::list_agents],
+        "/admin/agents/{namespace}/{agent}/token" => [post admin::rotate_token],
+        "/admin/agents/{namespace}/{agent}/restart" => [post admin::restart_agent],
+        "/admin/agents/{namespace}/{agent}/breaker/reset" => [post admin::reset_breaker],
+        "/admin/deliveries" => [get deliveries::list],
+        "/admin/deliveries/{id}/retry" => [post deliveries::retry],
+        "/admin/agents/{namespace}/{agent}/notify/{index}/enable" => [post deliveries::enable],
+        "/admin/tasks" => [get admin_tasks::list],
+        "/admin/tasks/{id}/replay" => [post admin_tasks::replay],
+        "/admin/tasks/{id}/cancel" => [post admin_tasks::cancel],
+        "/admin/agents/{namespace}/{agent}/replay" => [post admin_tasks::replay_agent],
+        "/admin/events" => [get ui::events],
+        "/admin/stats" => [get ui::stats],
+        "/admin/tasks/{id}" => [get ui::task],
+    }
+}
+
+/// Registers every route of [`ROUTES`]. Admin routes exist only when an admin token is
+/// configured.
 pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
     // Extractor failures say what was wrong, in the one error shape.
     cfg.app_data(web::QueryConfig::default().error_handler(|e, _| {
@@ -116,132 +200,10 @@ pub fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
         web::PathConfig::default()
             .error_handler(|e, _| ApiError::BadRequest(format!("the path is invalid: {e}")).into()),
     );
-    cfg.service(
-        web::resource("/webhooks/{token}")
-            .route(web::post().to(webhook::post_by_token))
-            .route(web::get().to(webhook::get_by_token))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/webhooks/agents/{token}")
-            .route(web::post().to(webhook::post_by_token))
-            .route(web::get().to(webhook::get_by_token))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/webhooks/{namespace}/{agent}/{token}")
-            .route(web::post().to(webhook::post_named))
-            .route(web::get().to(webhook::get_named))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/tasks/{id}")
-            .route(web::get().to(tasks::get))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/tasks/{id}/resume")
-            .route(web::post().to(tasks::resume))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/tasks/{id}/events")
-            .route(web::get().to(tasks::events))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/task_status")
-            .route(web::get().to(tasks::status_alias))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/a2a/{namespace}/{agent}/.well-known/agent-card.json")
-            .route(web::get().to(a2a::card))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/a2a/{namespace}/{agent}")
-            .route(web::post().to(a2a::rpc))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/healthz")
-            .route(web::get().to(health::healthz))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/ready")
-            .route(web::get().to(health::ready))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/ready/{namespace}/{agent}")
-            .route(web::get().to(health::ready_agent))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/metrics")
-            .route(web::get().to(health::metrics))
-            .default_service(web::to(method_not_allowed)),
-    );
+    register_public(cfg);
     if admin_enabled {
-        cfg.service(
-            web::resource("/admin/agents")
-                .route(web::get().to(admin::list_agents))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/agents/{namespace}/{agent}/token")
-                .route(web::post().to(admin::rotate_token))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/agents/{namespace}/{agent}/restart")
-                .route(web::post().to(admin::restart_agent))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/agents/{namespace}/{agent}/breaker/reset")
-                .route(web::post().to(admin::reset_breaker))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/deliveries")
-                .route(web::get().to(deliveries::list))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/deliveries/{id}/retry")
-                .route(web::post().to(deliveries::retry))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/agents/{namespace}/{agent}/notify/{index}/enable")
-                .route(web::post().to(deliveries::enable))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/tasks")
-                .route(web::get().to(admin_tasks::list))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/tasks/{id}/replay")
-                .route(web::post().to(admin_tasks::replay))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/tasks/{id}/cancel")
-                .route(web::post().to(admin_tasks::cancel))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/agents/{namespace}/{agent}/replay")
-                .route(web::post().to(admin_tasks::replay_agent))
-                .default_service(web::to(method_not_allowed)),
-        );
+        register_admin(cfg);
     }
-    ui::routes(cfg, admin_enabled);
 }
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {

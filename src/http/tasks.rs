@@ -20,11 +20,14 @@ use super::error::ApiError;
 use super::AppState;
 
 /// The task as the API shows it (SPEC section 4, Tasks).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = TaskRecord)]
 pub struct TaskRecord<'a> {
     task_id: String,
     agent: String,
+    #[schema(value_type = crate::http::openapi::TaskStatusName)]
     status: TaskStatus,
+    #[schema(value_type = crate::http::openapi::TaskPhase)]
     phase: &'static str,
     tick: Option<u64>,
     attempt: u32,
@@ -49,7 +52,7 @@ pub struct TaskRecord<'a> {
 
 /// Where a task came from, as the task record shows it (SPEC section 7): never headers or
 /// addresses, which stay between tickgate and the runner.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct SourceRecord<'a> {
     method: &'a str,
     event: &'a Option<String>,
@@ -57,7 +60,7 @@ struct SourceRecord<'a> {
 }
 
 /// One attempt as the task record shows it (SPEC section 8).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct AttemptRecord<'a> {
     attempt: u32,
     started_at: String,
@@ -66,7 +69,7 @@ struct AttemptRecord<'a> {
 }
 
 /// What a parked task waits for, with the URL that answers it (SPEC section 8).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct AwaitingRecord<'a> {
     request: &'a Value,
     since: String,
@@ -160,6 +163,19 @@ async fn load_or_404(state: &AppState, raw: &str) -> Result<Task, ApiError> {
 }
 
 /// `GET /tasks/{id}`.
+#[utoipa::path(
+    get,
+    path = "/tasks/{id}",
+    tag = "tasks",
+    operation_id = "get_task",
+    params(("id" = String, Path, description = "The task id")),
+    responses(
+        (status = 200, description = "The task", body = TaskRecord),
+        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn get(
     id: web::Path<String>,
     state: web::Data<AppState>,
@@ -169,12 +185,26 @@ pub async fn get(
 }
 
 /// Query of the DocsGPT-compatible alias.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatusQuery {
     task_id: String,
 }
 
 /// `GET /api/task_status?task_id={id}`.
+#[utoipa::path(
+    get,
+    path = "/api/task_status",
+    tag = "tasks",
+    params(StatusQuery),
+    responses(
+        (status = 200, description = "The task", body = TaskRecord),
+        (status = 400, description = "`task_id` is missing", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn status_alias(
     query: web::Query<StatusQuery>,
     state: web::Data<AppState>,
@@ -235,6 +265,20 @@ fn sse_frame(task: &Task, state: &AppState) -> web::Bytes {
 
 /// `GET /tasks/{id}/events`: one `status` event per change, closing after the terminal one.
 /// Works for finished tasks too (one event, then the end).
+#[utoipa::path(
+    get,
+    path = "/tasks/{id}/events",
+    tag = "tasks",
+    operation_id = "task_events",
+    params(("id" = String, Path, description = "The task id")),
+    responses(
+        (status = 200, description = "Server-Sent Events: `event: status` with the task record as `data`, one per change, closing after the terminal one",
+            content_type = "text/event-stream", body = crate::http::openapi::TaskEvent),
+        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn events(
     id: web::Path<String>,
     state: web::Data<AppState>,
@@ -279,6 +323,29 @@ pub async fn events(
 /// `POST /tasks/{id}/resume`: answers a task parked in `AWAITING_INPUT` (SPEC section 8). The
 /// caller proves itself with the task's agent's webhook token or the admin token as a bearer
 /// token; failures count toward the per-client auth-failure limit like wrong webhook tokens.
+#[utoipa::path(
+    post,
+    path = "/tasks/{id}/resume",
+    tag = "tasks",
+    operation_id = "resume_task",
+    params(("id" = String, Path, description = "The task id")),
+    request_body(content = crate::http::openapi::ResumeBody, content_type = "application/json"),
+    security(("admin_token" = []), ("agent_token" = [])),
+    responses(
+        (status = 202, description = "The answer is recorded; the task is queued to continue", body = TaskRecord),
+        (status = 400, description = "The body has no `response` field", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "Neither the admin token nor the agent's webhook token", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = crate::http::openapi::ErrorBody),
+        (status = 409, description = "The task is not awaiting input", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "The body is too large", body = crate::http::openapi::ErrorBody),
+        (status = 415, description = "The body declares a content encoding", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client, or the agent's mailbox is full", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "Shutting down, overloaded, or the store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn resume(
     id: web::Path<String>,
     req: actix_web::HttpRequest,

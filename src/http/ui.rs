@@ -36,7 +36,7 @@ use tokio::sync::broadcast;
 use super::admin::Admin;
 use super::error::ApiError;
 use super::tasks::{load, TaskRecord};
-use super::{method_not_allowed, AppState};
+use super::AppState;
 pub use stats::{StatsRecorder, TickStats};
 
 /// The page, compiled in.
@@ -58,42 +58,6 @@ const DELIVERIES_EVERY: u32 = 5;
 /// Most failed deliveries the stream shows.
 const DELIVERIES_SHOWN: usize = 100;
 
-/// Registers the page's routes (always) and its admin routes (with the admin API).
-pub(crate) fn routes(cfg: &mut web::ServiceConfig, admin_enabled: bool) {
-    cfg.service(
-        web::resource("/ui")
-            .route(web::get().to(page))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/ui/app.js")
-            .route(web::get().to(script))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/ui/app.css")
-            .route(web::get().to(style))
-            .default_service(web::to(method_not_allowed)),
-    );
-    if admin_enabled {
-        cfg.service(
-            web::resource("/admin/events")
-                .route(web::get().to(events))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/stats")
-                .route(web::get().to(stats))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/tasks/{id}")
-                .route(web::get().to(task))
-                .default_service(web::to(method_not_allowed)),
-        );
-    }
-}
-
 /// A static asset with the page's security headers.
 fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
     HttpResponse::Ok()
@@ -107,22 +71,62 @@ fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
 }
 
 /// `GET /ui`: the operator page.
+#[utoipa::path(
+    get,
+    path = "/ui",
+    tag = "ui",
+    operation_id = "ui_page",
+    responses(
+        (status = 200, description = "The operator page; with a Content-Security-Policy that allows only the page's own origin", content_type = "text/html; charset=utf-8", body = String),
+    )
+)]
 pub async fn page() -> HttpResponse {
     asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
 /// `GET /ui/app.js`: the page's script.
+#[utoipa::path(
+    get,
+    path = "/ui/app.js",
+    tag = "ui",
+    operation_id = "ui_script",
+    responses(
+        (status = 200, description = "The page's script; with a Content-Security-Policy that allows only the page's own origin", content_type = "text/javascript; charset=utf-8", body = String),
+    )
+)]
 pub async fn script() -> HttpResponse {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
 /// `GET /ui/app.css`: the page's style.
+#[utoipa::path(
+    get,
+    path = "/ui/app.css",
+    tag = "ui",
+    operation_id = "ui_style",
+    responses(
+        (status = 200, description = "The page's style; with a Content-Security-Policy that allows only the page's own origin", content_type = "text/css; charset=utf-8", body = String),
+    )
+)]
 pub async fn style() -> HttpResponse {
     asset("text/css; charset=utf-8", APP_CSS)
 }
 
 /// `GET /admin/stats`: every agent's ticks per second and tick durations over the last
 /// [`stats::WINDOW_SECS`] seconds, for the page's charts and for scripts.
+#[utoipa::path(
+    get,
+    path = "/admin/stats",
+    tag = "admin",
+    operation_id = "admin_stats",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every agent's tick history over the window", body = crate::http::openapi::TickStatsAnswer),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn stats(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let agents = state.registry.send(List).await?;
     let now = now_ms();
@@ -134,6 +138,25 @@ pub async fn stats(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse,
 }
 
 /// `GET /admin/tasks/{id}`: the task record with what only an operator sees: its `inputs`.
+#[utoipa::path(
+    get,
+    path = "/admin/tasks/{id}",
+    tag = "admin",
+    operation_id = "admin_task",
+    params(
+        ("id" = String, Path, description = "The task id"),
+    ),
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The task record with its `inputs`", body = crate::http::openapi::AdminTaskRecord),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn task(
     _: Admin,
     id: web::Path<String>,
@@ -245,6 +268,19 @@ impl Feed {
 /// `GET /admin/events`: the page's live feed (see the module documentation for its frames).
 /// Subscribes before the first frame, so that no change after the page's initial reads is
 /// missed. A failure ends the stream; the page reconnects and re-reads.
+#[utoipa::path(
+    get,
+    path = "/admin/events",
+    tag = "admin",
+    operation_id = "admin_events",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Server-Sent Events: `agents` (every second), `task` (each change), `deliveries` (failed callbacks, when they change), `resync`", content_type = "text/event-stream", body = crate::http::openapi::AdminEvent),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn events(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let tasks = state.events.subscribe_all();
     let mut every = tokio::time::interval(AGENTS_EVERY);

@@ -25,6 +25,38 @@ use crate::ingress::body::{self, BodyError, TriggerBody};
 use crate::ingress::{title, Gate, GateError};
 
 /// `POST /webhooks/{token}` and `POST /api/webhooks/agents/{token}`.
+#[utoipa::path(
+    post,
+    path = "/webhooks/{token}",
+    tag = "triggers",
+    operation_id = "trigger",
+    params(
+        ("token" = String, Path, description = "The agent's webhook token"),
+        ("wait" = Option<String>, Query, description = "How long to wait for the task: seconds, `true` (30 s) or `false`"),
+    ),
+    request_body(description = "Any JSON value or a form. An object's `inputs`, `title`, `env` and `wait` fields are read when present; otherwise the whole body is the task's inputs. An empty body is `{}`.",
+        content(
+            (serde_json::Value = "application/json"),
+            (Object = "application/x-www-form-urlencoded"),
+        )),
+    responses(
+        (status = 200, description = "The task after a synchronous wait (`?wait=N`, `Prefer: wait=N` or the body's `wait`); a provider handshake's answer; or the agent's configured `webhook.ack`", body = TaskRecord),
+        (status = 202, description = "Accepted: the task is on disk and queued (or a synchronous wait ran out: then the body is the task record with `timed_out`)",
+            body = crate::http::openapi::TriggerAccepted, headers(("Location" = String, description = "The task's poll URL"))),
+        (status = 400, description = "A body field, the query string, `wait` or the delivery id is unusable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "The signature check failed, or (named form) the token is not this agent's", body = crate::http::openapi::ErrorBody),
+        (status = 403, description = "The client address is outside the agent's `allow_cidrs`", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No agent has this token", body = crate::http::openapi::ErrorBody),
+        (status = 408, description = "The body did not arrive within `server.body_timeout`", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "The body exceeds `max_body_bytes`", body = crate::http::openapi::ErrorBody),
+        (status = 415, description = "Neither JSON nor a form, or a `Content-Encoding` was declared", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "The idempotency key was used before with a different body", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Rate limited, too many failed tokens from this client, or the agent's mailbox is full", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The agent's breaker is open, the server is shutting down or overloaded, or the store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn post_by_token(
     token: web::Path<String>,
     req: HttpRequest,
@@ -38,6 +70,40 @@ pub async fn post_by_token(
 }
 
 /// `POST /webhooks/{namespace}/{agent}/{token}`.
+#[utoipa::path(
+    post,
+    path = "/webhooks/{namespace}/{agent}/{token}",
+    tag = "triggers",
+    operation_id = "trigger_named",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+        ("token" = String, Path, description = "The agent's webhook token"),
+        ("wait" = Option<String>, Query, description = "How long to wait for the task: seconds, `true` (30 s) or `false`"),
+    ),
+    request_body(description = "Any JSON value or a form. An object's `inputs`, `title`, `env` and `wait` fields are read when present; otherwise the whole body is the task's inputs. An empty body is `{}`.",
+        content(
+            (serde_json::Value = "application/json"),
+            (Object = "application/x-www-form-urlencoded"),
+        )),
+    responses(
+        (status = 200, description = "The task after a synchronous wait (`?wait=N`, `Prefer: wait=N` or the body's `wait`); a provider handshake's answer; or the agent's configured `webhook.ack`", body = TaskRecord),
+        (status = 202, description = "Accepted: the task is on disk and queued (or a synchronous wait ran out: then the body is the task record with `timed_out`)",
+            body = crate::http::openapi::TriggerAccepted, headers(("Location" = String, description = "The task's poll URL"))),
+        (status = 400, description = "A body field, the query string, `wait` or the delivery id is unusable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "The signature check failed, or (named form) the token is not this agent's", body = crate::http::openapi::ErrorBody),
+        (status = 403, description = "The client address is outside the agent's `allow_cidrs`", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No agent has this token", body = crate::http::openapi::ErrorBody),
+        (status = 408, description = "The body did not arrive within `server.body_timeout`", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "The body exceeds `max_body_bytes`", body = crate::http::openapi::ErrorBody),
+        (status = 415, description = "Neither JSON nor a form, or a `Content-Encoding` was declared", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "The idempotency key was used before with a different body", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Rate limited, too many failed tokens from this client, or the agent's mailbox is full", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The agent's breaker is open, the server is shutting down or overloaded, or the store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn post_named(
     path: web::Path<(String, String, String)>,
     req: HttpRequest,
@@ -52,6 +118,31 @@ pub async fn post_named(
 }
 
 /// `GET /webhooks/{token}`: a verification ping without a query string, a trigger with one.
+#[utoipa::path(
+    get,
+    path = "/webhooks/{token}",
+    tag = "triggers",
+    operation_id = "trigger_get",
+    params(
+        ("token" = String, Path, description = "The agent's webhook token"),
+        ("wait" = Option<String>, Query, description = "How long to wait for the task; every other query parameter becomes an input (string)"),
+    ),
+    responses(
+        (status = 200, description = "Without a query string: a verification ping. With one (and `wait`): the task after a synchronous wait", body = crate::http::openapi::GetTriggerAnswer),
+        (status = 202, description = "Accepted: the task is on disk and queued (or a synchronous wait ran out: then the body is the task record with `timed_out`)",
+            body = crate::http::openapi::TriggerAccepted, headers(("Location" = String, description = "The task's poll URL"))),
+        (status = 400, description = "A body field, the query string, `wait` or the delivery id is unusable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "The signature check failed, or (named form) the token is not this agent's", body = crate::http::openapi::ErrorBody),
+        (status = 403, description = "The client address is outside the agent's `allow_cidrs`", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No agent has this token", body = crate::http::openapi::ErrorBody),
+        (status = 405, description = "The agent does not take GET triggers (`allow_get`)", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "The idempotency key was used before with a different body", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Rate limited, too many failed tokens from this client, or the agent's mailbox is full", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The agent's breaker is open, the server is shutting down or overloaded, or the store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn get_by_token(
     token: web::Path<String>,
     req: HttpRequest,
@@ -63,6 +154,33 @@ pub async fn get_by_token(
 }
 
 /// `GET /webhooks/{namespace}/{agent}/{token}`.
+#[utoipa::path(
+    get,
+    path = "/webhooks/{namespace}/{agent}/{token}",
+    tag = "triggers",
+    operation_id = "trigger_get_named",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+        ("token" = String, Path, description = "The agent's webhook token"),
+        ("wait" = Option<String>, Query, description = "How long to wait for the task; every other query parameter becomes an input (string)"),
+    ),
+    responses(
+        (status = 200, description = "Without a query string: a verification ping. With one (and `wait`): the task after a synchronous wait", body = crate::http::openapi::GetTriggerAnswer),
+        (status = 202, description = "Accepted: the task is on disk and queued (or a synchronous wait ran out: then the body is the task record with `timed_out`)",
+            body = crate::http::openapi::TriggerAccepted, headers(("Location" = String, description = "The task's poll URL"))),
+        (status = 400, description = "A body field, the query string, `wait` or the delivery id is unusable", body = crate::http::openapi::ErrorBody),
+        (status = 401, description = "The signature check failed, or (named form) the token is not this agent's", body = crate::http::openapi::ErrorBody),
+        (status = 403, description = "The client address is outside the agent's `allow_cidrs`", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No agent has this token", body = crate::http::openapi::ErrorBody),
+        (status = 405, description = "The agent does not take GET triggers (`allow_get`)", body = crate::http::openapi::ErrorBody),
+        (status = 422, description = "The idempotency key was used before with a different body", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Rate limited, too many failed tokens from this client, or the agent's mailbox is full", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "The agent's breaker is open, the server is shutting down or overloaded, or the store is unavailable", body = crate::http::openapi::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn get_named(
     path: web::Path<(String, String, String)>,
     req: HttpRequest,

@@ -48,6 +48,21 @@ const SCAN_LIMIT: usize = 5000;
 const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// `GET /a2a/{namespace}/{agent}/.well-known/agent-card.json`: the public Agent Card.
+#[utoipa::path(
+    get,
+    path = "/a2a/{namespace}/{agent}/.well-known/agent-card.json",
+    tag = "a2a",
+    operation_id = "a2a_agent_card",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+    ),
+    responses(
+        (status = 200, description = "The agent's A2A Agent Card", body = crate::http::openapi::A2aAgentCard,
+            headers(("Cache-Control" = String, description = "`public, max-age=60`"))),
+        (status = 404, description = "No such agent, or it is not an A2A agent", body = crate::http::openapi::ErrorBody),
+    )
+)]
 pub async fn card(
     path: web::Path<(String, String)>,
     state: web::Data<AppState>,
@@ -113,6 +128,37 @@ fn endpoint(state: &AppState, agent: &AgentId) -> String {
 /// `POST /a2a/{namespace}/{agent}`: one JSON-RPC call. Authentication first (the agent's webhook
 /// token as bearer; `401` with `WWW-Authenticate: Bearer`), then the body's type and size, the
 /// envelope, `A2A-Version`, and the method.
+#[utoipa::path(
+    post,
+    path = "/a2a/{namespace}/{agent}",
+    tag = "a2a",
+    operation_id = "a2a_rpc",
+    params(
+        ("namespace" = String, Path, description = "The agent's namespace"),
+        ("agent" = String, Path, description = "The agent's name"),
+        ("A2A-Version" = Option<String>, Header, description = "`1.0` (a request without it is A2A 0.3, answered with VersionNotSupported)"),
+    ),
+    request_body(content = crate::http::openapi::JsonRpcRequest, content_type = "application/json",
+        description = "One JSON-RPC 2.0 request: SendMessage, SendStreamingMessage, GetTask, CancelTask, SubscribeToTask, ListTasks"),
+    security(("agent_token" = [])),
+    responses(
+        (status = 200, description = "A JSON-RPC response (a result or a JSON-RPC error), or for the streaming methods Server-Sent Events each holding one",
+            content(
+                (crate::http::openapi::JsonRpcResponse = "application/json"),
+                (crate::http::openapi::A2aStreamEvent = "text/event-stream"),
+            )),
+        (status = 401, description = "The bearer token is not the agent's webhook token", body = crate::http::openapi::ErrorBody,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 404, description = "No such agent, or it is not an A2A agent", body = crate::http::openapi::ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = crate::http::openapi::ErrorBody),
+        (status = 413, description = "The body is too large", body = crate::http::openapi::ErrorBody),
+        (status = 415, description = "Not a JSON content type, or a content encoding was declared", body = crate::http::openapi::ErrorBody),
+        (status = 429, description = "Too many failed tokens from this client (error shape), or the agent's mailbox is full (JSON-RPC error)",
+            body = crate::http::openapi::A2aRefusal, headers(("Retry-After" = u64, description = "Seconds"))),
+        (status = 503, description = "Breaker open, shutting down, overloaded or the store unavailable (error shape or JSON-RPC error)",
+            body = crate::http::openapi::A2aRefusal, headers(("Retry-After" = u64, description = "Seconds"))),
+    )
+)]
 pub async fn rpc(
     path: web::Path<(String, String)>,
     req: HttpRequest,
