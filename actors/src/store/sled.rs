@@ -365,8 +365,26 @@ fn state_key(id: &TaskId) -> Vec<u8> {
     key(STATE, &[id.as_bytes()])
 }
 
+/// `prefix` then `namespace/name`, written straight into the key (no intermediate string: these
+/// keys are built several times per request on the writer thread). `extra` is the room the
+/// caller will append.
+fn agent_key(prefix: &[u8], agent: &AgentId, extra: usize) -> Vec<u8> {
+    let mut k =
+        Vec::with_capacity(prefix.len() + agent.namespace().len() + 1 + agent.name().len() + extra);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(agent.namespace().as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(agent.name().as_bytes());
+    k
+}
+
+/// The agent state record `a/<agent>`.
+fn agent_state_key(agent: &AgentId) -> Vec<u8> {
+    agent_key(AGENT, agent, 0)
+}
+
 fn queue_prefix(agent: &AgentId) -> Vec<u8> {
-    let mut k = key(QUEUE, &[agent.to_string().as_bytes()]);
+    let mut k = agent_key(QUEUE, agent, 1 + 8);
     k.push(0);
     k
 }
@@ -378,7 +396,10 @@ fn queue_key(agent: &AgentId, seq: u64) -> Vec<u8> {
 }
 
 fn idem_key(agent: &AgentId, idem_key: &str) -> Vec<u8> {
-    key(IDEM, &[agent.to_string().as_bytes(), idem_key.as_bytes()])
+    let mut k = agent_key(IDEM, agent, 1 + idem_key.len());
+    k.push(0);
+    k.extend_from_slice(idem_key.as_bytes());
+    k
 }
 
 fn finished_key(at_ms: u64, id: &TaskId) -> Vec<u8> {
@@ -401,7 +422,7 @@ fn list_key(task: &Task) -> Vec<u8> {
 }
 
 fn list_agent_prefix(agent: &AgentId) -> Vec<u8> {
-    let mut k = key(LIST_AGENT, &[agent.to_string().as_bytes()]);
+    let mut k = agent_key(LIST_AGENT, agent, 1 + 8 + 16);
     k.push(0);
     k
 }
@@ -903,10 +924,7 @@ fn stage(
                 // Only a tick with no start record (a runner without side effects) can reach
                 // here: its outcome is discarded and the record stays REVOKED. The agent's
                 // memory and tick counter did move, so they are kept.
-                batch.insert(
-                    key(AGENT, &[task.agent.to_string().as_bytes()]),
-                    encode(&state)?,
-                );
+                batch.insert(agent_state_key(&task.agent), encode(&state)?);
                 return Ok(Written::Revoked);
             }
             put_task(db, shared, batch, staged, &task, Part::State)?;
@@ -915,10 +933,7 @@ fn stage(
                 finished_key(task.finished_at.unwrap_or_else(now_ms), &task.id),
                 task.id.as_bytes().to_vec(),
             );
-            batch.insert(
-                key(AGENT, &[task.agent.to_string().as_bytes()]),
-                encode(&state)?,
-            );
+            batch.insert(agent_state_key(&task.agent), encode(&state)?);
             Ok(Written::Done)
         }
         Write::Purge {
@@ -1001,10 +1016,7 @@ fn stage(
                 retry_key(due, &task.id),
                 task.agent.to_string().into_bytes(),
             );
-            batch.insert(
-                key(AGENT, &[task.agent.to_string().as_bytes()]),
-                encode(&state)?,
-            );
+            batch.insert(agent_state_key(&task.agent), encode(&state)?);
             Ok(Written::Done)
         }
         Write::RetryDue { task: id, due_ms } => {
@@ -1027,10 +1039,7 @@ fn stage(
         Write::Park { task, state } => {
             put_task(db, shared, batch, staged, &task, Part::State)?;
             batch.remove(queue_key(&task.agent, task.seq));
-            batch.insert(
-                key(AGENT, &[task.agent.to_string().as_bytes()]),
-                encode(&state)?,
-            );
+            batch.insert(agent_state_key(&task.agent), encode(&state)?);
             if let Some(awaiting) = &task.awaiting {
                 batch.insert(
                     await_timer_key(awaiting.expires_at, &task.id),
@@ -1173,11 +1182,7 @@ fn read_task(shared: &Shared, id: TaskId) -> Result<Option<Task>, StoreError> {
 }
 
 fn read_agent_state(shared: &Shared, agent: &AgentId) -> Result<AgentState, StoreError> {
-    match shared
-        .db()?
-        .get(key(AGENT, &[agent.to_string().as_bytes()]))
-        .map_err(backend)?
-    {
+    match shared.db()?.get(agent_state_key(agent)).map_err(backend)? {
         Some(raw) => shared.decode(|| format!("state of agent {agent}"), &raw),
         None => Ok(AgentState {
             memory: serde_json::json!({}),
@@ -2432,6 +2437,58 @@ mod tests {
         )
         .unwrap();
         assert_eq!(left, vec![all[1].clone()]);
+    }
+
+    #[test]
+    fn changes_after_acceptance_write_a_small_state_record_and_revocations_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let (done, revoked);
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let t = submit_at(&store, &agent, 1);
+            let db = store.shared.db().unwrap();
+            let head = db.get(task_key(&t.id)).unwrap().unwrap();
+            assert_eq!(head[0], record::TASK_V1);
+            let mut finished = t.clone();
+            finished.status = TaskStatus::Success;
+            finished.finished_at = Some(5);
+            finished.result = Some(serde_json::json!({"response": {"ok": true}}));
+            finished.response = Some(serde_json::json!({"ok": true}));
+            blocking(
+                &store,
+                Write::Complete {
+                    task: Arc::new(finished.clone()),
+                    state: AgentState::default(),
+                },
+            )
+            .unwrap();
+            // The head is untouched; the change is a record of its own, holding the output once.
+            assert_eq!(db.get(task_key(&t.id)).unwrap().unwrap(), head);
+            let state = db.get(state_key(&t.id)).unwrap().unwrap();
+            assert_eq!(state[0], record::STATE_V1);
+            assert!(state.len() < 64, "{} bytes", state.len());
+            assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), finished);
+            done = finished;
+            let r = submit_at(&store, &agent, 2);
+            blocking(&store, Write::Cancel { id: r.id, at_ms: 3 }).unwrap();
+            revoked = r;
+            store.close().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.task_blocking(done.id).unwrap().unwrap(), done);
+        let mut started = revoked.clone();
+        started.status = TaskStatus::Started;
+        assert_eq!(
+            blocking(&store, Write::Start(Arc::new(started))).unwrap(),
+            Written::Revoked,
+            "the revocation is known to the writer after a reopen"
+        );
+        // Purged, the task leaves the writer's set with its records.
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 2);
+        let db = store.shared.db().unwrap();
+        assert!(db.scan_prefix(STATE).next().is_none());
+        assert!(db.scan_prefix(TASK).next().is_none());
     }
 
     #[test]
