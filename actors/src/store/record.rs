@@ -411,7 +411,7 @@ fn head_capacity(t: &Task) -> usize {
         .iter()
         .map(|(k, v)| k.len() + v.len() + 2)
         .sum();
-    128 + headers + t.title.as_ref().map_or(0, String::len) + 256
+    512 + headers + t.title.as_ref().map_or(0, String::len)
 }
 
 /// The head record of a newly accepted task: version, state, then what never changes.
@@ -420,7 +420,12 @@ pub(crate) fn encode_task(t: &Task) -> Vec<u8> {
     let mut o = Out(&mut buf);
     o.u8(TASK_V1);
     put_state(&mut o, t);
-    o.str(&t.agent.to_string());
+    // `namespace/name`, written without building the string.
+    let (ns, name) = (t.agent.namespace(), t.agent.name());
+    o.uint((ns.len() + 1 + name.len()) as u64);
+    o.0.extend_from_slice(ns.as_bytes());
+    o.0.push(b'/');
+    o.0.extend_from_slice(name.as_bytes());
     o.opt_str(t.title.as_deref());
     o.json(&t.inputs);
     let s = &t.source;
