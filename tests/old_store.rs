@@ -53,9 +53,18 @@ fn dump_store() {
         }
         trees.insert(hex(&name), entries);
     }
-    let dump = json!({"tasks": tasks, "trees": trees});
-    let out = std::env::var("OLD_STORE_OUT").expect("OLD_STORE_OUT");
-    std::fs::write(out, serde_json::to_string_pretty(&dump).unwrap() + "\n").unwrap();
+    // One record per line: small, and a regenerated fixture diffs record by record.
+    let mut out = format!("{{\n\"tasks\": {tasks},\n\"trees\": {{");
+    for (i, (name, entries)) in trees.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        out.push_str(&format!("{sep}\n{name:?}: [\n"));
+        let lines: Vec<String> = entries.iter().map(Value::to_string).collect();
+        out.push_str(&lines.join(",\n"));
+        out.push_str("\n]");
+    }
+    out.push_str("\n}\n}\n");
+    let path = std::env::var("OLD_STORE_OUT").expect("OLD_STORE_OUT");
+    std::fs::write(path, out).unwrap();
 }
 
 const ECHO_TOKEN: &str = "fixture-echo-token-0123456789abcdef";
