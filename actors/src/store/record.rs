@@ -403,21 +403,10 @@ fn get_state(i: &mut In<'_>, t: &mut Task) -> Result<(), RecordError> {
     Ok(())
 }
 
-/// A rough size of a task's head record, so its buffer is allocated once.
-fn head_capacity(t: &Task) -> usize {
-    let headers: usize = t
-        .source
-        .headers
-        .iter()
-        .map(|(k, v)| k.len() + v.len() + 2)
-        .sum();
-    512 + headers + t.title.as_ref().map_or(0, String::len)
-}
-
-/// The head record of a newly accepted task: version, state, then what never changes.
-pub(crate) fn encode_task(t: &Task) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(head_capacity(t));
-    let mut o = Out(&mut buf);
+/// The head record of a newly accepted task: version, state, then what never changes. Appended
+/// to `buf`, so that the writer encodes every record into one reused buffer.
+pub(crate) fn encode_task_into(buf: &mut Vec<u8>, t: &Task) {
+    let mut o = Out(buf);
     o.u8(TASK_V1);
     put_state(&mut o, t);
     // `namespace/name`, written without building the string.
@@ -445,15 +434,28 @@ pub(crate) fn encode_task(t: &Task) -> Vec<u8> {
             o.0.extend_from_slice(id.as_bytes());
         }
     }
+}
+
+/// The state record of a task that changed after acceptance, appended to `buf`.
+pub(crate) fn encode_state_into(buf: &mut Vec<u8>, t: &Task) {
+    let mut o = Out(buf);
+    o.u8(STATE_V1);
+    put_state(&mut o, t);
+}
+
+/// [`encode_task_into`] a buffer of its own.
+#[cfg(test)]
+pub(crate) fn encode_task(t: &Task) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode_task_into(&mut buf, t);
     buf
 }
 
-/// The state record of a task that changed after acceptance.
+/// [`encode_state_into`] a buffer of its own.
+#[cfg(test)]
 pub(crate) fn encode_state(t: &Task) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(64);
-    let mut o = Out(&mut buf);
-    o.u8(STATE_V1);
-    put_state(&mut o, t);
+    let mut buf = Vec::new();
+    encode_state_into(&mut buf, t);
     buf
 }
 

@@ -798,6 +798,16 @@ fn staged_task(
     shared.load_task(db, id)
 }
 
+thread_local! {
+    /// The buffer task records are encoded into. Only the writer thread stages writes, so this
+    /// is the writer's own buffer, reused for every record instead of one allocation each.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(SCRATCH_KEEP));
+}
+
+/// Largest capacity the record buffer keeps between records; a larger one (a task with a large
+/// payload) is given back.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
 /// Whether [`put_task`] writes a task's head (a newly accepted task) or only its state (any later
 /// change: the head already holds what never changes).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -817,10 +827,26 @@ fn put_task(
     task: &Task,
     part: Part,
 ) -> Result<(), StoreError> {
-    match part {
-        Part::Head => batch.insert(task_key(&task.id), record::encode_task(task)),
-        Part::State => batch.insert(state_key(&task.id), record::encode_state(task)),
-    }
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        buf.clear();
+        let key = match part {
+            Part::Head => {
+                record::encode_task_into(&mut buf, task);
+                task_key(&task.id)
+            }
+            Part::State => {
+                record::encode_state_into(&mut buf, task);
+                state_key(&task.id)
+            }
+        };
+        // sled copies the value into a shared slice of its own either way; from a borrowed
+        // buffer that is the only allocation.
+        batch.insert(key, &buf[..]);
+        if buf.capacity() > SCRATCH_KEEP {
+            *buf = Vec::with_capacity(SCRATCH_KEEP);
+        }
+    });
     restage(staged, task);
     let staged_before = staged.statuses.insert(task.id, task.status);
     let Some(outbox) = shared.outbox.as_ref().filter(|o| o.wants(&task.agent)) else {
