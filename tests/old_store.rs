@@ -14,10 +14,6 @@ use serde_json::{json, Value};
 
 const FIXTURE: &str = include_str!("fixtures/old_store.json");
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len())
         .step_by(2)
@@ -148,6 +144,29 @@ fn admin_get(server: &Server, path: &str) -> Response {
     )
 }
 
+/// Moves the fixture's timers (the retry's due time, the parked task's expiry) a day past now, in
+/// the timer keys and in the task records alike, so that what the previous release left waiting
+/// is still waiting whenever the test runs.
+fn postpone_timers(dump: &mut Value) {
+    let later = now() * 1000 + 86_400_000;
+    for entries in dump["trees"].as_object_mut().unwrap().values_mut() {
+        for e in entries.as_array_mut().unwrap() {
+            let key = unhex(e["k"].as_str().unwrap());
+            if key.starts_with(b"r/") || key.starts_with(b"w/") {
+                let mut moved = key.clone();
+                moved[2..10].copy_from_slice(&later.to_be_bytes());
+                e["k"] = json!(hex(&moved));
+            }
+            let task = &mut e["json"];
+            match task["status"].as_str() {
+                Some("RETRY") => task["next_attempt_at"] = json!(later),
+                Some("AWAITING_INPUT") => task["awaiting"]["expires_at"] = json!(later),
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Writes the dump into a fresh sled directory where the harness keeps its store.
 fn restore(env: &Env, dump: &Value) {
     let db = sled::open(env.path().join("store")).unwrap();
@@ -166,7 +185,8 @@ fn restore(env: &Env, dump: &Value) {
 
 #[test]
 fn a_store_written_by_the_previous_release_opens_and_every_task_carries_on() {
-    let dump: Value = serde_json::from_str(FIXTURE).unwrap();
+    let mut dump: Value = serde_json::from_str(FIXTURE).unwrap();
+    postpone_timers(&mut dump);
     let tasks = dump["tasks"].as_object().unwrap().clone();
     assert_eq!(tasks.len(), 7, "the fixture has a task in every state");
     let id = |name: &str| tasks[name]["id"].as_str().unwrap().to_string();
