@@ -9,6 +9,7 @@
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod faulty;
+mod record;
 pub mod sled;
 
 use std::future::Future;

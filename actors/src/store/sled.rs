@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::record;
 use super::{
     AgentState, CancelOutcome, DeliveryQuery, ListCursor, ListQuery, OnWritten, Purged, RetryTimer,
     ScheduleCursor, ScheduleKey, Store, StoreError, StoreFuture, TaskPage, Write, Written,
@@ -36,7 +37,11 @@ use super::{
 use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus};
 use crate::outbox::{Delivery, Outbox};
 
+/// Task head records: `t/<task id>` → what the task was accepted with (see `record`).
 const TASK: &[u8] = b"t/";
+/// Task state records: `u/<task id>` → the task's state since its last change after acceptance,
+/// read over its head.
+const STATE: &[u8] = b"u/";
 const QUEUE: &[u8] = b"q/";
 const IDEM: &[u8] = b"i/";
 const AGENT_TOKEN: &[u8] = b"d/";
@@ -179,6 +184,28 @@ impl Shared {
         })
     }
 
+    /// Reads a task: its head record and, if it changed since acceptance, its state record over
+    /// it. `None` when there is no head (never accepted, or purged).
+    fn load_task(&self, db: &sled::Db, id: TaskId) -> Result<Option<Task>, StoreError> {
+        let Some(head) = db.get(task_key(&id)).map_err(backend)? else {
+            return Ok(None);
+        };
+        let state = db.get(state_key(&id)).map_err(backend)?;
+        record::decode_task(id, &head)
+            .and_then(|mut task| {
+                if let Some(state) = &state {
+                    record::apply_state(&mut task, state)?;
+                }
+                Ok(task)
+            })
+            .map(Some)
+            .map_err(|e| {
+                let what = format!("task {id}");
+                self.report_unreadable(what.clone(), &e.into_json());
+                StoreError::Backend(format!("the stored {what} cannot be decoded"))
+            })
+    }
+
     fn report_unreadable(&self, record: String, error: &serde_json::Error) {
         let new = self
             .unreadable
@@ -240,6 +267,7 @@ impl SledStore {
         let writer = Writer {
             path: path.to_path_buf(),
             shared: shared.clone(),
+            revoked: load_revoked(&db)?,
             db: Some(db),
             durable,
             sync: options.sync,
@@ -333,8 +361,30 @@ fn task_key(id: &TaskId) -> Vec<u8> {
     key(TASK, &[id.as_bytes()])
 }
 
+fn state_key(id: &TaskId) -> Vec<u8> {
+    key(STATE, &[id.as_bytes()])
+}
+
+/// `prefix` then `namespace/name`, written straight into the key (no intermediate string: these
+/// keys are built several times per request on the writer thread). `extra` is the room the
+/// caller will append.
+fn agent_key(prefix: &[u8], agent: &AgentId, extra: usize) -> Vec<u8> {
+    let mut k =
+        Vec::with_capacity(prefix.len() + agent.namespace().len() + 1 + agent.name().len() + extra);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(agent.namespace().as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(agent.name().as_bytes());
+    k
+}
+
+/// The agent state record `a/<agent>`.
+fn agent_state_key(agent: &AgentId) -> Vec<u8> {
+    agent_key(AGENT, agent, 0)
+}
+
 fn queue_prefix(agent: &AgentId) -> Vec<u8> {
-    let mut k = key(QUEUE, &[agent.to_string().as_bytes()]);
+    let mut k = agent_key(QUEUE, agent, 1 + 8);
     k.push(0);
     k
 }
@@ -346,7 +396,10 @@ fn queue_key(agent: &AgentId, seq: u64) -> Vec<u8> {
 }
 
 fn idem_key(agent: &AgentId, idem_key: &str) -> Vec<u8> {
-    key(IDEM, &[agent.to_string().as_bytes(), idem_key.as_bytes()])
+    let mut k = agent_key(IDEM, agent, 1 + idem_key.len());
+    k.push(0);
+    k.extend_from_slice(idem_key.as_bytes());
+    k
 }
 
 fn finished_key(at_ms: u64, id: &TaskId) -> Vec<u8> {
@@ -369,7 +422,7 @@ fn list_key(task: &Task) -> Vec<u8> {
 }
 
 fn list_agent_prefix(agent: &AgentId) -> Vec<u8> {
-    let mut k = key(LIST_AGENT, &[agent.to_string().as_bytes()]);
+    let mut k = agent_key(LIST_AGENT, agent, 1 + 8 + 16);
     k.push(0);
     k
 }
@@ -489,6 +542,9 @@ struct Writer {
     shared: Arc<Shared>,
     /// The writer's handle; `None` after a failure until a reopen succeeds.
     db: Option<sled::Db>,
+    /// Every revoked task still stored (its `rv/` marker), so `Start` and `Complete` check it
+    /// without a tree read; loaded at open and at every reopen, updated after each commit.
+    revoked: HashSet<TaskId>,
     durable: Option<Durable>,
     sync: SyncMode,
     /// A commit failed: sled holds a global error and must be reopened before writing again.
@@ -565,7 +621,14 @@ impl Writer {
         let staged_jobs: Vec<(OnWritten, Result<Written, StoreError>)> = jobs
             .drain(..)
             .map(|job| {
-                let outcome = stage(&db, &self.shared, &mut batch, &mut staged, job.write);
+                let outcome = stage(
+                    &db,
+                    &self.shared,
+                    &self.revoked,
+                    &mut batch,
+                    &mut staged,
+                    job.write,
+                );
                 (job.done, outcome)
             })
             .collect();
@@ -582,9 +645,15 @@ impl Writer {
         if let Err(e) = &committed {
             tracing::error!(error = %e, requests, "store write failed; retrying on a backoff");
             self.fail(e.clone());
-        } else if let Some(outbox) = &self.shared.outbox {
-            if !staged.deliveries.is_empty() {
-                outbox.committed(std::mem::take(&mut staged.deliveries));
+        } else {
+            self.revoked.extend(staged.revoked.drain());
+            for id in &staged.unrevoked {
+                self.revoked.remove(id);
+            }
+            if let Some(outbox) = &self.shared.outbox {
+                if !staged.deliveries.is_empty() {
+                    outbox.committed(std::mem::take(&mut staged.deliveries));
+                }
             }
         }
         for (done, outcome) in staged_jobs {
@@ -679,6 +748,8 @@ impl Writer {
                     StoreError::Backend(format!("fdatasync of the store failed: {e}"))
                 })?);
         }
+        // What a failed commit staged never landed: the set is read again from the store.
+        self.revoked = load_revoked(&db)?;
         if let Ok(mut shared) = self.shared.db.write() {
             *shared = Some(db.clone());
         }
@@ -699,8 +770,11 @@ struct Staged {
     statuses: HashMap<TaskId, TaskStatus>,
     /// Deliveries staged in this batch, handed to the outbox once the batch is durable.
     deliveries: Vec<Delivery>,
-    /// Tasks revoked in this batch, for `Start` and `Complete`.
+    /// Tasks revoked in this batch, for `Start` and `Complete`; added to the writer's set once
+    /// the batch is durable.
     revoked: HashSet<TaskId>,
+    /// Revoked tasks purged in this batch; leave the writer's set once the batch is durable.
+    unrevoked: Vec<TaskId>,
 }
 
 /// Keeps [`Staged::tasks`] current when an unconditional write of a task follows a conditional
@@ -721,10 +795,25 @@ fn staged_task(
     if let Some(task) = staged.tasks.get(&id) {
         return Ok(Some(task.clone()));
     }
-    match db.get(task_key(&id)).map_err(backend)? {
-        Some(raw) => shared.decode(|| format!("task {id}"), &raw).map(Some),
-        None => Ok(None),
-    }
+    shared.load_task(db, id)
+}
+
+thread_local! {
+    /// The buffer task records are encoded into. Only the writer thread stages writes, so this
+    /// is the writer's own buffer, reused for every record instead of one allocation each.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(SCRATCH_KEEP));
+}
+
+/// Largest capacity the record buffer keeps between records; a larger one (a task with a large
+/// payload) is given back.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+/// Whether [`put_task`] writes a task's head (a newly accepted task) or only its state (any later
+/// change: the head already holds what never changes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Head,
+    State,
 }
 
 /// Stages a task record, and with it the status callbacks its status change causes (the outbox
@@ -736,19 +825,37 @@ fn put_task(
     batch: &mut sled::Batch,
     staged: &mut Staged,
     task: &Task,
+    part: Part,
 ) -> Result<(), StoreError> {
-    batch.insert(task_key(&task.id), encode(task)?);
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        buf.clear();
+        let key = match part {
+            Part::Head => {
+                record::encode_task_into(&mut buf, task);
+                task_key(&task.id)
+            }
+            Part::State => {
+                record::encode_state_into(&mut buf, task);
+                state_key(&task.id)
+            }
+        };
+        // sled copies the value into a shared slice of its own either way; from a borrowed
+        // buffer that is the only allocation.
+        batch.insert(key, &buf[..]);
+        if buf.capacity() > SCRATCH_KEEP {
+            *buf = Vec::with_capacity(SCRATCH_KEEP);
+        }
+    });
     restage(staged, task);
     let staged_before = staged.statuses.insert(task.id, task.status);
     let Some(outbox) = shared.outbox.as_ref().filter(|o| o.wants(&task.agent)) else {
         return Ok(());
     };
-    let previous = match staged_before {
-        Some(status) => Some(status),
-        None => match db.get(task_key(&task.id)).map_err(backend)? {
-            Some(raw) => decode::<Task>(&raw).ok().map(|t| t.status),
-            None => None,
-        },
+    let previous = match (staged_before, part) {
+        (Some(status), _) => Some(status),
+        (None, Part::Head) => None,
+        (None, Part::State) => stored_status(db, task.id)?,
     };
     for mut d in outbox.plan(previous, task, now_ms()) {
         d.id = db.generate_id().map_err(backend)?;
@@ -758,14 +865,43 @@ fn put_task(
     Ok(())
 }
 
-/// Whether `id` was revoked, in this batch or before.
-fn is_revoked(db: &sled::Db, staged: &Staged, id: &TaskId) -> Result<bool, StoreError> {
-    Ok(staged.revoked.contains(id) || db.contains_key(revoked_key(id)).map_err(backend)?)
+/// A stored task's status, read from the second byte of its state (or head) record; only a
+/// head in the previous release's JSON is decoded whole. An unreadable record has none.
+fn stored_status(db: &sled::Db, id: TaskId) -> Result<Option<TaskStatus>, StoreError> {
+    if let Some(raw) = db.get(state_key(&id)).map_err(backend)? {
+        return Ok(record::stored_status(&raw));
+    }
+    let Some(raw) = db.get(task_key(&id)).map_err(backend)? else {
+        return Ok(None);
+    };
+    Ok(
+        record::stored_status(&raw)
+            .or_else(|| record::decode_task(id, &raw).ok().map(|t| t.status)),
+    )
+}
+
+/// Whether `id` was revoked, in this batch or before: answered from memory (the writer's set of
+/// revoked tasks, loaded from the `rv/` markers at open), never from a tree read.
+fn is_revoked(revoked: &HashSet<TaskId>, staged: &Staged, id: &TaskId) -> bool {
+    staged.revoked.contains(id) || revoked.contains(id)
+}
+
+/// Every revoked marker in the store, for the writer's in-memory set.
+fn load_revoked(db: &sled::Db) -> Result<HashSet<TaskId>, StoreError> {
+    let mut set = HashSet::new();
+    for entry in db.scan_prefix(REVOKED) {
+        let (k, _) = entry.map_err(backend)?;
+        if let Ok(bytes) = <[u8; 16]>::try_from(&k[REVOKED.len()..]) {
+            set.insert(TaskId::from_bytes(bytes));
+        }
+    }
+    Ok(set)
 }
 
 fn stage(
     db: &sled::Db,
     shared: &Shared,
+    revoked: &HashSet<TaskId>,
     batch: &mut sled::Batch,
     staged: &mut Staged,
     write: Write,
@@ -793,7 +929,7 @@ fn stage(
                 task.idempotency_key = Some(idem.key.clone());
             }
             task.seq = db.generate_id().map_err(backend)?;
-            put_task(db, shared, batch, staged, &task)?;
+            put_task(db, shared, batch, staged, &task, Part::Head)?;
             batch.insert(list_key(&task), Vec::new());
             batch.insert(list_agent_key(&task), Vec::new());
             batch.insert(
@@ -803,33 +939,27 @@ fn stage(
             Ok(Written::Accepted(task))
         }
         Write::Start(task) => {
-            if is_revoked(db, staged, &task.id)? {
+            if is_revoked(revoked, staged, &task.id) {
                 return Ok(Written::Revoked);
             }
-            put_task(db, shared, batch, staged, &task)?;
+            put_task(db, shared, batch, staged, &task, Part::State)?;
             Ok(Written::Done)
         }
         Write::Complete { task, state } => {
-            if is_revoked(db, staged, &task.id)? {
+            if is_revoked(revoked, staged, &task.id) {
                 // Only a tick with no start record (a runner without side effects) can reach
                 // here: its outcome is discarded and the record stays REVOKED. The agent's
                 // memory and tick counter did move, so they are kept.
-                batch.insert(
-                    key(AGENT, &[task.agent.to_string().as_bytes()]),
-                    encode(&state)?,
-                );
+                batch.insert(agent_state_key(&task.agent), encode(&state)?);
                 return Ok(Written::Revoked);
             }
-            put_task(db, shared, batch, staged, &task)?;
+            put_task(db, shared, batch, staged, &task, Part::State)?;
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
                 finished_key(task.finished_at.unwrap_or_else(now_ms), &task.id),
                 task.id.as_bytes().to_vec(),
             );
-            batch.insert(
-                key(AGENT, &[task.agent.to_string().as_bytes()]),
-                encode(&state)?,
-            );
+            batch.insert(agent_state_key(&task.agent), encode(&state)?);
             Ok(Written::Done)
         }
         Write::Purge {
@@ -847,12 +977,13 @@ fn stage(
                 };
                 let id = TaskId::from_bytes(bytes);
                 let key = task_key(&id);
-                if let Some(raw) = db.get(&key).map_err(backend)? {
+                if db.contains_key(&key).map_err(backend)? {
                     // A finished record that cannot be decoded is past its retention all the
                     // same: it goes, and only its idempotency key and listing entries (unknown)
                     // stay behind; the listing skips entries whose record is gone.
-                    match decode::<Task>(&raw) {
-                        Ok(task) => {
+                    match shared.load_task(db, id) {
+                        Ok(None) => {}
+                        Ok(Some(task)) => {
                             // A task that left its terminal status again (resumed, retried) or
                             // finished again later is not due: only this stale entry goes; its
                             // latest completion wrote a fresh one.
@@ -867,10 +998,15 @@ fn stage(
                             batch.remove(list_key(&task));
                             batch.remove(list_agent_key(&task));
                         }
-                        Err(e) => shared.report_unreadable(format!("task {id}"), &e),
+                        // Reported (once) by the read.
+                        Err(_) => {}
                     }
                 }
+                if revoked.contains(&id) || staged.revoked.contains(&id) {
+                    staged.unrevoked.push(id);
+                }
                 batch.remove(revoked_key(&id));
+                batch.remove(state_key(&id));
                 batch.remove(key);
                 purged += 1;
             }
@@ -900,30 +1036,26 @@ fn stage(
         }
         Write::Retry { task, state } => {
             let due = task.next_attempt_at.unwrap_or_else(now_ms);
-            put_task(db, shared, batch, staged, &task)?;
+            put_task(db, shared, batch, staged, &task, Part::State)?;
             batch.remove(queue_key(&task.agent, task.seq));
             batch.insert(
                 retry_key(due, &task.id),
                 task.agent.to_string().into_bytes(),
             );
-            batch.insert(
-                key(AGENT, &[task.agent.to_string().as_bytes()]),
-                encode(&state)?,
-            );
+            batch.insert(agent_state_key(&task.agent), encode(&state)?);
             Ok(Written::Done)
         }
         Write::RetryDue { task: id, due_ms } => {
             batch.remove(retry_key(due_ms, &id));
-            let Some(raw) = db.get(task_key(&id)).map_err(backend)? else {
+            let Some(mut task) = staged_task(db, shared, staged, id)? else {
                 return Ok(Written::Done);
             };
-            let mut task: Task = decode(&raw).map_err(backend)?;
             if task.status != TaskStatus::Retry || task.next_attempt_at != Some(due_ms) {
                 return Ok(Written::Done);
             }
             task.status = TaskStatus::Pending;
             task.next_attempt_at = None;
-            put_task(db, shared, batch, staged, &task)?;
+            put_task(db, shared, batch, staged, &task, Part::State)?;
             batch.insert(
                 queue_key(&task.agent, task.seq),
                 task.id.as_bytes().to_vec(),
@@ -931,12 +1063,9 @@ fn stage(
             Ok(Written::Accepted(Box::new(task)))
         }
         Write::Park { task, state } => {
-            put_task(db, shared, batch, staged, &task)?;
+            put_task(db, shared, batch, staged, &task, Part::State)?;
             batch.remove(queue_key(&task.agent, task.seq));
-            batch.insert(
-                key(AGENT, &[task.agent.to_string().as_bytes()]),
-                encode(&state)?,
-            );
+            batch.insert(agent_state_key(&task.agent), encode(&state)?);
             if let Some(awaiting) = &task.awaiting {
                 batch.insert(
                     await_timer_key(awaiting.expires_at, &task.id),
@@ -956,7 +1085,7 @@ fn stage(
             };
             // Behind everything its agent has queued so far.
             next.seq = db.generate_id().map_err(backend)?;
-            put_task(db, shared, batch, staged, &next)?;
+            put_task(db, shared, batch, staged, &next, Part::State)?;
             batch.insert(queue_key(&next.agent, next.seq), id.as_bytes().to_vec());
             if let Some(at) = expires_at {
                 batch.remove(await_timer_key(at, &id));
@@ -972,7 +1101,7 @@ fn stage(
             let Some(failed) = crate::awaiting::expire(&task, expires_at, now_ms()) else {
                 return Ok(Written::Unchanged(Some(Box::new(task))));
             };
-            put_task(db, shared, batch, staged, &failed)?;
+            put_task(db, shared, batch, staged, &failed, Part::State)?;
             batch.insert(
                 finished_key(failed.finished_at.unwrap_or_else(now_ms), &id),
                 id.as_bytes().to_vec(),
@@ -1030,7 +1159,7 @@ fn stage_cancel(
     task.finished_at = Some(at_ms);
     task.next_attempt_at = None;
     task.awaiting = None;
-    put_task(db, shared, batch, staged, &task)?;
+    put_task(db, shared, batch, staged, &task, Part::State)?;
     batch.remove(queue_key(&task.agent, task.seq));
     batch.insert(finished_key(at_ms, &id), id.as_bytes().to_vec());
     batch.insert(revoked_key(&id), Vec::new());
@@ -1075,18 +1204,11 @@ fn off_thread<T: Send + 'static>(
 }
 
 fn read_task(shared: &Shared, id: TaskId) -> Result<Option<Task>, StoreError> {
-    match shared.db()?.get(task_key(&id)).map_err(backend)? {
-        Some(raw) => shared.decode(|| format!("task {id}"), &raw).map(Some),
-        None => Ok(None),
-    }
+    shared.load_task(&shared.db()?, id)
 }
 
 fn read_agent_state(shared: &Shared, agent: &AgentId) -> Result<AgentState, StoreError> {
-    match shared
-        .db()?
-        .get(key(AGENT, &[agent.to_string().as_bytes()]))
-        .map_err(backend)?
-    {
+    match shared.db()?.get(agent_state_key(agent)).map_err(backend)? {
         Some(raw) => shared.decode(|| format!("state of agent {agent}"), &raw),
         None => Ok(AgentState {
             memory: serde_json::json!({}),
@@ -1202,10 +1324,7 @@ fn read_list(shared: &Shared, q: &ListQuery) -> Result<TaskPage, StoreError> {
         last = Some(cursor);
         // A record gone between the index read and here was purged: skipped. One that cannot
         // be decoded is reported (once) and skipped so the listing still works.
-        let Some(raw) = db.get(task_key(&cursor.id)).map_err(backend)? else {
-            continue;
-        };
-        let Ok(task) = shared.decode::<Task>(|| format!("task {}", cursor.id), &raw) else {
+        let Ok(Some(task)) = shared.load_task(&db, cursor.id) else {
             continue;
         };
         if q.status.is_none_or(|s| s == task.status) {
@@ -2344,6 +2463,58 @@ mod tests {
         )
         .unwrap();
         assert_eq!(left, vec![all[1].clone()]);
+    }
+
+    #[test]
+    fn changes_after_acceptance_write_a_small_state_record_and_revocations_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let (done, revoked);
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let t = submit_at(&store, &agent, 1);
+            let db = store.shared.db().unwrap();
+            let head = db.get(task_key(&t.id)).unwrap().unwrap();
+            assert_eq!(head[0], record::TASK_V1);
+            let mut finished = t.clone();
+            finished.status = TaskStatus::Success;
+            finished.finished_at = Some(5);
+            finished.result = Some(serde_json::json!({"response": {"ok": true}}));
+            finished.response = Some(serde_json::json!({"ok": true}));
+            blocking(
+                &store,
+                Write::Complete {
+                    task: Arc::new(finished.clone()),
+                    state: AgentState::default(),
+                },
+            )
+            .unwrap();
+            // The head is untouched; the change is a record of its own, holding the output once.
+            assert_eq!(db.get(task_key(&t.id)).unwrap().unwrap(), head);
+            let state = db.get(state_key(&t.id)).unwrap().unwrap();
+            assert_eq!(state[0], record::STATE_V1);
+            assert!(state.len() < 64, "{} bytes", state.len());
+            assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), finished);
+            done = finished;
+            let r = submit_at(&store, &agent, 2);
+            blocking(&store, Write::Cancel { id: r.id, at_ms: 3 }).unwrap();
+            revoked = r;
+            store.close().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.task_blocking(done.id).unwrap().unwrap(), done);
+        let mut started = revoked.clone();
+        started.status = TaskStatus::Started;
+        assert_eq!(
+            blocking(&store, Write::Start(Arc::new(started))).unwrap(),
+            Written::Revoked,
+            "the revocation is known to the writer after a reopen"
+        );
+        // Purged, the task leaves the writer's set with its records.
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 2);
+        let db = store.shared.db().unwrap();
+        assert!(db.scan_prefix(STATE).next().is_none());
+        assert!(db.scan_prefix(TASK).next().is_none());
     }
 
     #[test]

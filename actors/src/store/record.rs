@@ -1,0 +1,711 @@
+//! The stored form of a task: a hand-laid binary layout with a version byte first, JSON only for
+//! the free-form values (`inputs`, the tick output, `await` requests and answers), which are kept
+//! as the JSON text they are anyway.
+//!
+//! A task is two records:
+//! - the **head** (`t/<id>`, version [`TASK_V1`]), written once when the task is accepted: what
+//!   never changes (agent, inputs, source, env, title, times of creation, idempotency key) plus
+//!   the state it was accepted in;
+//! - the **state** (`u/<id>`, version [`STATE_V1`]), rewritten by every later change (start,
+//!   completion, retry, park, resume, cancel): status, times, attempts, the tick output, the error.
+//!
+//! A read merges the two. The completion therefore writes a small record instead of rewriting the
+//! inputs and headers, and the tick output is stored once: `response` is derived from `result`
+//! (`result.response`) unless a record says otherwise.
+//!
+//! Records of the previous release are JSON objects (first byte `{`); they are read as they are,
+//! forever, and never rewritten: a change of such a task writes a state record beside it. The
+//! status is the second byte of both new records, so the writer's outbox check (what was the
+//! previous status?) does not decode the rest.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::model::{AgentId, Attempt, Awaiting, Resume, Source, Task, TaskId, TaskStatus};
+
+/// First byte of a head record of this layout.
+pub(crate) const TASK_V1: u8 = 1;
+/// First byte of a state record of this layout.
+pub(crate) const STATE_V1: u8 = 2;
+/// First byte of a record of the previous release (a JSON object).
+const JSON_OBJECT: u8 = b'{';
+
+/// Why a record cannot be read; turned into the store's "unreadable record" report.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    /// The record ends before its last field.
+    #[error("the record ends early (at byte {0})")]
+    Truncated(usize),
+    /// A byte that is no known version, status, or tag.
+    #[error("unknown {what} {value} at byte {at}")]
+    Unknown {
+        /// What was being read.
+        what: &'static str,
+        /// The byte found.
+        value: u8,
+        /// Where.
+        at: usize,
+    },
+    /// Text that is not UTF-8, a JSON value that does not parse, an agent id that does not
+    /// validate.
+    #[error("{0}")]
+    Invalid(String),
+    /// Bytes left after the last field.
+    #[error("{0} bytes after the end of the record")]
+    Trailing(usize),
+}
+
+impl RecordError {
+    /// In the shape the store reports unreadable records with.
+    pub(crate) fn into_json(self) -> serde_json::Error {
+        <serde_json::Error as serde::de::Error>::custom(self.to_string())
+    }
+}
+
+fn status_byte(s: TaskStatus) -> u8 {
+    match s {
+        TaskStatus::Pending => 0,
+        TaskStatus::Started => 1,
+        TaskStatus::Retry => 2,
+        TaskStatus::AwaitingInput => 3,
+        TaskStatus::Success => 4,
+        TaskStatus::Failure => 5,
+        TaskStatus::Revoked => 6,
+    }
+}
+
+fn status_of(b: u8, at: usize) -> Result<TaskStatus, RecordError> {
+    Ok(match b {
+        0 => TaskStatus::Pending,
+        1 => TaskStatus::Started,
+        2 => TaskStatus::Retry,
+        3 => TaskStatus::AwaitingInput,
+        4 => TaskStatus::Success,
+        5 => TaskStatus::Failure,
+        6 => TaskStatus::Revoked,
+        value => {
+            return Err(RecordError::Unknown {
+                what: "status",
+                value,
+                at,
+            })
+        }
+    })
+}
+
+/// Appends fields to a record buffer.
+struct Out<'a>(&'a mut Vec<u8>);
+
+impl Out<'_> {
+    fn u8(&mut self, b: u8) {
+        self.0.push(b);
+    }
+
+    /// LEB128: small numbers (ticks, attempts, lengths) take one byte.
+    fn uint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.uint(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+
+    fn opt_str(&mut self, s: Option<&str>) {
+        match s {
+            None => self.u8(0),
+            Some(s) => {
+                self.u8(1);
+                self.str(s);
+            }
+        }
+    }
+
+    fn opt_uint(&mut self, v: Option<u64>) {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                self.uint(v);
+            }
+        }
+    }
+
+    /// A JSON value as its text, length-prefixed; written in place (no intermediate string).
+    fn json(&mut self, v: &Value) {
+        let at = self.0.len();
+        // A placeholder of the widest length prefix a record can need (up to 2^35 bytes), fixed
+        // up below; a JSON value is never too large for it.
+        self.0.extend_from_slice(&[0; 5]);
+        serde_json::to_writer(&mut *self.0, v).expect("a serde_json::Value always serializes");
+        let len = (self.0.len() - at - 5) as u64;
+        let prefix = &mut self.0[at..at + 5];
+        for (i, b) in prefix.iter_mut().enumerate() {
+            let more = if i < 4 { 0x80 } else { 0 };
+            *b = ((len >> (7 * i)) as u8 & 0x7f) | more;
+        }
+    }
+
+    fn opt_json(&mut self, v: Option<&Value>) {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                self.json(v);
+            }
+        }
+    }
+
+    fn map(&mut self, m: &BTreeMap<String, String>) {
+        self.uint(m.len() as u64);
+        for (k, v) in m {
+            self.str(k);
+            self.str(v);
+        }
+    }
+}
+
+/// Reads fields back in the order [`Out`] wrote them.
+struct In<'a> {
+    raw: &'a [u8],
+    at: usize,
+}
+
+impl<'a> In<'a> {
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        let b = *self
+            .raw
+            .get(self.at)
+            .ok_or(RecordError::Truncated(self.at))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn uint(&mut self) -> Result<u64, RecordError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(RecordError::Invalid(format!(
+            "a number longer than 10 bytes at byte {}",
+            self.at
+        )))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], RecordError> {
+        let len = self.uint()? as usize;
+        let end = self
+            .at
+            .checked_add(len)
+            .filter(|end| *end <= self.raw.len())
+            .ok_or(RecordError::Truncated(self.raw.len()))?;
+        let b = &self.raw[self.at..end];
+        self.at = end;
+        Ok(b)
+    }
+
+    fn string(&mut self) -> Result<String, RecordError> {
+        let at = self.at;
+        String::from_utf8(self.bytes()?.to_vec())
+            .map_err(|_| RecordError::Invalid(format!("text at byte {at} is not UTF-8")))
+    }
+
+    fn flag(&mut self) -> Result<bool, RecordError> {
+        let at = self.at;
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(RecordError::Unknown {
+                what: "option tag",
+                value,
+                at,
+            }),
+        }
+    }
+
+    fn opt_string(&mut self) -> Result<Option<String>, RecordError> {
+        Ok(if self.flag()? {
+            Some(self.string()?)
+        } else {
+            None
+        })
+    }
+
+    fn opt_uint(&mut self) -> Result<Option<u64>, RecordError> {
+        Ok(if self.flag()? {
+            Some(self.uint()?)
+        } else {
+            None
+        })
+    }
+
+    /// A JSON value, read without serde_json's nesting limit: what the store wrote it must read
+    /// back, and the depth of what is written is bounded by the parsers in front of the store.
+    fn json(&mut self) -> Result<Value, RecordError> {
+        let at = self.at;
+        let text = self.bytes()?;
+        let mut de = serde_json::Deserializer::from_slice(text);
+        de.disable_recursion_limit();
+        let v = serde::Deserialize::deserialize(&mut de)
+            .and_then(|v| de.end().map(|()| v))
+            .map_err(|e| RecordError::Invalid(format!("JSON at byte {at}: {e}")))?;
+        Ok(v)
+    }
+
+    fn opt_json(&mut self) -> Result<Option<Value>, RecordError> {
+        Ok(if self.flag()? {
+            Some(self.json()?)
+        } else {
+            None
+        })
+    }
+
+    fn map(&mut self) -> Result<BTreeMap<String, String>, RecordError> {
+        let n = self.uint()?;
+        let mut m = BTreeMap::new();
+        for _ in 0..n {
+            let k = self.string()?;
+            m.insert(k, self.string()?);
+        }
+        Ok(m)
+    }
+
+    fn end(&self) -> Result<(), RecordError> {
+        match self.raw.len() - self.at {
+            0 => Ok(()),
+            n => Err(RecordError::Trailing(n)),
+        }
+    }
+}
+
+/// How `response` relates to `result` in a state record.
+const RESPONSE_NONE: u8 = 0;
+/// `response` is `result.response` (what a tick's outcome always is): not stored again.
+const RESPONSE_OF_RESULT: u8 = 1;
+/// `response` is stored as its own value (a record that does not follow the rule above).
+const RESPONSE_OWN: u8 = 2;
+
+/// The state part of a task: everything a change after acceptance may touch. The status comes
+/// first so that [`stored_status`] reads one byte.
+fn put_state(o: &mut Out<'_>, t: &Task) {
+    o.u8(status_byte(t.status));
+    o.uint(t.seq);
+    o.uint(t.tick);
+    o.uint(u64::from(t.attempt));
+    o.opt_uint(t.started_at);
+    o.opt_uint(t.finished_at);
+    o.opt_str(t.error.as_deref());
+    o.opt_json(t.result.as_ref());
+    let derived = t.result.as_ref().and_then(|r| r.get("response"));
+    match &t.response {
+        None if derived.is_none() => o.u8(RESPONSE_NONE),
+        Some(r) if derived == Some(r) => o.u8(RESPONSE_OF_RESULT),
+        other => {
+            o.u8(RESPONSE_OWN);
+            o.opt_json(other.as_ref());
+        }
+    }
+    o.uint(t.attempts.len() as u64);
+    for a in &t.attempts {
+        o.uint(u64::from(a.attempt));
+        o.uint(a.started_at);
+        o.opt_uint(a.finished_at);
+        o.opt_str(a.error.as_deref());
+    }
+    o.opt_uint(t.next_attempt_at);
+    match &t.awaiting {
+        None => o.u8(0),
+        Some(a) => {
+            o.u8(1);
+            o.json(&a.request);
+            o.uint(a.since);
+            o.uint(a.expires_at);
+        }
+    }
+    match &t.resume {
+        None => o.u8(0),
+        Some(r) => {
+            o.u8(1);
+            o.json(&r.request);
+            o.json(&r.response);
+        }
+    }
+}
+
+fn u32_of(v: u64, what: &str) -> Result<u32, RecordError> {
+    u32::try_from(v).map_err(|_| RecordError::Invalid(format!("{what} {v} is out of range")))
+}
+
+fn get_state(i: &mut In<'_>, t: &mut Task) -> Result<(), RecordError> {
+    let at = i.at;
+    t.status = status_of(i.u8()?, at)?;
+    t.seq = i.uint()?;
+    t.tick = i.uint()?;
+    t.attempt = u32_of(i.uint()?, "attempt")?;
+    t.started_at = i.opt_uint()?;
+    t.finished_at = i.opt_uint()?;
+    t.error = i.opt_string()?;
+    t.result = i.opt_json()?;
+    let at = i.at;
+    t.response = match i.u8()? {
+        RESPONSE_NONE => None,
+        RESPONSE_OF_RESULT => t.result.as_ref().and_then(|r| r.get("response")).cloned(),
+        RESPONSE_OWN => i.opt_json()?,
+        value => {
+            return Err(RecordError::Unknown {
+                what: "response tag",
+                value,
+                at,
+            })
+        }
+    };
+    let n = i.uint()?;
+    t.attempts = Vec::with_capacity(n.min(128) as usize);
+    for _ in 0..n {
+        t.attempts.push(Attempt {
+            attempt: u32_of(i.uint()?, "attempt")?,
+            started_at: i.uint()?,
+            finished_at: i.opt_uint()?,
+            error: i.opt_string()?,
+        });
+    }
+    t.next_attempt_at = i.opt_uint()?;
+    t.awaiting = if i.flag()? {
+        Some(Awaiting {
+            request: i.json()?,
+            since: i.uint()?,
+            expires_at: i.uint()?,
+        })
+    } else {
+        None
+    };
+    t.resume = if i.flag()? {
+        Some(Resume {
+            request: i.json()?,
+            response: i.json()?,
+        })
+    } else {
+        None
+    };
+    Ok(())
+}
+
+/// The head record of a newly accepted task: version, state, then what never changes. Appended
+/// to `buf`, so that the writer encodes every record into one reused buffer.
+pub(crate) fn encode_task_into(buf: &mut Vec<u8>, t: &Task) {
+    let mut o = Out(buf);
+    o.u8(TASK_V1);
+    put_state(&mut o, t);
+    // `namespace/name`, written without building the string.
+    let (ns, name) = (t.agent.namespace(), t.agent.name());
+    o.uint((ns.len() + 1 + name.len()) as u64);
+    o.0.extend_from_slice(ns.as_bytes());
+    o.0.push(b'/');
+    o.0.extend_from_slice(name.as_bytes());
+    o.opt_str(t.title.as_deref());
+    o.json(&t.inputs);
+    let s = &t.source;
+    o.str(&s.method);
+    o.str(&s.remote_ip);
+    o.opt_str(s.event.as_deref());
+    o.map(&s.headers);
+    o.opt_str(s.schedule.as_deref());
+    o.opt_str(s.scheduled_at.as_deref());
+    o.map(&t.env);
+    o.uint(t.created_at);
+    o.opt_str(t.idempotency_key.as_deref());
+    match &t.replay_of {
+        None => o.u8(0),
+        Some(id) => {
+            o.u8(1);
+            o.0.extend_from_slice(id.as_bytes());
+        }
+    }
+}
+
+/// The state record of a task that changed after acceptance, appended to `buf`.
+pub(crate) fn encode_state_into(buf: &mut Vec<u8>, t: &Task) {
+    let mut o = Out(buf);
+    o.u8(STATE_V1);
+    put_state(&mut o, t);
+}
+
+/// [`encode_task_into`] a buffer of its own.
+#[cfg(test)]
+pub(crate) fn encode_task(t: &Task) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode_task_into(&mut buf, t);
+    buf
+}
+
+/// [`encode_state_into`] a buffer of its own.
+#[cfg(test)]
+pub(crate) fn encode_state(t: &Task) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode_state_into(&mut buf, t);
+    buf
+}
+
+/// A task with every field empty, filled in by [`decode_task`]; built directly rather than with
+/// `Task::new`, which draws a random id and reads the clock.
+fn blank(id: TaskId) -> Task {
+    Task {
+        id,
+        agent: AgentId::new("x", "x").expect("a valid agent id"),
+        status: TaskStatus::Pending,
+        seq: 0,
+        tick: 0,
+        attempt: 0,
+        title: None,
+        inputs: Value::Null,
+        source: Source::default(),
+        env: BTreeMap::new(),
+        created_at: 0,
+        started_at: None,
+        finished_at: None,
+        response: None,
+        result: None,
+        error: None,
+        idempotency_key: None,
+        attempts: Vec::new(),
+        next_attempt_at: None,
+        awaiting: None,
+        resume: None,
+        replay_of: None,
+    }
+}
+
+/// Reads a head record of either format (this layout or the previous release's JSON).
+pub(crate) fn decode_task(id: TaskId, raw: &[u8]) -> Result<Task, RecordError> {
+    match raw.first() {
+        Some(&TASK_V1) => {}
+        Some(&JSON_OBJECT) => {
+            let mut de = serde_json::Deserializer::from_slice(raw);
+            de.disable_recursion_limit();
+            let task: Task = serde::Deserialize::deserialize(&mut de)
+                .and_then(|t| de.end().map(|()| t))
+                .map_err(|e| RecordError::Invalid(e.to_string()))?;
+            return Ok(task);
+        }
+        Some(&value) => {
+            return Err(RecordError::Unknown {
+                what: "record version",
+                value,
+                at: 0,
+            })
+        }
+        None => return Err(RecordError::Truncated(0)),
+    }
+    let mut i = In { raw, at: 1 };
+    let mut t = blank(id);
+    get_state(&mut i, &mut t)?;
+    let agent = i.string()?;
+    t.agent = agent
+        .parse()
+        .map_err(|e| RecordError::Invalid(format!("agent {agent:?}: {e}")))?;
+    t.title = i.opt_string()?;
+    t.inputs = i.json()?;
+    t.source = Source {
+        method: i.string()?,
+        remote_ip: i.string()?,
+        event: i.opt_string()?,
+        headers: i.map()?,
+        schedule: i.opt_string()?,
+        scheduled_at: i.opt_string()?,
+    };
+    t.env = i.map()?;
+    t.created_at = i.uint()?;
+    t.idempotency_key = i.opt_string()?;
+    t.replay_of = if i.flag()? {
+        let at = i.at;
+        let bytes = raw
+            .get(at..at + 16)
+            .ok_or(RecordError::Truncated(raw.len()))?;
+        i.at += 16;
+        Some(TaskId::from_bytes(bytes.try_into().expect("16 bytes")))
+    } else {
+        None
+    };
+    i.end()?;
+    Ok(t)
+}
+
+/// Applies a state record over a task read from its head.
+pub(crate) fn apply_state(t: &mut Task, raw: &[u8]) -> Result<(), RecordError> {
+    match raw.first() {
+        Some(&STATE_V1) => {}
+        Some(&value) => {
+            return Err(RecordError::Unknown {
+                what: "state record version",
+                value,
+                at: 0,
+            })
+        }
+        None => return Err(RecordError::Truncated(0)),
+    }
+    let mut i = In { raw, at: 1 };
+    get_state(&mut i, t)?;
+    i.end()
+}
+
+/// The status in a state or head record of this layout, from its second byte; `None` for a
+/// record of the previous format (which needs a full decode).
+pub(crate) fn stored_status(raw: &[u8]) -> Option<TaskStatus> {
+    match raw {
+        [TASK_V1 | STATE_V1, s, ..] => status_of(*s, 1).ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn full() -> Task {
+        let mut t = Task::new(
+            "ns/agent-1".parse().unwrap(),
+            json!({"deep": [[[1]]], "s": "é\u{0}"}),
+            Source {
+                method: "POST".into(),
+                remote_ip: "127.0.0.1".into(),
+                event: Some("push".into()),
+                headers: BTreeMap::from([("x-a".into(), "b".into())]),
+                schedule: Some("5m".into()),
+                scheduled_at: Some("2026-01-01T00:00:00Z".into()),
+            },
+        );
+        t.status = TaskStatus::AwaitingInput;
+        t.seq = 1 << 40;
+        t.tick = 7;
+        t.attempt = 2;
+        t.title = Some("title".into());
+        t.env = BTreeMap::from([("K".into(), "V".into())]);
+        t.started_at = Some(5);
+        t.finished_at = Some(6);
+        t.result = Some(json!({"response": {"a": 1}, "steps": 3}));
+        t.response = Some(json!({"a": 1}));
+        t.error = Some("e".into());
+        t.idempotency_key = Some("k".into());
+        t.attempts = vec![
+            Attempt {
+                attempt: 1,
+                started_at: 1,
+                finished_at: Some(2),
+                error: Some("boom".into()),
+            },
+            Attempt {
+                attempt: 2,
+                started_at: 3,
+                finished_at: None,
+                error: None,
+            },
+        ];
+        t.next_attempt_at = Some(9);
+        t.awaiting = Some(Awaiting {
+            request: json!({"q": 1}),
+            since: 1,
+            expires_at: 2,
+        });
+        t.resume = Some(Resume {
+            request: json!("r"),
+            response: json!(null),
+        });
+        t.replay_of = Some(TaskId::random());
+        t
+    }
+
+    #[test]
+    fn a_task_reads_back_from_its_head_and_its_state() {
+        let t = full();
+        assert_eq!(decode_task(t.id, &encode_task(&t)).unwrap(), t);
+        let mut changed = t.clone();
+        changed.status = TaskStatus::Success;
+        changed.response = Some(json!("not the result's"));
+        changed.awaiting = None;
+        let state = encode_state(&changed);
+        assert_eq!(stored_status(&state), Some(TaskStatus::Success));
+        let mut read = decode_task(t.id, &encode_task(&t)).unwrap();
+        apply_state(&mut read, &state).unwrap();
+        assert_eq!(read, changed);
+        // The output is stored once when `response` is the result's.
+        let once = encode_state(&t);
+        let mut twice = t.clone();
+        twice.response = Some(json!({"a": 2}));
+        assert!(encode_state(&twice).len() > once.len());
+    }
+
+    #[test]
+    fn records_of_the_previous_release_read_and_damage_is_an_error() {
+        let t = full();
+        let json = serde_json::to_vec(&t).unwrap();
+        assert_eq!(decode_task(t.id, &json).unwrap(), t);
+        assert_eq!(stored_status(&json), None);
+        let head = encode_task(&t);
+        for cut in [0, 1, 5, head.len() - 1] {
+            assert!(decode_task(t.id, &head[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = head.clone();
+        long.push(0);
+        assert!(matches!(
+            decode_task(t.id, &long),
+            Err(RecordError::Trailing(1))
+        ));
+        assert!(decode_task(t.id, &[9, 0]).is_err());
+        assert!(apply_state(&mut t.clone(), &head).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn any_task_round_trips(
+            seq in any::<u64>(),
+            tick in any::<u64>(),
+            attempt in any::<u32>(),
+            title in proptest::option::of(".*"),
+            key in proptest::option::of(".*"),
+            text in ".*",
+            n in any::<i64>(),
+            started in proptest::option::of(any::<u64>()),
+            headers in proptest::collection::btree_map(".*", ".*", 0..4),
+            status in 0u8..7,
+        ) {
+            let mut t = Task::new("a".parse().unwrap(), json!({"t": text, "n": n}), Source::default());
+            t.seq = seq;
+            t.tick = tick;
+            t.attempt = attempt;
+            t.title = title;
+            t.idempotency_key = key;
+            t.started_at = started;
+            t.source.headers = headers;
+            t.status = status_of(status, 0).unwrap();
+            t.result = Some(json!({"response": n}));
+            t.response = Some(json!(n));
+            prop_assert_eq!(decode_task(t.id, &encode_task(&t)).unwrap(), t.clone());
+            let mut read = Task::new("b".parse().unwrap(), Value::Null, Source::default());
+            apply_state(&mut read, &encode_state(&t)).unwrap();
+            prop_assert_eq!(read.status, t.status);
+            prop_assert_eq!(read.response, t.response);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let id = TaskId::random();
+            let _ = decode_task(id, &raw);
+            let _ = apply_state(&mut Task::new("a".parse().unwrap(), Value::Null, Source::default()), &raw);
+        }
+    }
+}
