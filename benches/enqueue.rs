@@ -149,7 +149,7 @@ fn store_append(c: &mut Criterion) {
 fn submit(store: &SledStore, task: Task, done: mpsc::Sender<bool>) {
     store.write(
         Write::Submit {
-            task: Box::new(task),
+            task: std::sync::Arc::new(task),
             idempotency: None,
         },
         Box::new(move |r| {

@@ -28,7 +28,7 @@ fn populate(store: &SledStore, n: usize) -> ListCursor {
         let tx = tx.clone();
         store.write(
             Write::Submit {
-                task: Box::new(task),
+                task: std::sync::Arc::new(task),
                 idempotency: None,
             },
             Box::new(move |r| tx.send(r).unwrap()),

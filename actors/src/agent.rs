@@ -239,7 +239,15 @@ pub struct Agent {
     /// Tasks held while a `block`-ordered retry waits.
     pub(crate) gate: crate::retry::Gate,
     retry: Arc<crate::retry::RetryLink>,
+    /// Finished tasks kept alive for [`RELEASE_AFTER`] so that, once their completion is durable,
+    /// the last reference (and the freeing of their inputs and output) goes here, on the agent's
+    /// arbiter, rather than on the store's single writer thread, which every request waits for.
+    released: Vec<Arc<Task>>,
 }
+
+/// How long a finished task is kept for [`Agent::released`]: well past a group commit, so the
+/// writer's references are normally gone first; a burst of ticks shares one timer.
+const RELEASE_AFTER: Duration = Duration::from_millis(100);
 
 /// Starts an agent under a supervisor on `arbiter` and returns its handle.
 pub fn start(
@@ -264,6 +272,7 @@ pub fn start(
             deps,
             gate: Default::default(),
             retry,
+            released: Vec::new(),
         })
     };
     AgentHandle {
@@ -569,6 +578,10 @@ impl Agent {
         }
         let events = self.deps.events.clone();
         let task = Arc::new(task);
+        if self.released.is_empty() {
+            ctx.run_later(RELEASE_AFTER, |agent, _| agent.released.clear());
+        }
+        self.released.push(task.clone());
         let write = if task.status == TaskStatus::AwaitingInput {
             Write::Park {
                 task: task.clone(),

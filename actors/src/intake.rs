@@ -191,7 +191,7 @@ impl Intake {
         let feed = self.events.feed();
         self.store.write(
             Write::Submit {
-                task: Box::new(task),
+                task: Arc::new(task),
                 idempotency,
             },
             Box::new(move |res| {
@@ -202,8 +202,7 @@ impl Intake {
                         if let Some(trial) = trial {
                             trial.consume();
                         }
-                        // Shared with the caller rather than copied.
-                        let task: Arc<Task> = Arc::from(task);
+                        // The intake's own Arc, shared with the caller rather than copied.
                         if let Some(feed) = &feed {
                             // Before the agent can start it, so PENDING precedes STARTED.
                             let _ = feed.send(task.clone());

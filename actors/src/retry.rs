@@ -407,7 +407,6 @@ impl RetryDriver {
             };
             match write_async(store.as_ref(), due).await {
                 Ok(Written::Accepted(task)) => {
-                    let task = Arc::new(*task);
                     events.publish(&task);
                     handle
                         .addr

@@ -56,7 +56,7 @@ pub enum Write {
     /// A new task: checked against its idempotency key, given its queue position, stored PENDING.
     Submit {
         /// The task to accept (boxed: it is moved, not copied, into the answer).
-        task: Box<Task>,
+        task: Arc<Task>,
         /// Deduplication key, if the caller or provider sent one.
         idempotency: Option<IdempotencyKey>,
     },
@@ -295,7 +295,7 @@ pub struct RetryTimer {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Written {
     /// The submitted task was accepted; `seq` is now set.
-    Accepted(Box<Task>),
+    Accepted(Arc<Task>),
     /// The idempotency key was seen before with the same body: nothing was written.
     Duplicate(TaskId),
     /// The idempotency key was seen before with a different body: nothing was written.

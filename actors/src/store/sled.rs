@@ -908,9 +908,12 @@ fn stage(
 ) -> Result<Written, StoreError> {
     match write {
         Write::Submit {
-            mut task,
+            task: mut accepted,
             idempotency,
         } => {
+            // The intake's Arc is the only one: this borrows it mutably without a copy, and the
+            // answer hands the same allocation back (no conversion on the writer thread).
+            let task = Arc::make_mut(&mut accepted);
             if let Some(idem) = &idempotency {
                 let k = idem_key(&task.agent, &idem.key);
                 if let Some(seen) = seen_key(db, staged, &k)? {
@@ -929,14 +932,14 @@ fn stage(
                 task.idempotency_key = Some(idem.key.clone());
             }
             task.seq = db.generate_id().map_err(backend)?;
-            put_task(db, shared, batch, staged, &task, Part::Head)?;
-            batch.insert(list_key(&task), Vec::new());
-            batch.insert(list_agent_key(&task), Vec::new());
+            put_task(db, shared, batch, staged, task, Part::Head)?;
+            batch.insert(list_key(task), Vec::new());
+            batch.insert(list_agent_key(task), Vec::new());
             batch.insert(
                 queue_key(&task.agent, task.seq),
                 task.id.as_bytes().to_vec(),
             );
-            Ok(Written::Accepted(task))
+            Ok(Written::Accepted(accepted))
         }
         Write::Start(task) => {
             if is_revoked(revoked, staged, &task.id) {
@@ -1060,7 +1063,7 @@ fn stage(
                 queue_key(&task.agent, task.seq),
                 task.id.as_bytes().to_vec(),
             );
-            Ok(Written::Accepted(Box::new(task)))
+            Ok(Written::Accepted(Arc::new(task)))
         }
         Write::Park { task, state } => {
             put_task(db, shared, batch, staged, &task, Part::State)?;
@@ -1624,7 +1627,7 @@ mod tests {
             match blocking(
                 &store,
                 Write::Submit {
-                    task: Box::new(task(&agent)),
+                    task: Arc::new(task(&agent)),
                     idempotency: None,
                 },
             )
@@ -1644,16 +1647,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let agent: AgentId = "a".parse().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
-        let Written::Accepted(mut t) = blocking(
+        let Written::Accepted(t) = blocking(
             &store,
             Write::Submit {
-                task: Box::new(task(&agent)),
+                task: Arc::new(task(&agent)),
                 idempotency: None,
             },
         )
         .unwrap() else {
             panic!("accepted")
         };
+        let mut t = Arc::unwrap_or_clone(t);
         t.status = TaskStatus::Retry;
         t.next_attempt_at = Some(1234);
         let state = AgentState {
@@ -1663,7 +1667,7 @@ mod tests {
         blocking(
             &store,
             Write::Retry {
-                task: Arc::new((*t).clone()),
+                task: Arc::new(t.clone()),
                 state: state.clone(),
             },
         )
@@ -1715,13 +1719,13 @@ mod tests {
         let accepted = match blocking(
             &store,
             Write::Submit {
-                task: Box::new(task(&agent)),
+                task: Arc::new(task(&agent)),
                 idempotency: None,
             },
         )
         .unwrap()
         {
-            Written::Accepted(t) => *t,
+            Written::Accepted(t) => Arc::unwrap_or_clone(t),
             other => panic!("unexpected {other:?}"),
         };
         let id = accepted.id;
@@ -1865,7 +1869,7 @@ mod tests {
             let tx = tx.clone();
             store.write(
                 Write::Submit {
-                    task: Box::new(task(&agent)),
+                    task: Arc::new(task(&agent)),
                     idempotency: Some(idem(body)),
                 },
                 Box::new(move |r| tx.send(r).unwrap()),
@@ -1887,16 +1891,17 @@ mod tests {
         let id;
         {
             let store = SledStore::open(dir.path()).unwrap();
-            let Written::Accepted(mut t) = blocking(
+            let Written::Accepted(t) = blocking(
                 &store,
                 Write::Submit {
-                    task: Box::new(task(&agent)),
+                    task: Arc::new(task(&agent)),
                     idempotency: None,
                 },
             )
             .unwrap() else {
                 panic!()
             };
+            let mut t = Arc::unwrap_or_clone(t);
             id = t.id;
             t.status = TaskStatus::Success;
             t.finished_at = Some(now_ms());
@@ -1907,7 +1912,7 @@ mod tests {
             blocking(
                 &store,
                 Write::Complete {
-                    task: Arc::new(*t),
+                    task: Arc::new(t),
                     state,
                 },
             )
@@ -1944,16 +1949,17 @@ mod tests {
             body_sha256: [1; 32],
         };
         let finish = |n: usize, finished_at: u64| {
-            let Written::Accepted(mut t) = blocking(
+            let Written::Accepted(t) = blocking(
                 &store,
                 Write::Submit {
-                    task: Box::new(task(&agent)),
+                    task: Arc::new(task(&agent)),
                     idempotency: Some(key(n)),
                 },
             )
             .unwrap() else {
                 panic!("not accepted")
             };
+            let mut t = Arc::unwrap_or_clone(t);
             t.status = TaskStatus::Success;
             t.finished_at = Some(finished_at);
             let id = t.id;
@@ -1961,7 +1967,7 @@ mod tests {
             blocking(
                 &store,
                 Write::Complete {
-                    task: Arc::new(*t),
+                    task: Arc::new(t),
                     state,
                 },
             )
@@ -1985,7 +1991,7 @@ mod tests {
             blocking(
                 &store,
                 Write::Submit {
-                    task: Box::new(task(&agent)),
+                    task: Arc::new(task(&agent)),
                     idempotency: Some(key(n)),
                 },
             )
@@ -2032,7 +2038,7 @@ mod tests {
             let agent: AgentId = "a".parse().unwrap();
             for _ in 0..3 {
                 let w = Write::Submit {
-                    task: Box::new(task(&agent)),
+                    task: Arc::new(task(&agent)),
                     idempotency: None,
                 };
                 assert!(matches!(blocking(&store, w), Ok(Written::Accepted(_))));
@@ -2056,7 +2062,7 @@ mod tests {
         let Written::Accepted(t) = blocking(
             &store,
             Write::Submit {
-                task: Box::new(t),
+                task: Arc::new(t),
                 idempotency: None,
             },
         )
@@ -2144,14 +2150,14 @@ mod tests {
         let Written::Accepted(t) = blocking(
             store,
             Write::Submit {
-                task: Box::new(t),
+                task: Arc::new(t),
                 idempotency: None,
             },
         )
         .unwrap() else {
             panic!("not accepted")
         };
-        *t
+        Arc::unwrap_or_clone(t)
     }
 
     fn page(store: &SledStore, q: ListQuery) -> TaskPage {
@@ -2361,7 +2367,7 @@ mod tests {
         let Written::Accepted(t) = blocking(
             &store,
             Write::Submit {
-                task: Box::new(task(&agent)),
+                task: Arc::new(task(&agent)),
                 idempotency: None,
             },
         )
@@ -2388,7 +2394,7 @@ mod tests {
         blocking(
             &store,
             Write::Submit {
-                task: Box::new(task(&quiet)),
+                task: Arc::new(task(&quiet)),
                 idempotency: None,
             },
         )
@@ -2538,7 +2544,7 @@ mod tests {
         let res = rt.block_on(write_async(
             store.as_ref(),
             Write::Submit {
-                task: Box::new(task(&agent)),
+                task: Arc::new(task(&agent)),
                 idempotency: None,
             },
         ));
