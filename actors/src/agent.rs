@@ -130,19 +130,8 @@ pub struct RunTask(pub(crate) Arc<Task>, pub(crate) MailboxSlot);
 #[rtype(result = "()")]
 pub struct RunStored(pub(crate) TaskId, pub(crate) MailboxSlot);
 
-/// Emitted after every tick: the seam for the circuit breaker and metrics.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub struct TickOutcome {
-    /// Which agent ticked.
-    pub agent: AgentId,
-    /// Which task the tick served.
-    pub task_id: TaskId,
-    /// Whether the task ended in SUCCESS.
-    pub success: bool,
-    /// How long the runner took.
-    pub duration: Duration,
-}
+/// Re-exported: the agent is what emits it.
+pub use crate::events::TickOutcome;
 
 /// Everything the HTTP edge and the registry need to talk to one agent. Cheap to clone.
 #[derive(Clone)]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde::Serialize;
 
-use crate::agent::TickOutcome;
+use crate::events::TickOutcome;
 use crate::model::AgentId;
 
 /// The grace used when a constructor is not given one. A trial's outcome normally arrives within

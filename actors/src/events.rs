@@ -8,10 +8,27 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use crate::model::{Task, TaskId};
+use crate::model::{AgentId, Task, TaskId};
+
+/// Emitted by an agent after every tick: the seam for the circuit breaker, metrics and the
+/// operator page's tick history. It lives here, beside the task events, so that its consumers
+/// (the breaker above all) need not depend on the agent actor.
+#[derive(actix::Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct TickOutcome {
+    /// Which agent ticked.
+    pub agent: AgentId,
+    /// Which task the tick served.
+    pub task_id: TaskId,
+    /// Whether the task ended in SUCCESS.
+    pub success: bool,
+    /// How long the runner took.
+    pub duration: Duration,
+}
 
 /// A task changes state three times per attempt; this leaves room for a slow reader.
 const EVENTS_PER_TASK: usize = 16;

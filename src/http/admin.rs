@@ -76,9 +76,9 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     operation_id = "list_agents",
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "Every agent with its breaker, queue and schedules", body = crate::http::openapi::AgentList),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "Every agent with its breaker, queue and schedules", body = crate::http::schemas::AgentList),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -135,13 +135,13 @@ pub(super) fn schedules(state: &AppState, agent: &AgentId, now: u64) -> Vec<serd
     ),
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "The new token, shown in this answer only", body = crate::http::openapi::RotatedToken),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
-        (status = 409, description = "The agent's token is pinned by configuration, or it has no webhook", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "The new token, shown in this answer only", body = crate::http::schemas::RotatedToken),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::schemas::ErrorBody),
+        (status = 409, description = "The agent's token is pinned by configuration, or it has no webhook", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -183,10 +183,10 @@ pub async fn rotate_token(
     ),
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "The breaker is closed", body = crate::http::openapi::BreakerReset),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "The breaker is closed", body = crate::http::schemas::BreakerReset),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -217,10 +217,10 @@ pub async fn reset_breaker(
     ),
     security(("admin_token" = [])),
     responses(
-        (status = 202, description = "The restart is queued behind the agent's queued ticks", body = crate::http::openapi::RestartQueued),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 202, description = "The restart is queued behind the agent's queued ticks", body = crate::http::schemas::RestartQueued),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]

@@ -43,7 +43,7 @@ pub struct ListParams {
     /// Only this agent's tasks (`namespace/name`).
     agent: Option<String>,
     /// Only tasks with this status.
-    #[param(value_type = Option<crate::http::openapi::TaskStatusName>)]
+    #[param(value_type = Option<crate::http::schemas::TaskStatusName>)]
     status: Option<String>,
     /// Only tasks created at or after this time (RFC 3339).
     #[param(format = DateTime)]
@@ -151,12 +151,12 @@ fn filters(
     ),
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "Tasks, newest first", body = crate::http::openapi::TaskPage),
-        (status = 400, description = "A filter, `limit` or `cursor` is unusable", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "Tasks, newest first", body = crate::http::schemas::TaskPage),
+        (status = 400, description = "A filter, `limit` or `cursor` is unusable", body = crate::http::schemas::ErrorBody),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -245,11 +245,11 @@ fn task_id(raw: &str) -> Result<TaskId, ApiError> {
     responses(
         (status = 202, description = "The new task, a replay of this one", body = TaskRecord,
             headers(("Location" = String, description = "The new task's poll URL"))),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client, or the agent's mailbox is full", body = crate::http::openapi::ErrorBody,
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client, or the agent's mailbox is full", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "The agent's breaker is open, the server is shutting down, or the store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "The agent's breaker is open, the server is shutting down, or the store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -280,7 +280,7 @@ pub async fn replay(
 #[serde(deny_unknown_fields)]
 pub struct BulkReplay {
     /// Only tasks with this status.
-    #[schema(value_type = Option<crate::http::openapi::TaskStatusName>)]
+    #[schema(value_type = Option<crate::http::schemas::TaskStatusName>)]
     status: Option<String>,
     /// Only tasks created at or after this time (RFC 3339).
     #[schema(format = DateTime)]
@@ -309,14 +309,14 @@ pub struct BulkReplay {
     request_body(content = BulkReplay, content_type = "application/json", description = "Optional filters; an empty body replays every task of the agent"),
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "What was replayed and what was refused", body = crate::http::openapi::BulkReplayResult),
-        (status = 400, description = "The body is not JSON, or a filter is unusable", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
-        (status = 413, description = "The body is too large", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "What was replayed and what was refused", body = crate::http::schemas::BulkReplayResult),
+        (status = 400, description = "The body is not JSON, or a filter is unusable", body = crate::http::schemas::ErrorBody),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::schemas::ErrorBody),
+        (status = 413, description = "The body is too large", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -423,12 +423,12 @@ fn refusal_code(e: &Refused) -> &'static str {
     security(("admin_token" = [])),
     responses(
         (status = 200, description = "The task, now REVOKED", body = TaskRecord),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
-        (status = 409, description = "The task has started or finished", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::schemas::ErrorBody),
+        (status = 409, description = "The task has started or finished", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]

@@ -78,12 +78,12 @@ impl From<NotifyError> for ApiError {
     ),
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "Deliveries, oldest first", body = crate::http::openapi::DeliveryPage),
-        (status = 400, description = "A filter, `limit` or `cursor` is unusable", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "Deliveries, oldest first", body = crate::http::schemas::DeliveryPage),
+        (status = 400, description = "A filter, `limit` or `cursor` is unusable", body = crate::http::schemas::ErrorBody),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -151,13 +151,13 @@ pub async fn list(
     ),
     security(("admin_token" = [])),
     responses(
-        (status = 202, description = "The delivery, pending again", body = crate::http::openapi::DeliveryRecord),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such delivery", body = crate::http::openapi::ErrorBody),
-        (status = 409, description = "The delivery has not failed", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 202, description = "The delivery, pending again", body = crate::http::schemas::DeliveryRecord),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such delivery", body = crate::http::schemas::ErrorBody),
+        (status = 409, description = "The delivery has not failed", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -188,12 +188,12 @@ pub async fn retry(
     ),
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "The endpoint takes deliveries again", body = crate::http::openapi::EndpointEnabled),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such agent or endpoint", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "The endpoint takes deliveries again", body = crate::http::schemas::EndpointEnabled),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such agent or endpoint", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]

@@ -20,7 +20,7 @@ use super::{agent_in_path, no_such_agent, AppState};
     tag = "health",
     operation_id = "healthz",
     responses(
-        (status = 200, description = "The process serves requests", body = crate::http::openapi::OkBody),
+        (status = 200, description = "The process serves requests", body = crate::http::schemas::OkBody),
 
     )
 )]
@@ -60,8 +60,8 @@ fn answer(ready: bool, agents: BTreeMap<String, Value>, state: &AppState) -> Htt
     tag = "health",
     operation_id = "ready",
     responses(
-        (status = 200, description = "Ready", body = crate::http::openapi::Readiness),
-        (status = 503, description = "Not ready (the body says why)", body = crate::http::openapi::Readiness,
+        (status = 200, description = "Ready", body = crate::http::schemas::Readiness),
+        (status = 503, description = "Not ready (the body says why)", body = crate::http::schemas::Readiness,
             headers(("Retry-After" = u64, description = "Seconds"))),
 
     )
@@ -96,10 +96,10 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         ("agent" = String, Path, description = "The agent's name"),
     ),
     responses(
-        (status = 200, description = "The agent takes triggers", body = crate::http::openapi::Readiness),
-        (status = 503, description = "Not ready (the body says why)", body = crate::http::openapi::Readiness,
+        (status = 200, description = "The agent takes triggers", body = crate::http::schemas::Readiness),
+        (status = 503, description = "Not ready (the body says why)", body = crate::http::schemas::Readiness,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 404, description = "No such agent", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such agent", body = crate::http::schemas::ErrorBody),
     )
 )]
 pub async fn ready_agent(

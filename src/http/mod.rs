@@ -9,6 +9,8 @@ pub mod error;
 pub mod health;
 mod limits;
 pub mod openapi;
+pub mod record;
+pub mod schemas;
 pub mod tasks;
 pub(crate) mod ui;
 pub mod webhook;

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use actix_web::{web, HttpResponse};
 use futures_util::stream;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 use tickgate_actors::events::Subscription;
-use tickgate_actors::model::{rfc3339, Task, TaskId, TaskStatus};
+use tickgate_actors::model::{Task, TaskId, TaskStatus};
 
 use subtle::ConstantTimeEq;
 use tickgate_actors::intake::ResumeRefused;
@@ -19,131 +19,7 @@ use super::admin::bearer_token;
 use super::error::ApiError;
 use super::AppState;
 
-/// The task as the API shows it (SPEC section 4, Tasks).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-#[schema(as = TaskRecord)]
-pub struct TaskRecord<'a> {
-    task_id: String,
-    agent: String,
-    #[schema(value_type = crate::http::openapi::TaskStatusName)]
-    status: TaskStatus,
-    #[schema(value_type = crate::http::openapi::TaskPhase)]
-    phase: &'static str,
-    tick: Option<u64>,
-    attempt: u32,
-    title: &'a Option<String>,
-    created_at: String,
-    started_at: Option<String>,
-    finished_at: Option<String>,
-    response: &'a Option<Value>,
-    result: &'a Option<Value>,
-    error: &'a Option<String>,
-    poll_url: String,
-    source: SourceRecord<'a>,
-    attempts: Vec<AttemptRecord<'a>>,
-    next_attempt_at: Option<String>,
-    awaiting: Option<AwaitingRecord<'a>>,
-    replay_of: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    duplicate: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    timed_out: Option<bool>,
-}
-
-/// Where a task came from, as the task record shows it (SPEC section 7): never headers or
-/// addresses, which stay between tickgate and the runner.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-struct SourceRecord<'a> {
-    method: &'a str,
-    event: &'a Option<String>,
-    schedule: &'a Option<String>,
-}
-
-/// One attempt as the task record shows it (SPEC section 8).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-struct AttemptRecord<'a> {
-    attempt: u32,
-    started_at: String,
-    finished_at: Option<String>,
-    error: &'a Option<String>,
-}
-
-/// What a parked task waits for, with the URL that answers it (SPEC section 8).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-struct AwaitingRecord<'a> {
-    request: &'a Value,
-    since: String,
-    expires_at: String,
-    resume_url: String,
-}
-
-impl<'a> TaskRecord<'a> {
-    /// Renders a stored task.
-    pub fn new(task: &'a Task, state: &AppState) -> Self {
-        Self::at(task, &state.public_url)
-    }
-
-    /// Renders a stored task with links under `public_url`; for renderers without the handlers'
-    /// state (the status callbacks' `data`).
-    pub fn at(task: &'a Task, public_url: &str) -> Self {
-        let poll_url = format!("{public_url}/tasks/{}", task.id);
-        Self {
-            task_id: task.id.to_string(),
-            agent: task.agent.to_string(),
-            status: task.status,
-            phase: task.status.phase(),
-            tick: (task.tick > 0).then_some(task.tick),
-            attempt: task.attempt,
-            title: &task.title,
-            created_at: rfc3339(task.created_at),
-            started_at: task.started_at.map(rfc3339),
-            finished_at: task.finished_at.map(rfc3339),
-            response: &task.response,
-            result: &task.result,
-            error: &task.error,
-            poll_url: poll_url.clone(),
-            source: SourceRecord {
-                method: &task.source.method,
-                event: &task.source.event,
-                schedule: &task.source.schedule,
-            },
-            attempts: task
-                .attempts
-                .iter()
-                .map(|a| AttemptRecord {
-                    attempt: a.attempt,
-                    started_at: rfc3339(a.started_at),
-                    finished_at: a.finished_at.map(rfc3339),
-                    error: &a.error,
-                })
-                .collect(),
-            next_attempt_at: task.next_attempt_at.map(rfc3339),
-            awaiting: task.awaiting.as_ref().map(|w| AwaitingRecord {
-                request: &w.request,
-                since: rfc3339(w.since),
-                expires_at: rfc3339(w.expires_at),
-                resume_url: format!("{poll_url}/resume"),
-            }),
-            replay_of: task.replay_of.map(|id| id.to_string()),
-            duplicate: None,
-            timed_out: None,
-        }
-    }
-
-    /// Marks the answer to a repeated idempotency key.
-    pub fn duplicate(mut self) -> Self {
-        self.duplicate = Some(true);
-        self
-    }
-
-    /// Marks a synchronous wait that ran out before the task finished.
-    pub fn timed_out(mut self, timed_out: bool) -> Self {
-        if timed_out {
-            self.timed_out = Some(true);
-        }
-        self
-    }
-}
+pub use super::record::TaskRecord;
 
 /// Reads a task off the arbiter thread.
 pub async fn load(state: &AppState, id: TaskId) -> Result<Option<Task>, ApiError> {
@@ -171,8 +47,8 @@ async fn load_or_404(state: &AppState, raw: &str) -> Result<Task, ApiError> {
     params(("id" = String, Path, description = "The task id")),
     responses(
         (status = 200, description = "The task", body = TaskRecord),
-        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 404, description = "No such task", body = crate::http::schemas::ErrorBody),
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -199,9 +75,9 @@ pub struct StatusQuery {
     params(StatusQuery),
     responses(
         (status = 200, description = "The task", body = TaskRecord),
-        (status = 400, description = "`task_id` is missing", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 400, description = "`task_id` is missing", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::schemas::ErrorBody),
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -273,9 +149,9 @@ fn sse_frame(task: &Task, state: &AppState) -> web::Bytes {
     params(("id" = String, Path, description = "The task id")),
     responses(
         (status = 200, description = "Server-Sent Events: `event: status` with the task record as `data`, one per change, closing after the terminal one",
-            content_type = "text/event-stream", body = crate::http::openapi::TaskEvent),
-        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+            content_type = "text/event-stream", body = crate::http::schemas::TaskEvent),
+        (status = 404, description = "No such task", body = crate::http::schemas::ErrorBody),
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -329,20 +205,20 @@ pub async fn events(
     tag = "tasks",
     operation_id = "resume_task",
     params(("id" = String, Path, description = "The task id")),
-    request_body(content = crate::http::openapi::ResumeBody, content_type = "application/json"),
+    request_body(content = crate::http::schemas::ResumeBody, content_type = "application/json"),
     security(("admin_token" = []), ("agent_token" = [])),
     responses(
         (status = 202, description = "The answer is recorded; the task is queued to continue", body = TaskRecord),
-        (status = 400, description = "The body has no `response` field", body = crate::http::openapi::ErrorBody),
-        (status = 401, description = "Neither the admin token nor the agent's webhook token", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
-        (status = 408, description = "The body did not arrive in time", body = crate::http::openapi::ErrorBody),
-        (status = 409, description = "The task is not awaiting input", body = crate::http::openapi::ErrorBody),
-        (status = 413, description = "The body is too large", body = crate::http::openapi::ErrorBody),
-        (status = 415, description = "The body declares a content encoding", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client, or the agent's mailbox is full", body = crate::http::openapi::ErrorBody,
+        (status = 400, description = "The body has no `response` field", body = crate::http::schemas::ErrorBody),
+        (status = 401, description = "Neither the admin token nor the agent's webhook token", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::schemas::ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = crate::http::schemas::ErrorBody),
+        (status = 409, description = "The task is not awaiting input", body = crate::http::schemas::ErrorBody),
+        (status = 413, description = "The body is too large", body = crate::http::schemas::ErrorBody),
+        (status = 415, description = "The body declares a content encoding", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client, or the agent's mailbox is full", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "Shutting down, overloaded, or the store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "Shutting down, overloaded, or the store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]

@@ -121,9 +121,9 @@ pub async fn style() -> HttpResponse {
     operation_id = "admin_stats",
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "Every agent's tick history over the window", body = crate::http::openapi::TickStatsAnswer),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "Every agent's tick history over the window", body = crate::http::schemas::TickStatsAnswer),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -148,12 +148,12 @@ pub async fn stats(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse,
     ),
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "The task record with its `inputs`", body = crate::http::openapi::AdminTaskRecord),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 404, description = "No such task", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "The task record with its `inputs`", body = crate::http::schemas::AdminTaskRecord),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 404, description = "No such task", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
-        (status = 503, description = "The store is unavailable", body = crate::http::openapi::ErrorBody,
+        (status = 503, description = "The store is unavailable", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
@@ -275,9 +275,9 @@ impl Feed {
     operation_id = "admin_events",
     security(("admin_token" = [])),
     responses(
-        (status = 200, description = "Server-Sent Events: `agents` (every second), `task` (each change), `deliveries` (failed callbacks, when they change), `resync`", content_type = "text/event-stream", body = crate::http::openapi::AdminEvent),
-        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::openapi::ErrorBody),
-        (status = 429, description = "Too many failed credentials from this client", body = crate::http::openapi::ErrorBody,
+        (status = 200, description = "Server-Sent Events: `agents` (every second), `task` (each change), `deliveries` (failed callbacks, when they change), `resync`", content_type = "text/event-stream", body = crate::http::schemas::AdminEvent),
+        (status = 401, description = "The admin bearer token is missing or wrong", body = crate::http::schemas::ErrorBody),
+        (status = 429, description = "Too many failed credentials from this client", body = crate::http::schemas::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]

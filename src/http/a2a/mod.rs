@@ -58,9 +58,9 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
         ("agent" = String, Path, description = "The agent's name"),
     ),
     responses(
-        (status = 200, description = "The agent's A2A Agent Card", body = crate::http::openapi::A2aAgentCard,
+        (status = 200, description = "The agent's A2A Agent Card", body = crate::http::schemas::A2aAgentCard,
             headers(("Cache-Control" = String, description = "`public, max-age=60`"))),
-        (status = 404, description = "No such agent, or it is not an A2A agent", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such agent, or it is not an A2A agent", body = crate::http::schemas::ErrorBody),
     )
 )]
 pub async fn card(
@@ -138,25 +138,25 @@ fn endpoint(state: &AppState, agent: &AgentId) -> String {
         ("agent" = String, Path, description = "The agent's name"),
         ("A2A-Version" = Option<String>, Header, description = "`1.0` (a request without it is A2A 0.3, answered with VersionNotSupported)"),
     ),
-    request_body(content = crate::http::openapi::JsonRpcRequest, content_type = "application/json",
+    request_body(content = crate::http::schemas::JsonRpcRequest, content_type = "application/json",
         description = "One JSON-RPC 2.0 request: SendMessage, SendStreamingMessage, GetTask, CancelTask, SubscribeToTask, ListTasks"),
     security(("agent_token" = [])),
     responses(
         (status = 200, description = "A JSON-RPC response (a result or a JSON-RPC error), or for the streaming methods Server-Sent Events each holding one",
             content(
-                (crate::http::openapi::JsonRpcResponse = "application/json"),
-                (crate::http::openapi::A2aStreamEvent = "text/event-stream"),
+                (crate::http::schemas::JsonRpcResponse = "application/json"),
+                (crate::http::schemas::A2aStreamEvent = "text/event-stream"),
             )),
-        (status = 401, description = "The bearer token is not the agent's webhook token", body = crate::http::openapi::ErrorBody,
+        (status = 401, description = "The bearer token is not the agent's webhook token", body = crate::http::schemas::ErrorBody,
             headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 404, description = "No such agent, or it is not an A2A agent", body = crate::http::openapi::ErrorBody),
-        (status = 408, description = "The body did not arrive in time", body = crate::http::openapi::ErrorBody),
-        (status = 413, description = "The body is too large", body = crate::http::openapi::ErrorBody),
-        (status = 415, description = "Not a JSON content type, or a content encoding was declared", body = crate::http::openapi::ErrorBody),
+        (status = 404, description = "No such agent, or it is not an A2A agent", body = crate::http::schemas::ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = crate::http::schemas::ErrorBody),
+        (status = 413, description = "The body is too large", body = crate::http::schemas::ErrorBody),
+        (status = 415, description = "Not a JSON content type, or a content encoding was declared", body = crate::http::schemas::ErrorBody),
         (status = 429, description = "Too many failed tokens from this client (error shape), or the agent's mailbox is full (JSON-RPC error)",
-            body = crate::http::openapi::A2aRefusal, headers(("Retry-After" = u64, description = "Seconds"))),
+            body = crate::http::schemas::A2aRefusal, headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 503, description = "Breaker open, shutting down, overloaded or the store unavailable (error shape or JSON-RPC error)",
-            body = crate::http::openapi::A2aRefusal, headers(("Retry-After" = u64, description = "Seconds"))),
+            body = crate::http::schemas::A2aRefusal, headers(("Retry-After" = u64, description = "Seconds"))),
     )
 )]
 pub async fn rpc(
