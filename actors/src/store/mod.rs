@@ -211,7 +211,8 @@ pub struct ListQuery {
 /// A position in the listing: the `created_at` and id of the last task examined. Tasks created
 /// later than the walk's start sort above every cursor of the walk, so a walk sees each task
 /// that existed when it began exactly once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered as the index is: by `created_ms`, then by the id's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ListCursor {
     /// `created_at` of the last examined task, Unix milliseconds.
     pub created_ms: u64,

@@ -933,7 +933,6 @@ fn stage(
             }
             task.seq = db.generate_id().map_err(backend)?;
             put_task(db, shared, batch, staged, task, Part::Head)?;
-            batch.insert(list_key(task), Vec::new());
             batch.insert(list_agent_key(task), Vec::new());
             batch.insert(
                 queue_key(&task.agent, task.seq),
@@ -998,6 +997,8 @@ fn stage(
                             if let Some(idem) = &task.idempotency_key {
                                 batch.remove(idem_key(&task.agent, idem));
                             }
+                            // `l/` keys exist only in stores written before the per-agent
+                            // index became the only one.
                             batch.remove(list_key(&task));
                             batch.remove(list_agent_key(&task));
                         }
@@ -1269,61 +1270,49 @@ fn read_retry_timers(shared: &Shared) -> Result<Vec<RetryTimer>, StoreError> {
     Ok(timers)
 }
 
-/// One listing page: a reverse range scan of the listing index between the filters' bounds
-/// (below the cursor), reading each examined task's record, stopping at `limit` matches or
-/// `scan_limit` examined entries, whichever comes first.
+/// One listing page, newest first: a reverse range scan of each agent's listing index between
+/// the filters' bounds (below the cursor), merged by `(created_at, id)` when no agent is given,
+/// reading each examined task's record, stopping at `limit` matches or `scan_limit` examined
+/// entries, whichever comes first.
+///
+/// There is no global index: a submission inserts one listing key (`la/<agent>\0<created><id>`),
+/// not two, because the accept path runs on the single writer and every key costs it (issue #11).
+/// An unfiltered page pays instead: one seek per agent that has tasks, then a k-way merge. Stores
+/// written before this change also hold `l/` keys; they are no longer read and go with the purge.
 fn read_list(shared: &Shared, q: &ListQuery) -> Result<TaskPage, StoreError> {
     let db = shared.db()?;
-    let prefix = match &q.agent {
-        Some(agent) => list_agent_prefix(agent),
-        None => LIST.to_vec(),
-    };
-    let at = |ms: u64| {
-        let mut k = prefix.clone();
-        k.extend_from_slice(&ms.to_be_bytes());
-        k
-    };
-    let lo = at(q.since_ms.unwrap_or(0));
-    let mut hi = match q.until_ms {
-        Some(until) => at(until),
-        None => {
-            // Above every 24-byte suffix under the prefix.
-            let mut k = prefix.clone();
-            k.extend_from_slice(&[0xff; 25]);
-            k
-        }
-    };
-    if let Some(c) = &q.cursor {
-        let mut k = at(c.created_ms);
-        k.extend_from_slice(c.id.as_bytes());
-        hi = hi.min(k);
-    }
     let mut page = TaskPage::default();
-    if lo >= hi || q.limit == 0 {
+    if q.limit == 0 {
         return Ok(page);
     }
-    let mut entries = db.range(lo..hi).rev();
+    let prefixes = match &q.agent {
+        Some(agent) => vec![list_agent_prefix(agent)],
+        None => listed_agent_prefixes(&db)?,
+    };
+    // One reverse iterator per agent, each with its next entry, merged through a max-heap.
+    let mut sources = Vec::with_capacity(prefixes.len());
+    let mut heads = std::collections::BinaryHeap::new();
+    for prefix in prefixes {
+        let Some((lo, hi)) = list_bounds(&prefix, q) else {
+            continue;
+        };
+        let mut entries = db.range(lo..hi).rev();
+        if let Some(head) = next_listed(shared, &prefix, &mut entries)? {
+            heads.push((head, sources.len()));
+        }
+        sources.push((prefix, entries));
+    }
     let mut scanned = 0;
     let mut last = None;
     while scanned < q.scan_limit.max(1) && page.tasks.len() < q.limit {
-        let Some(entry) = entries.next() else {
+        let Some((cursor, i)) = heads.pop() else {
             return Ok(page);
         };
-        let (k, _) = entry.map_err(backend)?;
+        let (prefix, entries) = &mut sources[i];
+        if let Some(head) = next_listed(shared, prefix, entries)? {
+            heads.push((head, i));
+        }
         scanned += 1;
-        let suffix = &k[prefix.len()..];
-        let (Ok(ms), Ok(id)) = (
-            <[u8; 8]>::try_from(&suffix[..8.min(suffix.len())]),
-            <[u8; 16]>::try_from(&suffix[8.min(suffix.len())..]),
-        ) else {
-            let e = <serde_json::Error as serde::de::Error>::custom("malformed listing key");
-            shared.report_unreadable(format!("listing entry {}", hex(&k)), &e);
-            continue;
-        };
-        let cursor = ListCursor {
-            created_ms: u64::from_be_bytes(ms),
-            id: TaskId::from_bytes(id),
-        };
         last = Some(cursor);
         // A record gone between the index read and here was purged: skipped. One that cannot
         // be decoded is reported (once) and skipped so the listing still works.
@@ -1335,10 +1324,86 @@ fn read_list(shared: &Shared, q: &ListQuery) -> Result<TaskPage, StoreError> {
         }
     }
     // Stopped by a bound: continue from the last examined entry if anything is left.
-    if entries.next().is_some() {
+    if !heads.is_empty() {
         page.next_cursor = last;
     }
     Ok(page)
+}
+
+/// The key range of one agent's listing index that a query covers, or `None` when it is empty.
+fn list_bounds(prefix: &[u8], q: &ListQuery) -> Option<(Vec<u8>, Vec<u8>)> {
+    let at = |ms: u64| {
+        let mut k = prefix.to_vec();
+        k.extend_from_slice(&ms.to_be_bytes());
+        k
+    };
+    let lo = at(q.since_ms.unwrap_or(0));
+    let mut hi = match q.until_ms {
+        Some(until) => at(until),
+        None => {
+            // Above every 24-byte suffix under the prefix.
+            let mut k = prefix.to_vec();
+            k.extend_from_slice(&[0xff; 25]);
+            k
+        }
+    };
+    if let Some(c) = &q.cursor {
+        let mut k = at(c.created_ms);
+        k.extend_from_slice(c.id.as_bytes());
+        hi = hi.min(k);
+    }
+    (lo < hi).then_some((lo, hi))
+}
+
+/// The next well-formed entry of one agent's listing index, as a cursor; malformed keys are
+/// reported and skipped.
+fn next_listed(
+    shared: &Shared,
+    prefix: &[u8],
+    entries: &mut impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+) -> Result<Option<ListCursor>, StoreError> {
+    for entry in entries {
+        let (k, _) = entry.map_err(backend)?;
+        let suffix = &k[prefix.len()..];
+        let (Ok(ms), Ok(id)) = (
+            <[u8; 8]>::try_from(&suffix[..8.min(suffix.len())]),
+            <[u8; 16]>::try_from(&suffix[8.min(suffix.len())..]),
+        ) else {
+            let e = <serde_json::Error as serde::de::Error>::custom("malformed listing key");
+            shared.report_unreadable(format!("listing entry {}", hex(&k)), &e);
+            continue;
+        };
+        return Ok(Some(ListCursor {
+            created_ms: u64::from_be_bytes(ms),
+            id: TaskId::from_bytes(id),
+        }));
+    }
+    Ok(None)
+}
+
+/// Every `la/<agent>\0` prefix that has entries, found by seeking past each agent's keys (one
+/// seek per agent, whatever its number of tasks).
+fn listed_agent_prefixes(db: &sled::Db) -> Result<Vec<Vec<u8>>, StoreError> {
+    let mut prefixes = Vec::new();
+    let mut from = LIST_AGENT.to_vec();
+    loop {
+        let Some(entry) = db.range(from.clone()..).next() else {
+            break;
+        };
+        let (k, _) = entry.map_err(backend)?;
+        if !k.starts_with(LIST_AGENT) {
+            break;
+        }
+        // Agent names are URL-safe, so the first NUL after the tag ends the agent's prefix.
+        let Some(nul) = k[LIST_AGENT.len()..].iter().position(|&b| b == 0) else {
+            break;
+        };
+        let prefix = k[..LIST_AGENT.len() + nul + 1].to_vec();
+        from = prefix.clone();
+        *from.last_mut().expect("ends with the NUL") = 1;
+        prefixes.push(prefix);
+    }
+    Ok(prefixes)
 }
 
 fn read_schedule_cursor(
@@ -2221,6 +2286,47 @@ mod tests {
     }
 
     #[test]
+    fn an_unfiltered_walk_merges_every_agents_index_newest_first_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agents: Vec<AgentId> = ["a", "b/x", "b/xy", "c"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        // Interleaved times, ties across agents included (ordered by id then).
+        let mut all = Vec::new();
+        for i in 0..40u64 {
+            let t = submit_at(&store, &agents[(i * 7 % 4) as usize], 100 + i / 2);
+            all.push((t.created_at, t.id));
+        }
+        all.sort();
+        all.reverse();
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let p = page(
+                &store,
+                ListQuery {
+                    agent: None,
+                    status: None,
+                    since_ms: Some(101),
+                    until_ms: None,
+                    cursor,
+                    limit: 3,
+                    scan_limit: 1000,
+                },
+            );
+            seen.extend(p.tasks.iter().map(|t| (t.created_at, t.id)));
+            match p.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let expected: Vec<_> = all.into_iter().filter(|(ms, _)| *ms >= 101).collect();
+        assert_eq!(seen, expected);
+    }
+
+    #[test]
     fn listing_walks_newest_first_with_filters_and_bounded_scans() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
@@ -2324,7 +2430,7 @@ mod tests {
         assert!(store.task_blocking(revoked.id).unwrap().is_none());
         assert!(store.task_blocking(again.id).unwrap().is_some());
         let db = store.shared.db().unwrap();
-        assert_eq!(db.scan_prefix(LIST).count(), 1);
+        assert_eq!(db.scan_prefix(LIST_AGENT).count(), 1);
         assert!(db.scan_prefix(REVOKED).next().is_none());
         let listed = page(
             &store,
