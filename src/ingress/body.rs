@@ -121,17 +121,25 @@ fn form_to_object(body: &[u8]) -> Result<Value, BodyError> {
 /// Nesting depth of arrays and objects in `value` (a scalar is 0), walked without recursion so
 /// that measuring a hostile value cannot exhaust the stack.
 pub fn depth(value: &Value) -> usize {
+    // Only arrays and objects go on the stack (with their own level), and no iterator is boxed:
+    // this runs on every JSON trigger, so it allocates nothing per node (#16).
+    let container = |v: &&Value| matches!(v, Value::Array(_) | Value::Object(_));
     let mut deepest = 0;
-    let mut stack = vec![(value, 0usize)];
-    while let Some((v, above)) = stack.pop() {
-        let children: Box<dyn Iterator<Item = &Value>> = match v {
-            Value::Array(items) => Box::new(items.iter()),
-            Value::Object(map) => Box::new(map.values()),
-            _ => continue,
-        };
-        let level = above + 1;
+    let mut stack: Vec<(&Value, usize)> = Vec::new();
+    if container(&value) {
+        stack.push((value, 1));
+    }
+    while let Some((v, level)) = stack.pop() {
         deepest = deepest.max(level);
-        stack.extend(children.map(|c| (c, level)));
+        match v {
+            Value::Array(items) => {
+                stack.extend(items.iter().filter(container).map(|c| (c, level + 1)))
+            }
+            Value::Object(map) => {
+                stack.extend(map.values().filter(container).map(|c| (c, level + 1)))
+            }
+            _ => {}
+        }
     }
     deepest
 }
