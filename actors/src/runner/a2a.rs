@@ -26,7 +26,7 @@ use reqwest::{Client, Url};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::http::{causes, read_body, safe_url};
+use super::http::{causes, read_body, safe_url, shown_url};
 use super::{A2aSpec, RunnerError};
 use crate::model::{preview, AwaitRequest, TaskId, TickInput, TickOutput};
 
@@ -76,10 +76,7 @@ impl A2aRunner {
     /// Reads the bearer token from the variable named by `token_env` now, so that a missing
     /// variable is reported on every tick rather than discovered half-way through one.
     pub fn new(spec: A2aSpec) -> Self {
-        let shown_url = match Url::parse(&spec.url) {
-            Ok(url) => safe_url(&url),
-            Err(_) => spec.url.clone(),
-        };
+        let shown_url = shown_url(&spec.url);
         let prepared = prepare(&spec, &shown_url);
         Self {
             shown_url,

@@ -31,10 +31,7 @@ impl HttpRunner {
     /// Builds the client once so connections are pooled across ticks. Redirects are not
     /// followed: a redirect to another host would carry the configured headers (API keys) along.
     pub fn new(spec: HttpSpec) -> Self {
-        let shown_url = match Url::parse(&spec.url) {
-            Ok(url) => safe_url(&url),
-            Err(_) => spec.url.clone(),
-        };
+        let shown_url = shown_url(&spec.url);
         let prepared = prepare(&spec, &shown_url);
         Self {
             shown_url,
@@ -119,6 +116,15 @@ fn prepare(spec: &HttpSpec, shown_url: &str) -> Result<Prepared, String> {
         url,
         headers,
     })
+}
+
+/// How a configured URL appears in errors and logs: [`safe_url`] of it, or the text as given
+/// when it does not parse (then `prepare` refuses it with its own error).
+pub(super) fn shown_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(url) => safe_url(&url),
+        Err(_) => raw.to_string(),
+    }
 }
 
 /// The URL without user info, query or fragment, any of which may hold a secret.
