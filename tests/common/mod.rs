@@ -343,3 +343,38 @@ pub fn standard_webhook_signature(secret: &str, id: &str, timestamp: &str, body:
         base64::engine::general_purpose::STANDARD.encode(hmac_bytes(&key, &signed))
     )
 }
+
+/// A request's headers, names lowercased, in arrival order.
+pub type Headers = Vec<(String, String)>;
+
+/// Reads one HTTP/1.1 request from a test receiver's connection: its headers (names lowercased)
+/// and its body (by `Content-Length`). For the callback receivers in `notify.rs` and
+/// `lifecycle_e2e.rs`, which answer on the same stream afterwards.
+pub fn read_request(stream: &std::net::TcpStream) -> std::io::Result<(Headers, Vec<u8>)> {
+    use std::io::Read;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    Ok((headers, body))
+}
