@@ -18,10 +18,11 @@ use tickgate_actors::breaker::{BreakerActor, BreakerPolicy};
 use tickgate_actors::events::TaskEvents;
 use tickgate_actors::intake::Intake;
 use tickgate_actors::registry::{bootstrap_tokens, NewToken, Registry};
+use tickgate_actors::store::nats::{NatsOptions, NatsStore};
 use tickgate_actors::store::sled::{Options, SledStore};
 use tickgate_actors::store::{Store, StoreError};
 
-use crate::config::Settings;
+use crate::config::{Settings, StoreKind};
 use crate::http::{self, AppState};
 use crate::ingress::rate_limit::FailureLimiter;
 use crate::metrics::{Metrics, TickRecorder};
@@ -67,6 +68,9 @@ pub fn serve(settings: Settings) -> Result<(), AppError> {
     if let Err(e) = tickgate_actors::runner::become_subreaper() {
         tracing::warn!("cannot become a child subreaper ({e}); escaped runner processes are found by their environment only");
     }
+    if settings.config.store.kind == StoreKind::Nats {
+        return serve_nats(settings);
+    }
     actix_rt::System::new().block_on(async move {
         let metrics = Arc::new(Metrics::new());
         let store = SledStore::open_opts(
@@ -82,6 +86,51 @@ pub fn serve(settings: Settings) -> Result<(), AppError> {
         tracing::info!("store flushed; bye");
         served
     })
+}
+
+/// Runs the service as one node of a cluster on NATS JetStream until SIGTERM or SIGINT; on the
+/// way out it gives up its agents' leases, so other nodes take them over at once.
+fn serve_nats(settings: Settings) -> Result<(), AppError> {
+    let store = NatsStore::open(NatsOptions {
+        url: settings.config.store.url.clone().unwrap_or_default(),
+        replicas: settings.config.store.replicas,
+        lease: settings.config.store.lease.0,
+        node_id: node_id(&settings),
+        task_retention: settings.config.store.task_retention.0,
+        connect_timeout: NATS_CONNECT_TIMEOUT,
+        outbox: crate::outbox_worker::outbox_for(&settings),
+    })?;
+    let served = actix_rt::System::new().block_on({
+        let store = store.clone();
+        async move {
+            let metrics = Arc::new(Metrics::new());
+            run(settings, store, metrics, shutdown_signal(), |_| {}).await
+        }
+    });
+    store.release_all_blocking();
+    store.close();
+    tracing::info!("leases released; bye");
+    served
+}
+
+/// How long start-up waits for NATS before it gives up.
+const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `[server] node_id`, or `<hostname>:<port>` (the process id when the port is picked at bind).
+pub fn node_id(settings: &Settings) -> String {
+    if let Some(id) = &settings.config.server.node_id {
+        return id.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    match settings.listen.port() {
+        0 => format!("{host}:pid{}", std::process::id()),
+        port => format!("{host}:{port}"),
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -249,6 +298,12 @@ pub async fn build_state(
         lifecycle.clone(),
         retry_timers,
     );
+    if let Some(nats) = store.clone().as_nats() {
+        // Other nodes' task changes reach this node's waiters; this node's agents tick only
+        // while it holds their leases.
+        nats.fan_in(events.clone());
+        tickgate_actors::cluster::start(nats, handles.clone());
+    }
     let intake = Arc::new(
         Intake::new(
             handles.iter().cloned(),
@@ -281,6 +336,7 @@ pub async fn build_state(
         metrics: metrics.clone(),
     };
     let state = web::Data::new(AppState {
+        node_id: node_id(settings),
         registry,
         tokens: token_index,
         breaker,

@@ -99,6 +99,9 @@ pub struct ServerConfig {
     pub body_timeout: Dur,
     /// Bytes all bodies still being received may hold together; past it triggers get 503.
     pub max_inflight_body_bytes: usize,
+    /// This node's name in a cluster (leases, `/admin/agents`); defaults to
+    /// `<hostname>:<port>`.
+    pub node_id: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -117,6 +120,7 @@ impl Default for ServerConfig {
             },
             body_timeout: Dur(Duration::from_secs(30)),
             max_inflight_body_bytes: 64 * 1024 * 1024,
+            node_id: None,
         }
     }
 }
@@ -132,6 +136,25 @@ pub struct StoreConfig {
     /// What an acknowledged write survives: `flush` (a killed process) or `fsync` (also power
     /// loss and OS crashes, at the cost of an `fdatasync` per group commit).
     pub sync: tickgate_actors::store::sled::SyncMode,
+    /// `sled` (one node, embedded) or `nats` (several nodes on NATS JetStream).
+    pub kind: StoreKind,
+    /// The NATS server(s) for `kind = "nats"`: `nats://host:port`, several separated by commas.
+    pub url: Option<String>,
+    /// Copies JetStream keeps of every stream and bucket (`kind = "nats"`); 3 in production.
+    pub replicas: usize,
+    /// Agent ownership lease (`kind = "nats"`): a dead node's agents move within about this.
+    pub lease: Dur,
+}
+
+/// Which backend `[store]` uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The embedded sled store, one node.
+    #[default]
+    Sled,
+    /// NATS JetStream, shared by any number of nodes.
+    Nats,
 }
 
 impl Default for StoreConfig {
@@ -140,6 +163,10 @@ impl Default for StoreConfig {
             path: PathBuf::from("data"),
             task_retention: Dur(Duration::from_secs(7 * 24 * 3600)),
             sync: tickgate_actors::store::sled::SyncMode::Flush,
+            kind: StoreKind::Sled,
+            url: None,
+            replicas: 1,
+            lease: Dur(Duration::from_secs(10)),
         }
     }
 }
@@ -471,7 +498,7 @@ pub struct RateLimitConfig {
 
 /// Server-level settings overridable from the environment as `TICKGATE_<SECTION>_<KEY>`.
 /// Limited to scalars so that an override can never restructure agents.
-const ENV_OVERRIDES: [(&str, &str); 12] = [
+const ENV_OVERRIDES: [(&str, &str); 14] = [
     ("server", "listen"),
     ("server", "body_timeout"),
     ("server", "max_inflight_body_bytes"),
@@ -483,6 +510,8 @@ const ENV_OVERRIDES: [(&str, &str); 12] = [
     ("store", "path"),
     ("store", "task_retention"),
     ("store", "sync"),
+    ("store", "url"),
+    ("server", "node_id"),
     ("admin", "token_env"),
 ];
 
@@ -620,6 +649,32 @@ impl Config {
         }
         if self.store.path.as_os_str().is_empty() {
             return Err(err("store.path: must not be empty".into()));
+        }
+        if self.store.kind == StoreKind::Nats {
+            match &self.store.url {
+                Some(url) if url.split(',').all(|u| !u.trim().is_empty()) => {}
+                _ => {
+                    return Err(err(
+                        "store.url: kind = \"nats\" needs the NATS server's url, such as \"nats://127.0.0.1:4222\"".into(),
+                    ))
+                }
+            }
+            if !(1..=5).contains(&self.store.replicas) {
+                return Err(err(
+                    "store.replicas: must be between 1 and 5 (JetStream's limit)".into(),
+                ));
+            }
+            if self.store.lease.0 < Duration::from_millis(300) {
+                return Err(err("store.lease: must be at least 300ms".into()));
+            }
+        }
+        if self
+            .server
+            .node_id
+            .as_ref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            return Err(err("server.node_id: must not be empty".into()));
         }
         let admin_token = match env(&self.admin.token_env) {
             Some(t) if t.len() < 16 => {

@@ -295,6 +295,22 @@ impl Supervised for Agent {
     }
 }
 
+/// This node just took the agent over (NATS store): its memory and tick counter become the
+/// stored ones, and whatever a former ownership left held here is dropped (the queue is read
+/// again from the store's cursor). Sent before the first task of the new ownership.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Adopt(pub(crate) AgentState);
+
+impl Handler<Adopt> for Agent {
+    type Result = ();
+    fn handle(&mut self, Adopt(state): Adopt, _ctx: &mut Self::Context) {
+        self.ticks.store(state.ticks as usize, Ordering::Release);
+        self.state = state;
+        self.gate = Default::default();
+    }
+}
+
 /// Stops the agent actor after the ticks queued before this message; its supervisor restarts it
 /// at once with a fresh runner (a new persistent process) and the rest of its queue intact.
 /// Operators use it for a wedged runner; the agent uses it on itself after a runner panic.

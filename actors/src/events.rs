@@ -116,6 +116,19 @@ impl TaskEvents {
         }
     }
 
+    /// Announces a change made on another node (NATS store) to this node's watchers of that
+    /// task only: the whole feed carries this node's own changes, so that what reads it (the
+    /// queue reply publisher) acts on each change once in a cluster.
+    pub fn publish_watchers(&self, task: &Arc<Task>) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = watched.get(&task.id) {
+            let _ = tx.send(task.clone());
+            if task.status.is_terminal() {
+                watched.remove(&task.id);
+            }
+        }
+    }
+
     /// How many tasks are being watched; for tests and metrics.
     pub fn watched(&self) -> usize {
         self.watched.lock().map(|w| w.len()).unwrap_or(0)

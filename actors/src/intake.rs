@@ -189,6 +189,7 @@ impl Intake {
         let mailbox = agent.mailbox.clone();
         // New tasks reach the operator page's feed only while one is open.
         let feed = self.events.feed();
+        let dispatches = self.store.dispatches();
         self.store.write(
             Write::Submit {
                 task: Arc::new(task),
@@ -207,7 +208,10 @@ impl Intake {
                             // Before the agent can start it, so PENDING precedes STARTED.
                             let _ = feed.send(task.clone());
                         }
-                        if mailbox.queued() > QUEUED_IN_MEMORY {
+                        if dispatches {
+                            // The store hands it to the agent's owner (maybe another node).
+                            drop(slot);
+                        } else if mailbox.queued() > QUEUED_IN_MEMORY {
                             addr.do_send(RunStored(task.id, slot));
                         } else {
                             addr.do_send(RunTask(task.clone(), slot));
@@ -266,6 +270,7 @@ impl Intake {
         let addr = agent.addr.clone();
         let mailbox = agent.mailbox.clone();
         let events = self.events.clone();
+        let dispatches = self.store.dispatches();
         self.store.write(
             Write::Resume { id, response },
             Box::new(move |res| {
@@ -274,7 +279,9 @@ impl Intake {
                     Ok(Written::Updated(task)) => {
                         let task: Arc<Task> = Arc::from(task);
                         events.publish_shared(&task);
-                        if mailbox.queued() > QUEUED_IN_MEMORY {
+                        if dispatches {
+                            drop(slot);
+                        } else if mailbox.queued() > QUEUED_IN_MEMORY {
                             addr.do_send(RunStored(task.id, slot));
                         } else {
                             addr.do_send(RunTask(task.clone(), slot));

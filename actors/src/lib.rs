@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod awaiting;
 pub mod breaker;
+pub mod cluster;
 pub mod events;
 pub mod intake;
 pub mod model;

@@ -176,6 +176,16 @@ impl RetryLink {
     }
 }
 
+impl RetryLink {
+    /// Arms a timer read from the store after start-up (a node taking an agent over in a
+    /// cluster arms the timers its former owner wrote); not counted as a new retry.
+    pub fn rearm(&self, timer: RetryTimer) {
+        if let Some(driver) = self.driver.get() {
+            driver.do_send(Due(timer));
+        }
+    }
+}
+
 /// A task in an agent's queue, as the agent actor received it.
 pub(crate) enum Queued {
     /// The task itself.
@@ -408,9 +418,12 @@ impl RetryDriver {
             match write_async(store.as_ref(), due).await {
                 Ok(Written::Accepted(task)) => {
                     events.publish(&task);
-                    handle
-                        .addr
-                        .do_send(RunRetry(task, handle.mailbox.force_reserve()));
+                    // A store that dispatches itself queued the task for its agent's owner.
+                    if !store.dispatches() {
+                        handle
+                            .addr
+                            .do_send(RunRetry(task, handle.mailbox.force_reserve()));
+                    }
                 }
                 Ok(_) => {
                     // Cancelled or otherwise moved on: nothing to run, the hold (if any) goes.

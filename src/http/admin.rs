@@ -98,6 +98,7 @@ pub async fn list_agents(_: Admin, state: web::Data<AppState>) -> Result<HttpRes
                 "mailbox": a.mailbox.capacity(),
                 "ticks": a.ticks.load(std::sync::atomic::Ordering::Acquire),
                 "schedules": schedules(&state, &a.spec.id, now),
+                "owner": state.store.owner(&a.spec.id).unwrap_or_else(|| state.node_id.clone()),
             })
         })
         .collect();

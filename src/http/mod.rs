@@ -45,6 +45,8 @@ pub use limits::{BodyBudget, BodyLimits};
 /// State shared by every handler; built once at start-up and never mutated, so no handler holds
 /// a lock across an await.
 pub struct AppState {
+    /// This node's name (`[server] node_id`), shown as the owner of agents it runs.
+    pub node_id: String,
     /// Token → agent, rotation, listings.
     pub registry: Addr<Registry>,
     /// Per-agent circuit breakers: admission of triggers and readiness.

@@ -153,6 +153,9 @@ pub struct AgentSummary {
     ticks: u64,
     /// Schedule entries with their next slot.
     schedules: Vec<ScheduleSlot>,
+    /// The node running its ticks (`[server] node_id`): this node on the sled store, the
+    /// lease holder on the NATS store.
+    owner: String,
 }
 
 /// `GET /admin/agents`.

@@ -9,6 +9,7 @@
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod faulty;
+pub mod nats;
 mod record;
 pub mod sled;
 
@@ -393,6 +394,25 @@ pub trait Store: Send + Sync + 'static {
     /// Removes finished tasks (and their idempotency keys) that finished more than `older_than` ago.
     /// Blocking: the retention job runs it on the blocking pool.
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError>;
+
+    /// Whether the store itself hands queued tasks to the agent that owns them (the NATS store,
+    /// where another node may own the agent). Then the intake, the retry driver and resumes
+    /// must not hand a task they made durable to the local agent: it reaches its owner from the
+    /// store. False for the single-node sled store.
+    fn dispatches(&self) -> bool {
+        false
+    }
+
+    /// The node that owns `agent` (runs its ticks), for `/admin/agents`; `None` on a single
+    /// node, where this node owns everything.
+    fn owner(&self, _agent: &AgentId) -> Option<String> {
+        None
+    }
+
+    /// The NATS store behind this one, so start-up can start the cluster's lease rounds.
+    fn as_nats(self: Arc<Self>) -> Option<Arc<nats::NatsStore>> {
+        None
+    }
 
     /// Whether the last write succeeded; feeds readiness.
     fn healthy(&self) -> bool;
