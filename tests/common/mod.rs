@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod nats;
+
 /// How long anything in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
