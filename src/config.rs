@@ -701,6 +701,19 @@ impl Config {
             agents.push(validate_agent(a, id, &at, env).map_err(err)?);
         }
         check_unique_tokens(&self.agents, &agents).map_err(err)?;
+        if self.store.kind == StoreKind::Nats {
+            // Every node must answer the same token: a token generated at start-up would differ
+            // per node (and one printed by a node could be overwritten by another's).
+            if let Some(a) = agents
+                .iter()
+                .find(|a| a.webhook_enabled && a.pinned_token.is_none())
+            {
+                return Err(err(format!(
+                    "agent {}: webhook.token_env: with store.kind = \"nats\" every node must share the webhook token, so pin it with webhook.token_env (or set webhook.enabled = false)",
+                    a.spec.id
+                )));
+            }
+        }
         Ok(Settings {
             config: self,
             source_name,

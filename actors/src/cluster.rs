@@ -59,6 +59,14 @@ async fn lease_loop(store: Arc<NatsStore>, agents: Vec<AgentHandle>) {
                     }
                 }
             }
+            if store.owns(id) {
+                if let Err(e) = store.trim(id).await {
+                    tracing::debug!(agent = %id, error = %e, "could not trim the agent's queue");
+                }
+            }
+        }
+        if let Err(e) = store.refresh_backlog().await {
+            tracing::debug!(error = %e, "could not count the agents' backlogs");
         }
     }
 }

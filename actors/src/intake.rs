@@ -183,6 +183,15 @@ impl Intake {
         let trial = self.admit(&task.agent).await?;
         // Refused here, the permit's drop gives the trial back.
         let slot = agent.mailbox.try_reserve().ok_or(Refused::MailboxFull)?;
+        // In a cluster the queue lives in the store: its backlog (counted every lease round)
+        // bounds it, so the bound is approximate by up to a round's arrivals.
+        if self
+            .store
+            .backlog(&task.agent)
+            .is_some_and(|waiting| waiting >= agent.mailbox.capacity())
+        {
+            return Err(Refused::MailboxFull);
+        }
 
         let (tx, rx) = tokio::sync::oneshot::channel();
         let addr = agent.addr.clone();

@@ -409,6 +409,12 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Tasks waiting in `agent`'s queue across the cluster, as of the store's last look (the
+    /// NATS store counts them every lease round); `None` where the local mailbox is exact.
+    fn backlog(&self, _agent: &AgentId) -> Option<usize> {
+        None
+    }
+
     /// The NATS store behind this one, so start-up can start the cluster's lease rounds.
     fn as_nats(self: Arc<Self>) -> Option<Arc<nats::NatsStore>> {
         None

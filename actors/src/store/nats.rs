@@ -106,6 +106,8 @@ struct Owned {
     cursor: u64,
     in_flight: BTreeSet<u64>,
     fed_upto: u64,
+    /// The stream holds nothing of this agent's at or below this sequence any more.
+    trimmed: u64,
 }
 
 struct Inner {
@@ -123,6 +125,8 @@ struct Inner {
     outbox_kv: kv::Store,
     owned: Mutex<HashMap<AgentId, Owned>>,
     owners: Mutex<HashMap<AgentId, String>>,
+    /// Messages waiting in each agent's queue (by subject), as of the last lease round.
+    backlog: Mutex<HashMap<String, usize>>,
     healthy: AtomicBool,
     /// Set once shutdown released the leases: no lease is taken again.
     closing: AtomicBool,
@@ -478,6 +482,54 @@ impl NatsStore {
         }
     }
 
+    /// Drops the queue messages of an owned agent that are behind its stored cursor, so the
+    /// stream holds each agent's backlog and nothing more (and its per-subject count is the
+    /// backlog that bounds the agent's mailbox cluster-wide).
+    pub async fn trim(&self, agent: &AgentId) -> Result<(), StoreError> {
+        let persisted = {
+            let mut guard = self.inner.owned_mut(agent);
+            match guard.as_mut() {
+                Some(o) if o.cursor > o.trimmed => o.cursor,
+                _ => return Ok(()),
+            }
+        };
+        let stream = self
+            .inner
+            .js
+            .get_stream_no_info(QUEUE_STREAM)
+            .await
+            .map_err(backend)?;
+        stream
+            .purge()
+            .filter(queue_subject(agent))
+            .sequence(persisted + 1)
+            .await
+            .map_err(backend)?;
+        if let Some(o) = self.inner.owned_mut(agent).as_mut() {
+            o.trimmed = o.trimmed.max(persisted);
+        }
+        Ok(())
+    }
+
+    /// Re-reads how many messages wait in each agent's queue (one request for all agents).
+    pub async fn refresh_backlog(&self) -> Result<(), StoreError> {
+        let stream = self
+            .inner
+            .js
+            .get_stream_no_info(QUEUE_STREAM)
+            .await
+            .map_err(backend)?;
+        let counts: HashMap<String, usize> = stream
+            .info_with_subjects("tg.q.*")
+            .await
+            .map_err(backend)?
+            .try_collect()
+            .await
+            .map_err(backend)?;
+        *self.inner.backlog.lock().unwrap_or_else(|e| e.into_inner()) = counts;
+        Ok(())
+    }
+
     /// Closes the runtime; used on shutdown after the last write.
     pub fn close(&self) {
         if let Some(stop) = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -618,6 +670,7 @@ async fn connect(options: NatsOptions) -> Result<Inner, StoreError> {
         js,
         owned: Mutex::new(HashMap::new()),
         owners: Mutex::new(HashMap::new()),
+        backlog: Mutex::new(HashMap::new()),
         healthy: AtomicBool::new(true),
         closing: AtomicBool::new(false),
         delivery_counter: AtomicU64::new(0),
@@ -639,8 +692,12 @@ async fn probe(inner: std::sync::Weak<Inner>) {
 }
 
 impl Inner {
+    /// A failed write while NATS is unreachable makes the store unhealthy at once (the probe
+    /// makes it healthy again); a lost compare-and-set race is not a failure of the store.
     fn note<T>(&self, res: &Result<T, StoreError>) {
-        if res.is_err() {
+        if res.is_err()
+            && self.client.connection_state() != async_nats::connection::State::Connected
+        {
             self.healthy.store(false, Ordering::Release);
         }
     }
@@ -720,6 +777,7 @@ impl Inner {
                         cursor: 0,
                         in_flight: BTreeSet::new(),
                         fed_upto: 0,
+                        trimmed: 0,
                     },
                 );
                 Ok(LeaseChange::Won)
@@ -1517,6 +1575,11 @@ impl Store for NatsStore {
 
     fn owner(&self, agent: &AgentId) -> Option<String> {
         NatsStore::owner(self, agent)
+    }
+
+    fn backlog(&self, agent: &AgentId) -> Option<usize> {
+        let backlog = self.inner.backlog.lock().ok()?;
+        Some(backlog.get(&queue_subject(agent)).copied().unwrap_or(0))
     }
 
     fn as_nats(self: Arc<Self>) -> Option<Arc<NatsStore>> {
