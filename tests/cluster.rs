@@ -427,3 +427,250 @@ fn nats_outage_gives_503_and_service_resumes_when_it_returns() {
     assert_eq!(task["status"], "SUCCESS", "{task}");
     assert!(n1.logs().lines().all(|l| !l.contains("panicked")));
 }
+
+const FLAKY: &str = r#"
+input=$(cat)
+exec python3 -c '
+import json, sys
+d = json.loads(sys.argv[1])
+if d["attempt"] == 1:
+    sys.stderr.write("first attempts fail\n")
+    sys.exit(3)
+print(json.dumps({"response": {"attempt": d["attempt"]}}))
+' "$input"
+"#;
+
+fn lifecycle_config(env: &Env, nats: &NatsServer) -> std::path::PathBuf {
+    let flaky = env.script("flaky.sh", FLAKY);
+    env.write_config(&format!(
+        r#"
+[store]
+kind = "nats"
+url = "{url}"
+lease = "2s"
+
+[[agent]]
+name = "toolcall"
+runner = {{ kind = "command", program = "{toolcall}", mode = "oneshot" }}
+webhook = {{ token_env = "TOOLCALL_TOKEN" }}
+
+[[agent]]
+name = "flaky"
+runner = {{ kind = "command", program = "{flaky}", mode = "oneshot" }}
+retry = {{ schedule = ["3s"] }}
+webhook = {{ token_env = "FLAKY_TOKEN" }}
+
+[[agent]]
+name = "patient"
+runner = {{ kind = "command", program = "{flaky}", mode = "oneshot" }}
+retry = {{ schedule = ["1h"] }}
+webhook = {{ token_env = "PATIENT_TOKEN" }}
+"#,
+        url = nats.url(),
+        toolcall = concat!(env!("CARGO_MANIFEST_DIR"), "/config/agents/toolcall.sh"),
+        flaky = flaky.display(),
+    ))
+}
+
+const TOOLCALL: &str = "cluster-toolcall-token-0123456789abcdef";
+const FLAKY_TOKEN: &str = "cluster-flaky-token-0123456789abcdefgh";
+const PATIENT: &str = "cluster-patient-token-0123456789abcdefg";
+
+fn lifecycle_node(env: &Env, config: &Path, name: &str) -> Server {
+    Server::start(
+        config,
+        &env.path().join(format!("unused-{name}")),
+        &[
+            ("TICKGATE_ADMIN_TOKEN", ADMIN),
+            ("TOOLCALL_TOKEN", TOOLCALL),
+            ("FLAKY_TOKEN", FLAKY_TOKEN),
+            ("PATIENT_TOKEN", PATIENT),
+            ("TICKGATE_SERVER_NODE_ID", name),
+        ],
+    )
+}
+
+fn owner_of(server: &Server, agent: &str) -> String {
+    let r = admin_get(server, "/admin/agents");
+    r.json["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == agent)
+        .and_then(|a| a["owner"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn answers_retries_expiry_and_cancel_work_across_nodes_and_a_takeover() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let env = Env::new();
+    let config = lifecycle_config(&env, &nats);
+    let n1 = lifecycle_node(&env, &config, "n1");
+    let n2 = lifecycle_node(&env, &config, "n2");
+    let nodes = [&n1, &n2];
+
+    // A task that waits for input, answered twice, each time through the other node.
+    let id = accept(
+        &format!("{}/webhooks/{TOOLCALL}", n1.base),
+        json!({"query": "q"}),
+    );
+    for (step, answering) in [(1, &n2), (2, &n1)] {
+        let parked = answering.wait_task(&id, |t| {
+            t["status"] == "AWAITING_INPUT" && t["awaiting"]["request"]["step"] == step
+        });
+        assert_eq!(parked["awaiting"]["request"]["step"], step);
+        let r = send(
+            client()
+                .post(format!("{}/tasks/{id}/resume", answering.base))
+                .bearer_auth(TOOLCALL)
+                .json(&json!({"response": {"answer": step}})),
+        );
+        assert_eq!(r.status, 202, "{}", r.text);
+        // Taken once, cluster-wide: the same answer on the other node is refused.
+        let other = if std::ptr::eq(answering, &n1) {
+            &n2
+        } else {
+            &n1
+        };
+        let again = send(
+            client()
+                .post(format!("{}/tasks/{id}/resume", other.base))
+                .bearer_auth(TOOLCALL)
+                .json(&json!({"response": {"answer": step}})),
+        );
+        assert_eq!(again.status, 409, "{}", again.text);
+    }
+    let done = n2.finished(&id);
+    assert_eq!(done["status"], "SUCCESS", "{done}");
+    assert_eq!(
+        done["response"]["answers"],
+        json!([{"answer": 1}, {"answer": 2}])
+    );
+
+    // An unanswered question expires on whichever node polls first.
+    let expiring = accept(
+        &format!("{}/webhooks/{TOOLCALL}", n2.base),
+        json!({"timeout": "1s"}),
+    );
+    let expired = n1.wait_task(&expiring, |t| t["status"] == "FAILURE");
+    assert!(
+        expired["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{expired}"
+    );
+
+    // A task waiting in RETRY is cancelled through the node that does not own its agent.
+    let patient = accept(&format!("{}/webhooks/{PATIENT}", n1.base), json!({}));
+    n1.wait_task(&patient, |t| t["status"] == "RETRY");
+    let owner = owner_of(&n1, "default/patient");
+    let other = nodes
+        .iter()
+        .find(|n| owner_of(n, "default/patient") != owner || owner.is_empty());
+    let canceller = other.copied().unwrap_or(&n2);
+    let cancel = send(
+        client()
+            .post(format!("{}/admin/tasks/{patient}/cancel", canceller.base))
+            .bearer_auth(ADMIN),
+    );
+    assert_eq!(cancel.status, 200, "{}", cancel.text);
+    assert_eq!(cancel.json["status"], "REVOKED");
+    assert_eq!(
+        n2.get(&format!("/tasks/{patient}")).json["status"],
+        "REVOKED"
+    );
+
+    // A retry timer written by an owner that then dies fires on the node that takes over.
+    let flaky = accept(&format!("{}/webhooks/{FLAKY_TOKEN}", n1.base), json!({}));
+    n1.wait_task(&flaky, |t| t["status"] == "RETRY");
+    let owner = owner_of(&n1, "default/flaky");
+    let (dead, survivor) = if owner == "n1" { (n1, n2) } else { (n2, n1) };
+    dead.kill();
+    let retried = survivor.wait_task(&flaky, |t| t["status"] == "SUCCESS");
+    assert_eq!(retried["attempt"], 2, "{retried}");
+    assert_eq!(
+        retried["attempts"].as_array().map(Vec::len),
+        Some(2),
+        "{retried}"
+    );
+}
+
+#[test]
+fn the_mailbox_bound_holds_across_nodes() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let env = Env::new();
+    let path = config(&env, &nats, "1s");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("mailbox = 1000", "mailbox = 3");
+    std::fs::write(&path, text).unwrap();
+    let n1 = node(&env, &path, "n1");
+    let n2 = node(&env, &path, "n2");
+    let held = accept(&hook(&n1), json!({ "i": 0, "hold": true }));
+    n2.wait_task(&held, |t| t["status"] == "STARTED");
+    // The backlog is counted every third of a lease: keep offering until both nodes refuse.
+    let mut accepted = vec![held];
+    for n in [&n1, &n2] {
+        let mut refused = None;
+        assert!(wait_until(|| {
+            let r = post_json(&hook(n), &json!({ "i": accepted.len() }));
+            match r.status {
+                202 => {
+                    accepted.push(r.json["task_id"].as_str().unwrap().to_string());
+                    false
+                }
+                _ => {
+                    refused = Some(r);
+                    true
+                }
+            }
+        }));
+        let refused = refused.unwrap();
+        assert_eq!(refused.status, 429, "{}", refused.text);
+        assert_eq!(refused.error_code(), "mailbox_full");
+    }
+    // Approximate by the arrivals of one count (every third of the 1 s lease), not unbounded.
+    assert!(accepted.len() < 40, "{} accepted", accepted.len());
+    std::fs::write(env.path().join("release"), "").unwrap();
+    for id in &accepted {
+        assert_eq!(n1.finished(id)["status"], "SUCCESS");
+    }
+    // Drained (and trimmed from the stream): triggers are taken again.
+    assert!(wait_until(|| post_json(&hook(&n2), &json!({ "i": 99 }))
+        .status
+        == 202));
+}
+
+#[test]
+fn a_cluster_config_needs_pinned_webhook_tokens() {
+    let env = Env::new();
+    let path = env.write_config(
+        r#"
+[store]
+kind = "nats"
+url = "nats://127.0.0.1:4222"
+
+[[agent]]
+name = "echo"
+runner = { kind = "echo" }
+"#,
+    );
+    let out = env.run(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("webhook.token_env") && stderr.contains("nats"),
+        "{stderr}"
+    );
+    let path = env.write_config("[store]\nkind = \"nats\"\n");
+    let out = env.run(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("store.url"));
+}

@@ -55,6 +55,8 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 const TASK_HEADER: &str = "Tg-Task";
 /// How long a JetStream request may take before the store reports itself unavailable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the owner waits for a re-queued task's record to name its new queue position.
+const REQUEUE_LANDING: Duration = Duration::from_secs(3);
 /// Concurrent reads when a listing, purge or timer scan reads many records.
 const SCAN_CONCURRENCY: usize = 32;
 
@@ -441,6 +443,7 @@ impl NatsStore {
     ) -> Result<Option<Task>, StoreError> {
         let inner = self.inner.clone();
         let agent = agent.clone();
+        let first_was_none = first.is_none();
         let task = match inner.tasks.get(id.to_string()).await.map_err(backend)? {
             Some(raw) => decode::<Task>(&raw)?,
             None => match first {
@@ -460,6 +463,25 @@ impl NatsStore {
                 None => return Ok(None),
             },
         };
+        // A re-queue message (a due retry, an answer) is published before its task record is
+        // updated with the message's position: give that update a moment to land. If it never
+        // does, the re-queue lost its compare-and-set to another change, whose own message (if
+        // any) comes later.
+        let mut task = task;
+        let mut wait = Duration::from_millis(5);
+        let deadline = Instant::now() + REQUEUE_LANDING;
+        while first_was_none
+            && task.seq < seq
+            && matches!(task.status, TaskStatus::Retry | TaskStatus::AwaitingInput)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(200));
+            match inner.task_entry(id).await? {
+                Some((t, _)) => task = t,
+                None => return Ok(None),
+            }
+        }
         let runnable = task.agent == agent
             && task.seq == seq
             && matches!(task.status, TaskStatus::Pending | TaskStatus::Started);
@@ -971,11 +993,15 @@ impl Inner {
                 self.finish(task, state, timer).await
             }
             Write::RetryDue { task: id, due_ms } => {
-                let _ = self.timers.delete(retry_timer_key(due_ms, &id)).await;
+                // The timer goes only once the task is requeued (or has nothing to retry), so
+                // a node dying half-way leaves the timer for whoever fires it next.
+                let timer = retry_timer_key(due_ms, &id);
                 let Some((mut task, rev)) = self.task_entry(id).await? else {
+                    let _ = self.timers.delete(timer).await;
                     return Ok(Written::Done);
                 };
                 if task.status != TaskStatus::Retry || task.next_attempt_at != Some(due_ms) {
+                    let _ = self.timers.delete(timer).await;
                     return Ok(Written::Done);
                 }
                 let previous = task.status;
@@ -983,7 +1009,10 @@ impl Inner {
                 task.status = TaskStatus::Pending;
                 task.next_attempt_at = None;
                 match self.put_task(&task, rev, Some(previous)).await {
-                    Ok(()) => Ok(Written::Accepted(Arc::new(task))),
+                    Ok(()) => {
+                        let _ = self.timers.delete(timer).await;
+                        Ok(Written::Accepted(Arc::new(task)))
+                    }
                     // Requeued by another node meanwhile; the extra queue message is skipped.
                     Err(_)
                         if self
