@@ -674,3 +674,47 @@ runner = { kind = "echo" }
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("store.url"));
 }
+
+#[test]
+fn finished_tasks_and_their_keys_go_after_the_retention() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let env = Env::new();
+    let path = config(&env, &nats, "2s");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("lease = \"2s\"", "lease = \"2s\"\ntask_retention = \"2s\"");
+    std::fs::write(&path, text).unwrap();
+    let n1 = node(&env, &path, "n1");
+    let keyed = |key: &str| {
+        send(
+            client()
+                .post(hook(&n1))
+                .header("Idempotency-Key", key)
+                .json(&json!({ "i": 1 })),
+        )
+    };
+    let first = keyed("once");
+    assert_eq!(first.status, 202, "{}", first.text);
+    let id = first.json["task_id"].as_str().unwrap().to_string();
+    assert_eq!(n1.finished(&id)["status"], "SUCCESS");
+    let repeat = keyed("once");
+    assert_eq!(
+        repeat.json["task_id"], first.json["task_id"],
+        "{}",
+        repeat.text
+    );
+    // Purged by the retention job; the key expires with it and names a new task.
+    assert!(wait_until(|| n1.get(&format!("/tasks/{id}")).status == 404));
+    let mut fresh = None;
+    assert!(wait_until(|| {
+        let r = keyed("once");
+        let new = r.status == 202 && r.json["task_id"] != first.json["task_id"];
+        if new {
+            fresh = r.json["task_id"].as_str().map(String::from);
+        }
+        new
+    }));
+    assert_eq!(n1.finished(&fresh.unwrap())["status"], "SUCCESS");
+}

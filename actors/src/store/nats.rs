@@ -746,6 +746,13 @@ impl Inner {
         }
     }
 
+    /// A fed queue position that will not finish: the cursor may pass it.
+    fn settle(&self, agent: &AgentId, seq: u64) {
+        if let Some(o) = self.owned_mut(agent).as_mut() {
+            o.in_flight.remove(&seq);
+        }
+    }
+
     async fn lease_round(self: Arc<Self>, agent: AgentId) -> Result<LeaseChange, StoreError> {
         if self.closing.load(Ordering::Acquire) {
             return Ok(LeaseChange::Elsewhere);
@@ -969,11 +976,15 @@ impl Inner {
                     return Ok(Written::Revoked);
                 }
                 let Some((stored, rev)) = self.task_entry(task.id).await? else {
+                    self.settle(&task.agent, task.seq);
                     return Ok(Written::Revoked);
                 };
                 if stored.seq != task.seq
                     || !matches!(stored.status, TaskStatus::Pending | TaskStatus::Started)
                 {
+                    // Cancelled (or moved on) since it was fed: it will not finish, so its
+                    // queue position must not hold the cursor back.
+                    self.settle(&task.agent, task.seq);
                     return Ok(Written::Revoked);
                 }
                 self.put_task(&task, rev, Some(stored.status)).await?;
@@ -1240,6 +1251,7 @@ impl Inner {
             return Ok(Written::Revoked);
         }
         let Some((stored, rev)) = self.task_entry(task.id).await? else {
+            self.settle(&task.agent, task.seq);
             return Ok(Written::Revoked);
         };
         if stored.status == TaskStatus::Revoked {
@@ -1247,6 +1259,7 @@ impl Inner {
             return Ok(Written::Revoked);
         }
         if stored.seq != task.seq || stored.status.is_terminal() {
+            self.settle(&task.agent, task.seq);
             return Ok(Written::Revoked);
         }
         self.put_task(&task, rev, Some(stored.status)).await?;
