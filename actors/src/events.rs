@@ -129,6 +129,15 @@ impl TaskEvents {
         }
     }
 
+    /// Whether anyone here waits on `id`; lets a node skip decoding other nodes' changes of
+    /// tasks nobody here watches.
+    pub fn is_watched(&self, id: &TaskId) -> bool {
+        self.watched
+            .lock()
+            .map(|w| w.contains_key(id))
+            .unwrap_or(false)
+    }
+
     /// How many tasks are being watched; for tests and metrics.
     pub fn watched(&self) -> usize {
         self.watched.lock().map(|w| w.len()).unwrap_or(0)

@@ -315,6 +315,14 @@ impl NatsStore {
                             if msg.subject.as_str() == own {
                                 continue;
                             }
+                            let named = msg
+                                .headers
+                                .as_ref()
+                                .and_then(|h| h.get(TASK_HEADER))
+                                .and_then(|v| v.as_str().parse::<TaskId>().ok());
+                            if named.is_some_and(|id| !events.is_watched(&id)) {
+                                continue;
+                            }
                             match serde_json::from_slice::<Task>(&msg.payload) {
                                 Ok(task) => events.publish_watchers(&Arc::new(task)),
                                 Err(e) => tracing::warn!(error = %e, "unreadable task event from another node"),
@@ -861,12 +869,18 @@ impl Inner {
         ))
     }
 
+    /// Publishes a task change for the other nodes' waiters (core NATS: a waiter that misses
+    /// one still reads the record when it subscribes, and the next change reaches it).
     fn fan_out(&self, task: &Task) {
         if let Ok(payload) = serde_json::to_vec(task) {
             let client = self.client.clone();
             let subject = format!("tg.ev.{}", self.node_token);
+            let mut headers = HeaderMap::new();
+            headers.insert(TASK_HEADER, task.id.to_string().as_str());
             tokio::spawn(async move {
-                let _ = client.publish(subject, payload.into()).await;
+                let _ = client
+                    .publish_with_headers(subject, headers, payload.into())
+                    .await;
             });
         }
     }
