@@ -476,9 +476,10 @@ fn announce(settings: &Settings, bound: &str, public_url: &str, created: &[NewTo
     for setup in &settings.agents {
         if !setup.webhook_enabled {
             println!(
-                "agent {}: no webhook (scheduled only, {} schedule entries)",
+                "agent {}: no webhook ({} schedule entries, {} queue subjects)",
                 setup.spec.id,
-                setup.schedule.len()
+                setup.schedule.len(),
+                setup.queue.len()
             );
         } else if !fresh.contains(&setup.spec.id) && setup.pinned_token.is_none() {
             println!(

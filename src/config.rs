@@ -1331,6 +1331,75 @@ mod tests {
     }
 
     #[test]
+    fn queue_entries_parse_need_a_url_and_errors_name_the_entry() {
+        let agent = |queue: &str| {
+            format!("[queue]\nurl = \"nats://u:p@127.0.0.1:4222, nats://127.0.0.1:4223\"\n[[agent]]\nname = \"w\"\nrunner = {{ kind = \"echo\" }}\n[[agent.queue]]\nsubject = \"jobs.in\"\n[[agent.queue]]\n{queue}\n")
+        };
+        let s = parse(&agent(
+            "subject = \"events.>\"\nreply_subject = \"results.w\"\nack_wait = \"5s\"",
+        ))
+        .unwrap();
+        let q = &s.agents[0].queue;
+        assert_eq!(q.len(), 2);
+        assert_eq!(
+            q[0],
+            QueueEntry {
+                subject: "jobs.in".into(),
+                reply_subject: None,
+                ack_wait: Duration::from_secs(30),
+            }
+        );
+        assert_eq!(q[1].subject, "events.>");
+        assert_eq!(q[1].reply_subject.as_deref(), Some("results.w"));
+        assert_eq!(q[1].ack_wait, Duration::from_secs(5));
+        assert_eq!(
+            crate::queue::queue_url(&s).as_deref(),
+            Some("nats://u:p@127.0.0.1:4222, nats://127.0.0.1:4223")
+        );
+        for (entry, wanted) in [
+            ("subject = \"\"", "queue[1]: subject: must not be empty"),
+            (
+                "subject = \"a..b\"",
+                "queue[1]: subject: \"a..b\" has an empty token",
+            ),
+            ("subject = \"a.>.b\"", "'>' may only be the last token"),
+            ("subject = \"a.b*\"", "must be whole tokens"),
+            ("subject = \"a b\"", "whitespace"),
+            (
+                "subject = \"a\"\nreply_subject = \"r.*\"",
+                "queue[1]: reply_subject",
+            ),
+            (
+                "subject = \"a\"\nack_wait = \"10ms\"",
+                "ack_wait: must be at least 1s",
+            ),
+            ("subject = \"a\"\ncolour = 1", "colour"),
+        ] {
+            let e = parse(&agent(entry))
+                .err()
+                .unwrap_or_else(|| panic!("{entry} accepted"));
+            assert!(e.message.contains(wanted), "{entry}: {}", e.message);
+        }
+        let e = parse("[[agent]]\nname = \"w\"\nrunner = { kind = \"echo\" }\n[[agent.queue]]\nsubject = \"a\"\n")
+            .err()
+            .unwrap();
+        assert!(
+            e.message.contains("agent default/w") && e.message.contains("[queue] url"),
+            "{}",
+            e.message
+        );
+        let e = parse("[queue]\nurl = \"http://user:hunter2@x\"\n[[agent]]\nname = \"w\"\nrunner = { kind = \"echo\" }\n")
+            .err()
+            .unwrap();
+        assert!(e.message.starts_with("queue.url:"), "{}", e.message);
+        assert!(
+            !e.message.contains("hunter2"),
+            "the password leaked: {}",
+            e.message
+        );
+    }
+
+    #[test]
     fn pinned_token_is_read_from_env() {
         let s = parse("[[agent]]\nname = \"a\"\nrunner = { kind = \"echo\" }\n[agent.webhook]\ntoken_env = \"PINNED\"\n").unwrap();
         assert_eq!(s.agents[0].pinned_token.as_deref().map(str::len), Some(40));

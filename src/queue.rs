@@ -377,7 +377,10 @@ async fn consume(
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
-            _ = drained(&deps.intake) => return Ok(()),
+            _ = drained(&deps.intake) => {
+                give_back(&mut messages).await;
+                return Ok(());
+            }
         };
         match next {
             None => return Err("the message stream ended".into()),
@@ -386,10 +389,21 @@ async fn consume(
                 backoff.reset();
                 if handle(deps, c, message).await == Some(Disposition::Nak(None)) {
                     // Refused as shutting down: the service is draining.
+                    give_back(&mut messages).await;
                     return Ok(());
                 }
             }
         }
+    }
+}
+
+/// Naks, without delay, the messages this pull already holds (at most a batch) so that another
+/// node takes them now rather than after `ack_wait`; best effort while the service drains.
+async fn give_back(messages: &mut pull::Stream) {
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(20), messages.next()).await
+    {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
     }
 }
 

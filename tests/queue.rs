@@ -448,3 +448,47 @@ reply_subject = "lonely.*"
         "{err}"
     );
 }
+
+#[test]
+fn an_open_breaker_defers_messages_until_its_trial() {
+    let Some(nats_server) = NatsServer::start() else {
+        return;
+    };
+    let nats = Nats::connect(&nats_server.url());
+    let env = Env::new();
+    let program = env.script("fail.sh", "cat >/dev/null\nexit 1");
+    let server = start(
+        &env,
+        &format!(
+            r#"
+[queue]
+url = "{}"
+
+[[agent]]
+name = "fragile"
+runner = {{ kind = "command", program = "{}" }}
+breaker = {{ failures = 1, open_for = "2s" }}
+[[agent.queue]]
+subject = "fragile.in"
+"#,
+            nats_server.url(),
+            program.display()
+        ),
+    );
+    assert!(wait_until(|| nats.stream_for("fragile.in").is_some()));
+    nats.publish_js("fragile.in", Some("first"), br#"{"n":1}"#);
+    finished_tasks(&server, "default/fragile", 1);
+    // The failure opened the breaker: the next message is refused and stays in JetStream, then
+    // becomes the half-open trial once open_for has passed.
+    nats.publish_js("fragile.in", Some("second"), br#"{"n":2}"#);
+    assert!(wait_until(|| counted(
+        &server,
+        "default/fragile",
+        "deferred"
+    ) >= 1));
+    assert_eq!(tasks(&server, "default/fragile").len(), 1);
+    let all = finished_tasks(&server, "default/fragile", 2);
+    assert!(all.iter().all(|t| t["status"] == "FAILURE"));
+    drained(&nats, "TICKGATE_Q_fragile_in", "tickgate_default_fragile_0");
+    assert_eq!(counted(&server, "default/fragile", "task"), 2);
+}
