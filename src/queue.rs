@@ -267,9 +267,31 @@ impl Backoff {
     }
 }
 
-/// Resolves once the service drains.
-async fn drained(intake: &Intake) {
-    while !intake.is_draining() {
+/// Why a running pull is left.
+enum Leave {
+    /// The service drains.
+    Drained,
+    /// The connection has been down for [`DISCONNECTED_LIMIT`].
+    Disconnected,
+}
+
+/// A connection down this long ends the pull (and re-creates it after the outage), whether or
+/// not the pull itself has noticed missing heartbeats yet.
+const DISCONNECTED_LIMIT: Duration = Duration::from_secs(2);
+
+/// Resolves when the service drains or the client's connection has stayed down for
+/// [`DISCONNECTED_LIMIT`].
+async fn leave(intake: &Intake, client: &async_nats::Client) -> Leave {
+    let mut down_since: Option<Instant> = None;
+    loop {
+        if intake.is_draining() {
+            return Leave::Drained;
+        }
+        if client.connection_state() == async_nats::connection::State::Connected {
+            down_since = None;
+        } else if down_since.get_or_insert_with(Instant::now).elapsed() >= DISCONNECTED_LIMIT {
+            return Leave::Disconnected;
+        }
         tokio::time::sleep(DRAIN_POLL).await;
     }
 }
@@ -374,13 +396,17 @@ async fn consume(
         .await
         .map_err(|e| format!("cannot pull: {e}"))?;
     tracing::info!(agent = %c.agent.spec.id, subject = %c.entry.subject, consumer = %name, "queue consumer running");
+    let client = js.client();
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
-            _ = drained(&deps.intake) => {
-                give_back(&mut messages).await;
-                return Ok(());
-            }
+            why = leave(&deps.intake, &client) => match why {
+                Leave::Drained => {
+                    give_back(&mut messages).await;
+                    return Ok(());
+                }
+                Leave::Disconnected => return Err("the connection to NATS is down".into()),
+            },
         };
         match next {
             None => return Err("the message stream ended".into()),
