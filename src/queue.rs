@@ -82,6 +82,10 @@ const RESULTS_BUFFER: usize = 4096;
 /// How long a "does a stream cover this reply subject" answer is reused.
 const REPLY_ROUTE_TTL: Duration = Duration::from_secs(30);
 
+/// Headers never passed to the runner, as for webhooks: a producer's credentials stay between
+/// it and NATS.
+const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+
 /// What the queue triggers share with the rest of the service.
 #[derive(Clone)]
 pub struct QueueDeps {
@@ -570,12 +574,16 @@ fn task_of(
     let mut headers = BTreeMap::new();
     if let Some(map) = &message.headers {
         for (name, values) in map.iter() {
+            let name = name.to_string().to_ascii_lowercase();
+            if CREDENTIAL_HEADERS.contains(&name.as_str()) {
+                continue;
+            }
             let joined = values
                 .iter()
                 .map(|v| v.as_str())
                 .collect::<Vec<_>>()
                 .join(", ");
-            headers.insert(name.to_string().to_ascii_lowercase(), joined);
+            headers.insert(name, joined);
         }
     }
     let key = match headers.get("nats-msg-id").filter(|id| !id.is_empty()) {

@@ -117,7 +117,15 @@ subject = "jobs.in"
     // With an id, the same id again (stored twice), without an id, not JSON, then more.
     nats.publish_js("jobs.in", Some("a"), br#"{"n":1}"#);
     nats.publish_js_again("jobs.in", "a", br#"{"n":1}"#);
-    nats.publish_js("jobs.in", None, br#"{"n":2}"#);
+    nats.publish_js_headers(
+        "jobs.in",
+        &[
+            ("X-Trace", "t-2"),
+            ("X-Trace", "again"),
+            ("Authorization", "Bearer producer-secret"),
+        ],
+        br#"{"n":2}"#,
+    );
     nats.publish_js("jobs.in", Some("bad"), b"this is not JSON");
     nats.publish_js("jobs.in", Some("c"), br#"{"n":3}"#);
 
@@ -136,9 +144,16 @@ subject = "jobs.in"
         assert_eq!(input["source"]["method"], "QUEUE");
         assert_eq!(input["source"]["event"], "jobs.in");
         let n = input["inputs"]["n"].as_i64().unwrap();
-        if n != 2 {
+        let headers = &input["source"]["headers"];
+        if n == 2 {
+            // No Nats-Msg-Id: the stream sequence is the key. Repeated headers are joined,
+            // credentials never reach the runner.
+            assert_eq!(headers["x-trace"], "t-2, again", "{input}");
+            assert!(headers.get("authorization").is_none(), "{input}");
+            assert!(headers.get("nats-msg-id").is_none(), "{input}");
+        } else {
             let id = if n == 1 { "a" } else { "c" };
-            assert_eq!(input["source"]["headers"]["nats-msg-id"], id, "{input}");
+            assert_eq!(headers["nats-msg-id"], id, "{input}");
         }
         seen.push(n);
     }

@@ -260,12 +260,23 @@ impl Nats {
     /// instance while tickgate is still creating its stream, or while NATS restarts). Returns
     /// whether JetStream reported it as a duplicate of an earlier `msg_id`.
     pub fn publish_js(&self, subject: &str, msg_id: Option<&str>, payload: &[u8]) -> bool {
+        let headers: Vec<(&str, &str)> = msg_id.map(|id| ("Nats-Msg-Id", id)).into_iter().collect();
+        self.publish_js_headers(subject, &headers, payload)
+    }
+
+    /// [`Nats::publish_js`] with any headers (`Nats-Msg-Id` among them when wanted).
+    pub fn publish_js_headers(
+        &self,
+        subject: &str,
+        pairs: &[(&str, &str)],
+        payload: &[u8],
+    ) -> bool {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let attempt = self.rt.block_on(async {
                 let mut headers = async_nats::HeaderMap::new();
-                if let Some(id) = msg_id {
-                    headers.insert("Nats-Msg-Id", id);
+                for (name, value) in pairs {
+                    headers.append(*name, *value);
                 }
                 let ack = self
                     .js
