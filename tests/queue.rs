@@ -507,3 +507,127 @@ subject = "fragile.in"
     drained(&nats, "TICKGATE_Q_fragile_in", "tickgate_default_fragile_0");
     assert_eq!(counted(&server, "default/fragile", "task"), 2);
 }
+
+#[test]
+fn two_nodes_with_the_same_config_share_the_messages() {
+    let Some(nats_server) = NatsServer::start() else {
+        return;
+    };
+    let nats = Nats::connect(&nats_server.url());
+    let config = format!(
+        r#"
+[queue]
+url = "{}"
+
+[[agent]]
+name = "shared"
+runner = {{ kind = "echo" }}
+[[agent.queue]]
+subject = "shared.in"
+"#,
+        nats_server.url()
+    );
+    let (env_a, env_b) = (Env::new(), Env::new());
+    let a = start(&env_a, &config);
+    let b = start(&env_b, &config);
+    assert!(wait_until(|| nats.stream_for("shared.in").is_some()));
+    for n in 0..30 {
+        let body = json!({ "n": n }).to_string();
+        nats.publish_js("shared.in", Some(&format!("x{n}")), body.as_bytes());
+    }
+    let mut all = Vec::new();
+    let ok = wait_until(|| {
+        all = tasks(&a, "default/shared");
+        all.extend(tasks(&b, "default/shared"));
+        all.len() >= 30
+    });
+    assert!(ok, "{} tasks", all.len());
+    drained(&nats, "TICKGATE_Q_shared_in", "tickgate_default_shared_0");
+    all = tasks(&a, "default/shared");
+    all.extend(tasks(&b, "default/shared"));
+    let mut ns: Vec<i64> = all
+        .iter()
+        .map(|t| t["response"]["n"].as_i64().unwrap_or(-1))
+        .collect();
+    ns.sort();
+    assert_eq!(
+        ns,
+        (0..30).collect::<Vec<_>>(),
+        "each message once, on one node"
+    );
+}
+
+#[test]
+fn a_result_finished_during_an_outage_is_published_when_nats_returns() {
+    let Some(mut nats_server) = NatsServer::start() else {
+        return;
+    };
+    let env = Env::new();
+    let gate = env.path().join("gate");
+    let program = env.script(
+        "gated.sh",
+        &format!(
+            r#"input=$(cat)
+while [ ! -e {} ]; do sleep 0.05; done
+echo '{{"response":"late"}}'"#,
+            gate.display()
+        ),
+    );
+    {
+        let nats = Nats::connect(&nats_server.url());
+        nats.create_stream("LATE", &["late.out"], None);
+    }
+    let server = start(
+        &env,
+        &format!(
+            r#"
+[queue]
+url = "{}"
+
+[[agent]]
+name = "late"
+runner = {{ kind = "command", program = "{}" }}
+[[agent.queue]]
+subject = "late.in"
+reply_subject = "late.out"
+"#,
+            nats_server.url(),
+            program.display()
+        ),
+    );
+    let task_id = {
+        let nats = Nats::connect(&nats_server.url());
+        assert!(wait_until(|| nats.stream_for("late.in").is_some()));
+        nats.publish_js("late.in", Some("l1"), br#"{}"#);
+        let mut id = String::new();
+        assert!(wait_until(|| {
+            let t = tasks(&server, "default/late");
+            if let Some(t) = t.first().filter(|t| t["status"] == "STARTED") {
+                id = t["task_id"].as_str().unwrap().to_string();
+            }
+            !id.is_empty()
+        }));
+        id
+    };
+    nats_server.stop();
+    std::fs::write(&gate, "").unwrap();
+    server.finished(&task_id);
+    assert!(wait_until(|| server
+        .logs()
+        .contains("cannot publish a finished task's record; retrying")));
+    nats_server.restart();
+    let nats = Nats::connect(&nats_server.url());
+    let mut stored = None;
+    assert!(wait_until(|| {
+        stored = nats.last_message("LATE", "late.out");
+        stored.is_some()
+    }));
+    let (msg_id, payload) = stored.unwrap();
+    let record: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(msg_id.as_deref(), Some(task_id.as_str()));
+    assert_eq!(record["task_id"], task_id.as_str());
+    assert_eq!(record["status"], "SUCCESS");
+    assert_eq!(record["response"], "late");
+    // Retried publishes carried the same Nats-Msg-Id: the stream holds the record once.
+    assert_eq!(nats.stream_messages("LATE"), 1);
+}
