@@ -631,3 +631,43 @@ reply_subject = "late.out"
     // Retried publishes carried the same Nats-Msg-Id: the stream holds the record once.
     assert_eq!(nats.stream_messages("LATE"), 1);
 }
+
+#[test]
+fn tickgate_starts_without_nats_and_consumes_once_it_comes() {
+    let Some(mut nats_server) = NatsServer::start() else {
+        return;
+    };
+    nats_server.stop();
+    let env = Env::new();
+    let server = start(
+        &env,
+        &format!(
+            r#"
+[queue]
+url = "{}"
+
+[[agent]]
+name = "patient"
+runner = {{ kind = "echo" }}
+[[agent.queue]]
+subject = "patient.in"
+"#,
+            nats_server.url()
+        ),
+    );
+    // Webhooks work meanwhile; the queue side keeps trying.
+    let hook = post_json(
+        &format!("{}?wait=10", server.url("default/patient")),
+        &json!({"via": "hook"}),
+    );
+    assert_eq!(hook.status, 200, "{}", hook.text);
+    assert!(wait_until(|| server
+        .logs()
+        .contains("cannot connect to NATS for queue triggers")));
+    nats_server.restart();
+    let nats = Nats::connect(&nats_server.url());
+    assert!(wait_until(|| nats.stream_for("patient.in").is_some()));
+    nats.publish_js("patient.in", Some("p1"), br#"{"via":"queue"}"#);
+    let all = finished_tasks(&server, "default/patient", 2);
+    assert!(all.iter().any(|t| t["source"]["method"] == "QUEUE"));
+}

@@ -17,11 +17,11 @@ use async_nats::jetstream;
 
 use super::DEADLINE;
 
-/// Where `nats-server` may be: `NATS_SERVER_BIN`, the `PATH`, then the distribution's
-/// `/usr/sbin` (not on every user's `PATH`).
+/// Where `nats-server` may be: `NATS_SERVER_BIN` (alone, when set), the `PATH`, then the
+/// distribution's `/usr/sbin` (not on every user's `PATH`).
 fn binary() -> Option<PathBuf> {
     if let Ok(bin) = std::env::var("NATS_SERVER_BIN") {
-        return Some(PathBuf::from(bin));
+        return Some(PathBuf::from(bin)).filter(|p| p.is_file());
     }
     let on_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
