@@ -316,6 +316,7 @@ pub async fn build_state(
     );
     // Parked tasks whose answer never came fail at their expiry, restarts included.
     tickgate_actors::awaiting::spawn_expiry(store.clone(), events.clone());
+    let handles_for_queue = handles.clone();
     let registry = Registry::new(
         handles,
         tokens.digests,
@@ -330,6 +331,33 @@ pub async fn build_state(
         settings.config.server.max_inflight_body_bytes,
         metrics.inflight_body_bytes.clone(),
     );
+    // Subscribed to the task feed here, before any agent can finish a task it should report.
+    let queue_triggers = crate::queue::Triggers::new(
+        crate::queue::queue_url(settings),
+        settings
+            .agents
+            .iter()
+            .zip(&handles_for_queue)
+            .flat_map(|(setup, handle)| {
+                setup
+                    .queue
+                    .iter()
+                    .enumerate()
+                    .map(|(index, entry)| crate::queue::Consumed {
+                        agent: handle.clone(),
+                        index,
+                        entry: entry.clone(),
+                    })
+            })
+            .collect(),
+        &events,
+    );
+    let queue_deps = crate::queue::QueueDeps {
+        intake: intake.clone(),
+        metrics: metrics.clone(),
+        public_url: public_url.clone(),
+        max_payload: settings.config.server.max_body_bytes,
+    };
     let scheduler_deps = crate::schedule::SchedulerDeps {
         store: store.clone(),
         intake: intake.clone(),
@@ -374,6 +402,9 @@ pub async fn build_state(
     });
     for (handle, entries, catch_up) in scheduled {
         crate::schedule::start(scheduler_deps.clone(), handle, entries, catch_up);
+    }
+    if let Some(triggers) = queue_triggers {
+        triggers.start(queue_deps);
     }
     Ok(Built {
         state,
@@ -501,9 +532,10 @@ fn announce(settings: &Settings, bound: &str, public_url: &str, created: &[NewTo
     for setup in &settings.agents {
         if !setup.webhook_enabled {
             println!(
-                "agent {}: no webhook (scheduled only, {} schedule entries)",
+                "agent {}: no webhook ({} schedule entries, {} queue subjects)",
                 setup.spec.id,
-                setup.schedule.len()
+                setup.schedule.len(),
+                setup.queue.len()
             );
         } else if !fresh.contains(&setup.spec.id) && setup.pinned_token.is_none() {
             println!(

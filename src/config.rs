@@ -68,6 +68,9 @@ pub struct Config {
     /// `[admin]`
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[queue]`: the NATS server queue triggers use beside the sled store (SPEC section 11).
+    #[serde(default)]
+    pub queue: QueueConfig,
     /// `[[agent]]` tables.
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentConfig>,
@@ -187,6 +190,78 @@ impl Default for AdminConfig {
     }
 }
 
+/// `[queue]`: where queue triggers (`[[agent.queue]]`) consume from when the store is not NATS
+/// itself. Absent, a config with queue entries is refused, so they cannot silently do nothing.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// `nats://host:port` (several servers comma-separated); may carry credentials, so it is
+    /// never logged whole.
+    pub url: Option<String>,
+}
+
+/// One `[[agent.queue]]` entry as written: a JetStream subject whose messages become tasks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueEntryConfig {
+    /// The subject consumed (wildcards allowed); a stream covering it is used or created.
+    pub subject: String,
+    /// Where each finished task's record is published; no wildcards.
+    pub reply_subject: Option<String>,
+    /// How long a delivered message may stay unacknowledged before JetStream redelivers it (to
+    /// any node): the time a message held by a node that died waits. Default 30s.
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait: Dur,
+}
+
+fn default_ack_wait() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+/// A validated `[[agent.queue]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueEntry {
+    /// The subject consumed.
+    pub subject: String,
+    /// Where finished task records go, if anywhere.
+    pub reply_subject: Option<String>,
+    /// JetStream's redelivery timeout for this entry's consumer.
+    pub ack_wait: Duration,
+}
+
+/// Whether `subject` is a NATS subject tickgate can consume (`wildcards`) or publish to: dot-
+/// separated non-empty tokens without whitespace; `*` only as a whole token and `>` only as the
+/// whole last token.
+pub fn check_subject(subject: &str, wildcards: bool) -> Result<(), String> {
+    if subject.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        if token.is_empty() {
+            return Err(format!(
+                "{subject:?} has an empty token (a leading, trailing or doubled '.')"
+            ));
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("{subject:?} contains whitespace"));
+        }
+        let wild = *token == "*" || *token == ">";
+        if wild && !wildcards {
+            return Err(format!(
+                "{subject:?} contains a wildcard; a subject to publish to cannot"
+            ));
+        }
+        if *token == ">" && i + 1 != tokens.len() {
+            return Err(format!("{subject:?}: '>' may only be the last token"));
+        }
+        if !wild && (token.contains('*') || token.contains('>')) {
+            return Err(format!("{subject:?}: '*' and '>' must be whole tokens"));
+        }
+    }
+    Ok(())
+}
+
 /// One `[[agent]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,6 +310,9 @@ pub struct AgentConfig {
     /// The agent as an A2A server: `[agent.a2a]` (SPEC section 10).
     #[serde(default)]
     pub a2a: A2aConfig,
+    /// Queue triggers: `[[agent.queue]]` (SPEC section 11).
+    #[serde(default)]
+    pub queue: Vec<QueueEntryConfig>,
 }
 
 /// `[agent.a2a]`: whether the agent is served over A2A and what its Agent Card says.
@@ -498,7 +576,7 @@ pub struct RateLimitConfig {
 
 /// Server-level settings overridable from the environment as `TICKGATE_<SECTION>_<KEY>`.
 /// Limited to scalars so that an override can never restructure agents.
-const ENV_OVERRIDES: [(&str, &str); 14] = [
+const ENV_OVERRIDES: [(&str, &str); 15] = [
     ("server", "listen"),
     ("server", "body_timeout"),
     ("server", "max_inflight_body_bytes"),
@@ -513,6 +591,7 @@ const ENV_OVERRIDES: [(&str, &str); 14] = [
     ("store", "url"),
     ("server", "node_id"),
     ("admin", "token_env"),
+    ("queue", "url"),
 ];
 
 /// An agent ready to start: the actors' spec plus the ingress rules the edge enforces.
@@ -545,6 +624,8 @@ pub struct AgentSetup {
     pub notify: Vec<NotifySetup>,
     /// The A2A server settings, when `[agent.a2a] enabled = true`.
     pub a2a: Option<A2aConfig>,
+    /// Queue trigger entries, in file order (their index names their consumer).
+    pub queue: Vec<QueueEntry>,
 }
 
 impl AgentSetup {
@@ -652,8 +733,8 @@ impl Config {
         }
         if self.store.kind == StoreKind::Nats {
             match &self.store.url {
-                Some(url) if url.split(',').all(|u| !u.trim().is_empty()) => {}
-                _ => {
+                Some(url) => check_nats_url(url).map_err(|m| err(format!("store.url: {m}")))?,
+                None => {
                     return Err(err(
                         "store.url: kind = \"nats\" needs the NATS server's url, such as \"nats://127.0.0.1:4222\"".into(),
                     ))
@@ -714,14 +795,26 @@ impl Config {
                 )));
             }
         }
-        Ok(Settings {
+        if let Some(url) = &self.queue.url {
+            check_nats_url(url).map_err(|m| err(format!("queue.url: {m}")))?;
+        }
+        let settings = Settings {
             config: self,
-            source_name,
+            source_name: source_name.clone(),
             listen,
             trusted_proxies,
             admin_token,
             agents,
-        })
+        };
+        if let Some(a) = settings.agents.iter().find(|a| !a.queue.is_empty()) {
+            if crate::queue::queue_url(&settings).is_none() {
+                return Err(err(format!(
+                    "agent {}: queue: [[agent.queue]] entries need a NATS server; set [queue] url = \"nats://host:4222\"",
+                    a.spec.id
+                )));
+            }
+        }
+        Ok(settings)
     }
 }
 
@@ -854,6 +947,12 @@ fn validate_agent(
         .map(|(i, n)| notify_setup(n, env).map_err(|m| format!("{at}: notify[{i}]: {m}")))
         .collect::<Result<Vec<_>, _>>()?;
     let a2a = a2a_setup(&a.a2a, webhook_enabled).map_err(|m| format!("{at}: a2a: {m}"))?;
+    let queue = a
+        .queue
+        .iter()
+        .enumerate()
+        .map(|(i, q)| queue_entry(q).map_err(|m| format!("{at}: queue[{i}]: {m}")))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(AgentSetup {
         spec: AgentSpec {
             id,
@@ -878,7 +977,44 @@ fn validate_agent(
         catch_up: a.catch_up,
         notify,
         a2a,
+        queue,
     })
+}
+
+/// Checks one `[[agent.queue]]` entry.
+fn queue_entry(q: &QueueEntryConfig) -> Result<QueueEntry, String> {
+    check_subject(&q.subject, true).map_err(|m| format!("subject: {m}"))?;
+    if let Some(reply) = &q.reply_subject {
+        check_subject(reply, false).map_err(|m| format!("reply_subject: {m}"))?;
+    }
+    if q.ack_wait.0 < Duration::from_secs(1) {
+        return Err("ack_wait: must be at least 1s".into());
+    }
+    Ok(QueueEntry {
+        subject: q.subject.clone(),
+        reply_subject: q.reply_subject.clone(),
+        ack_wait: q.ack_wait.0,
+    })
+}
+
+/// Checks a NATS server URL list (`nats://a:4222,nats://b:4222`) without echoing it, since it
+/// may carry a user and password.
+fn check_nats_url(url: &str) -> Result<(), String> {
+    if url.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    for part in url.split(',') {
+        let part = part.trim();
+        let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+            .iter()
+            .any(|s| part.starts_with(s));
+        if !scheme_ok || part.parse::<async_nats::ServerAddr>().is_err() {
+            return Err(
+                "each server must be written nats://host:port (or tls://, ws://, wss://)".into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Checks `[agent.a2a]`: the bearer A2A callers present is the webhook token, so an agent
@@ -1260,6 +1396,75 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("retry.schedule"), "{e}");
+    }
+
+    #[test]
+    fn queue_entries_parse_need_a_url_and_errors_name_the_entry() {
+        let agent = |queue: &str| {
+            format!("[queue]\nurl = \"nats://u:p@127.0.0.1:4222, nats://127.0.0.1:4223\"\n[[agent]]\nname = \"w\"\nrunner = {{ kind = \"echo\" }}\n[[agent.queue]]\nsubject = \"jobs.in\"\n[[agent.queue]]\n{queue}\n")
+        };
+        let s = parse(&agent(
+            "subject = \"events.>\"\nreply_subject = \"results.w\"\nack_wait = \"5s\"",
+        ))
+        .unwrap();
+        let q = &s.agents[0].queue;
+        assert_eq!(q.len(), 2);
+        assert_eq!(
+            q[0],
+            QueueEntry {
+                subject: "jobs.in".into(),
+                reply_subject: None,
+                ack_wait: Duration::from_secs(30),
+            }
+        );
+        assert_eq!(q[1].subject, "events.>");
+        assert_eq!(q[1].reply_subject.as_deref(), Some("results.w"));
+        assert_eq!(q[1].ack_wait, Duration::from_secs(5));
+        assert_eq!(
+            crate::queue::queue_url(&s).as_deref(),
+            Some("nats://u:p@127.0.0.1:4222, nats://127.0.0.1:4223")
+        );
+        for (entry, wanted) in [
+            ("subject = \"\"", "queue[1]: subject: must not be empty"),
+            (
+                "subject = \"a..b\"",
+                "queue[1]: subject: \"a..b\" has an empty token",
+            ),
+            ("subject = \"a.>.b\"", "'>' may only be the last token"),
+            ("subject = \"a.b*\"", "must be whole tokens"),
+            ("subject = \"a b\"", "whitespace"),
+            (
+                "subject = \"a\"\nreply_subject = \"r.*\"",
+                "queue[1]: reply_subject",
+            ),
+            (
+                "subject = \"a\"\nack_wait = \"10ms\"",
+                "ack_wait: must be at least 1s",
+            ),
+            ("subject = \"a\"\ncolour = 1", "colour"),
+        ] {
+            let e = parse(&agent(entry))
+                .err()
+                .unwrap_or_else(|| panic!("{entry} accepted"));
+            assert!(e.message.contains(wanted), "{entry}: {}", e.message);
+        }
+        let e = parse("[[agent]]\nname = \"w\"\nrunner = { kind = \"echo\" }\n[[agent.queue]]\nsubject = \"a\"\n")
+            .err()
+            .unwrap();
+        assert!(
+            e.message.contains("agent default/w") && e.message.contains("[queue] url"),
+            "{}",
+            e.message
+        );
+        let e = parse("[queue]\nurl = \"http://user:hunter2@x\"\n[[agent]]\nname = \"w\"\nrunner = { kind = \"echo\" }\n")
+            .err()
+            .unwrap();
+        assert!(e.message.starts_with("queue.url:"), "{}", e.message);
+        assert!(
+            !e.message.contains("hunter2"),
+            "the password leaked: {}",
+            e.message
+        );
     }
 
     #[test]

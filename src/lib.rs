@@ -8,4 +8,5 @@ pub mod http;
 pub mod ingress;
 pub mod metrics;
 pub mod outbox_worker;
+pub mod queue;
 mod schedule;

@@ -36,6 +36,56 @@ pub struct Metrics {
     stderr_catch_up: std::sync::Mutex<()>,
     /// Status callbacks.
     pub notify: NotifyMetrics,
+    /// Queue triggers.
+    pub queue: QueueMetrics,
+}
+
+/// Queue trigger metrics (SPEC section 11); labels are the agent and an outcome, never a subject
+/// or payload.
+pub struct QueueMetrics {
+    /// Messages handled by agent and outcome: `task` (a new task), `duplicate` (its key named an
+    /// existing task), `deferred` (refused for now and redelivered later), `not_json` and
+    /// `invalid` (terminated: no task, never redelivered), `conflict` (its key named a task with
+    /// another body; terminated).
+    pub messages: IntCounterVec,
+    /// Finished task records for `reply_subject` by agent and outcome: `published`, or `dropped`
+    /// (the in-memory queue of results overflowed or the task feed lagged).
+    pub results: IntCounterVec,
+}
+
+impl QueueMetrics {
+    fn new(registry: &Registry) -> Self {
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "tickgate_queue_messages_total",
+                "Queue trigger messages handled, by agent and outcome",
+            ),
+            &["agent", "outcome"],
+        )
+        .expect("metric definition");
+        let results = IntCounterVec::new(
+            Opts::new(
+                "tickgate_queue_results_total",
+                "Finished task records for reply subjects, by agent and outcome",
+            ),
+            &["agent", "outcome"],
+        )
+        .expect("metric definition");
+        for m in [messages.clone(), results.clone()] {
+            registry.register(Box::new(m)).expect("unique metric names");
+        }
+        Self { messages, results }
+    }
+
+    /// Counts one handled message.
+    pub fn message(&self, agent: &str, outcome: &str) {
+        self.messages.with_label_values(&[agent, outcome]).inc();
+    }
+
+    /// Counts `n` finished task records published or dropped.
+    pub fn results(&self, agent: &str, outcome: &str, n: u64) {
+        self.results.with_label_values(&[agent, outcome]).inc_by(n);
+    }
 }
 
 /// Status callback metrics (SPEC section 9); labels are the agent and the endpoint's index, never
@@ -204,6 +254,7 @@ impl Metrics {
             registry.register(m).expect("unique metric names");
         }
         let notify = NotifyMetrics::new(&registry);
+        let queue = QueueMetrics::new(&registry);
         Self {
             registry,
             requests,
@@ -221,6 +272,7 @@ impl Metrics {
             stderr_dropped,
             stderr_catch_up: std::sync::Mutex::new(()),
             notify,
+            queue,
         }
     }
 

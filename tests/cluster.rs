@@ -718,3 +718,57 @@ fn finished_tasks_and_their_keys_go_after_the_retention() {
     }));
     assert_eq!(n1.finished(&fresh.unwrap())["status"], "SUCCESS");
 }
+
+#[test]
+fn queue_triggers_on_the_nats_store_run_once_and_publish_each_result_once() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let env = Env::new();
+    let path = config(&env, &nats, "2s");
+    let text = std::fs::read_to_string(&path).unwrap()
+        + "\n[[agent.queue]]\nsubject = \"jobs.in\"\nreply_subject = \"jobs.out\"\n";
+    std::fs::write(&path, text).unwrap();
+    // No `[queue] url`: queue triggers use the store's NATS server.
+    let n1 = node(&env, &path, "n1");
+    let n2 = node(&env, &path, "n2");
+    let results = common::nats::Collector::subscribe(&nats.url(), "jobs.out");
+    let client = common::nats::Nats::connect(&nats.url());
+    for i in 0..10 {
+        client.publish_js(
+            "jobs.in",
+            Some(&format!("job-{i}")),
+            format!("{{\"i\":{i}}}").as_bytes(),
+        );
+    }
+    // A redelivered message (same Nats-Msg-Id) does not make a second task.
+    client.publish_js("jobs.in", Some("job-3"), b"{\"i\":3}");
+    assert!(wait_until(|| results.json().len() >= 10));
+    let got = results.json();
+    let ids: HashSet<&str> = got.iter().filter_map(|r| r["task_id"].as_str()).collect();
+    assert_eq!(ids.len(), 10, "{got:#?}");
+    for r in &got {
+        assert_eq!(r["status"], "SUCCESS", "{r}");
+        assert_eq!(r["source"]["method"], "QUEUE");
+        let id = r["task_id"].as_str().unwrap();
+        // Readable on either node.
+        assert_eq!(n2.finished(id)["status"], "SUCCESS");
+        assert_eq!(n1.finished(id)["response"]["i"], r["response"]["i"]);
+    }
+    let log: Vec<i64> = ticks_log(&env).iter().map(|(_, i, _)| *i).collect();
+    let mut sorted = log.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        (0..10).collect::<Vec<_>>(),
+        "each message ran once: {log:?}"
+    );
+    // Nothing more arrives: each result was published by one node only.
+    // (Absence can only be watched for a while: two seconds, many times a round trip.)
+    let settled = got.len();
+    let quiet = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < quiet && results.json().len() == settled {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(results.json().len(), settled, "{:#?}", results.json());
+}

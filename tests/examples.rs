@@ -27,7 +27,7 @@ const SECRETS: [(&str, &str); 5] = [
 ];
 
 /// The examples the documentation promises.
-const PROMISED: [&str; 8] = [
+const PROMISED: [&str; 9] = [
     "github.toml",
     "linear.toml",
     "stripe.toml",
@@ -36,6 +36,7 @@ const PROMISED: [&str; 8] = [
     "scheduled.toml",
     "python_runner.toml",
     "toolcall.toml",
+    "queue.toml",
 ];
 
 fn repo() -> PathBuf {
