@@ -350,6 +350,9 @@ fn sync_wait_and_sse_work_when_the_trigger_and_the_tick_are_on_different_nodes()
     } else {
         &n1
     };
+    // A message tickgate did not write, on the agent's queue subject, is passed over.
+    let subject = format!("tg.q.{}", hex(b"default/worker"));
+    common::nats::Nats::connect(&nats.url()).publish_js(&subject, None, b"not a task");
     // A sync wait on the node that does not tick.
     let r = post_json(&format!("{}?wait=20", hook(other)), &json!({ "i": 1 }));
     assert_eq!(r.status, 200, "{}", r.text);

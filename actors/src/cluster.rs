@@ -127,6 +127,12 @@ async fn feed(store: Arc<NatsStore>, handle: AgentHandle, mut next: u64) {
                             break;
                         }
                     };
+                    let Some(task_id) = task_id else {
+                        tracing::warn!(agent = %id, seq, "a message on the agent's queue names no task; passed over");
+                        store.skipped(&id, seq);
+                        next = seq + 1;
+                        continue;
+                    };
                     match store.runnable(&id, seq, task_id, first).await {
                         Ok(Some(task)) => {
                             store.feeding(&id, seq);

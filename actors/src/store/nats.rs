@@ -395,13 +395,14 @@ impl NatsStore {
     }
 
     /// Reads `agent`'s queue from stream sequence `from`, in order; each item is the message's
-    /// sequence and the task id it names (with the task's first record for a submission).
+    /// sequence and the task id it names (`None` for a message tickgate did not write), with the
+    /// task's first record for a submission.
     pub async fn queue_reader(
         &self,
         agent: &AgentId,
         from: u64,
     ) -> Result<
-        impl futures_util::Stream<Item = Result<(u64, TaskId, Option<Task>), StoreError>>,
+        impl futures_util::Stream<Item = Result<(u64, Option<TaskId>, Option<Task>), StoreError>>,
         StoreError,
     > {
         let stream = self
@@ -428,12 +429,12 @@ impl NatsStore {
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(TASK_HEADER))
-                .and_then(|v| v.as_str().parse::<TaskId>().ok())
-                .ok_or_else(|| StoreError::Backend(format!("queue message {seq} names no task")))?;
-            let first = if m.payload.is_empty() {
-                None
-            } else {
-                Some(decode::<Task>(&m.payload)?)
+                .and_then(|v| v.as_str().parse::<TaskId>().ok());
+            // Only tickgate publishes here; anything else on the subject is passed over (with
+            // its position, so reading goes on) rather than stopping the agent's queue.
+            let first = match (&id, m.payload.is_empty()) {
+                (None, _) | (_, true) => None,
+                (Some(_), false) => serde_json::from_slice::<Task>(&m.payload).ok(),
             };
             Ok((seq, id, first))
         }))
