@@ -43,7 +43,8 @@ fn config(env: &Env, nats: &NatsServer, lease: &str) -> std::path::PathBuf {
         r#"
 [store]
 kind = "nats"
-url = "{url}"
+# A server list, as a cluster's config has one (here the same server twice).
+url = "{url}, {url}"
 lease = "{lease}"
 
 [[agent]]

@@ -24,6 +24,9 @@ use crate::model::AgentId;
 use crate::retry::RunRetry;
 use crate::store::nats::{LeaseChange, NatsStore};
 
+/// Writes of an agent waiting in the store's lane before its feeder hands it another task.
+const FEED_AHEAD: u64 = 4;
+
 /// Starts the lease rounds (and with them the feeders) for `agents` on the store's runtime.
 /// They run until the process ends or [`NatsStore::close`].
 pub fn start(store: Arc<NatsStore>, agents: Vec<AgentHandle>) {
@@ -135,6 +138,9 @@ async fn feed(store: Arc<NatsStore>, handle: AgentHandle, mut next: u64) {
                     };
                     match store.runnable(&id, seq, task_id, first).await {
                         Ok(Some(task)) => {
+                            // A few writes ahead of the store at most: the backlog stays in
+                            // JetStream, not in this process.
+                            store.writes_below(&id, FEED_AHEAD).await;
                             store.feeding(&id, seq);
                             let slot = handle.mailbox.force_reserve();
                             // Resolves when the agent's turn for this task is over.

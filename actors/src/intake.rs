@@ -181,17 +181,17 @@ impl Intake {
             .get(&task.agent)
             .ok_or_else(|| Refused::UnknownAgent(task.agent.clone()))?;
         let trial = self.admit(&task.agent).await?;
-        // Refused here, the permit's drop gives the trial back.
-        let slot = agent.mailbox.try_reserve().ok_or(Refused::MailboxFull)?;
         // In a cluster the queue lives in the store: its backlog (counted every lease round)
-        // bounds it, so the bound is approximate by up to a round's arrivals.
-        if self
-            .store
-            .backlog(&task.agent)
-            .is_some_and(|waiting| waiting >= agent.mailbox.capacity())
-        {
-            return Err(Refused::MailboxFull);
-        }
+        // bounds it, approximately by up to a round's arrivals; the local mailbox then only
+        // counts the few tasks the owner's feeder holds, so it must not refuse triggers.
+        let slot = match self.store.backlog(&task.agent) {
+            Some(waiting) if waiting >= agent.mailbox.capacity() => {
+                return Err(Refused::MailboxFull)
+            }
+            Some(_) => None,
+            // Refused here, the permit's drop gives the trial back.
+            None => Some(agent.mailbox.try_reserve().ok_or(Refused::MailboxFull)?),
+        };
 
         let (tx, rx) = tokio::sync::oneshot::channel();
         let addr = agent.addr.clone();
@@ -217,13 +217,14 @@ impl Intake {
                             // Before the agent can start it, so PENDING precedes STARTED.
                             let _ = feed.send(task.clone());
                         }
-                        if dispatches {
+                        match slot {
                             // The store hands it to the agent's owner (maybe another node).
-                            drop(slot);
-                        } else if mailbox.queued() > QUEUED_IN_MEMORY {
-                            addr.do_send(RunStored(task.id, slot));
-                        } else {
-                            addr.do_send(RunTask(task.clone(), slot));
+                            _ if dispatches => {}
+                            None => {}
+                            Some(slot) if mailbox.queued() > QUEUED_IN_MEMORY => {
+                                addr.do_send(RunStored(task.id, slot))
+                            }
+                            Some(slot) => addr.do_send(RunTask(task.clone(), slot)),
                         }
                         Ok(Accepted::New(task))
                     }

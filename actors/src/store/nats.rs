@@ -55,6 +55,10 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 const TASK_HEADER: &str = "Tg-Task";
 /// How long a JetStream request may take before the store reports itself unavailable.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// First and last wait between attempts to record a tick's outcome while NATS refuses it
+/// (about 6 s in all, well inside a lease's validity).
+const FINISH_RETRY_MIN: Duration = Duration::from_millis(200);
+const FINISH_RETRY_MAX: Duration = Duration::from_millis(3200);
 /// How long the owner waits for a re-queued task's record to name its new queue position.
 const REQUEUE_LANDING: Duration = Duration::from_secs(3);
 /// Concurrent reads when a listing, purge or timer scan reads many records.
@@ -146,7 +150,7 @@ struct Job {
 pub struct NatsStore {
     inner: Arc<Inner>,
     rt: tokio::runtime::Handle,
-    lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>,
+    lanes: Mutex<HashMap<String, Lane>>,
     stop: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
@@ -587,24 +591,54 @@ impl NatsStore {
         rx.recv().map_err(|_| StoreError::Closed)?
     }
 
-    fn lane(&self, name: String) -> mpsc::UnboundedSender<Job> {
+    fn lane(&self, name: String) -> Lane {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         lanes
             .entry(name)
             .or_insert_with(|| {
                 let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+                let lane = Lane {
+                    tx,
+                    pending: Arc::new(AtomicU64::new(0)),
+                    applied: Arc::new(tokio::sync::Notify::new()),
+                };
                 let inner = self.inner.clone();
+                let (pending, applied) = (lane.pending.clone(), lane.applied.clone());
                 self.rt.spawn(async move {
                     while let Some(job) = rx.recv().await {
                         let res = inner.clone().apply(job.write).await;
                         inner.note(&res);
                         (job.done)(res);
+                        pending.fetch_sub(1, Ordering::AcqRel);
+                        applied.notify_waiters();
                     }
                 });
-                tx
+                lane
             })
             .clone()
     }
+
+    /// Waits until fewer than `n` of `agent`'s writes (starts, completions) wait in its lane:
+    /// the owner's feeder keeps pace with the store instead of running ahead of it, so an
+    /// agent's backlog stays in JetStream rather than in this process.
+    pub async fn writes_below(&self, agent: &AgentId, n: u64) {
+        let lane = self.lane(agent_token(agent));
+        loop {
+            let applied = lane.applied.notified();
+            if lane.pending.load(Ordering::Acquire) < n {
+                return;
+            }
+            applied.await;
+        }
+    }
+}
+
+/// One serial write queue, with how many writes wait in it.
+#[derive(Clone)]
+struct Lane {
+    tx: mpsc::UnboundedSender<Job>,
+    pending: Arc<AtomicU64>,
+    applied: Arc<tokio::sync::Notify>,
 }
 
 /// What a lease round changed.
@@ -630,7 +664,7 @@ async fn connect(options: NatsOptions) -> Result<Inner, StoreError> {
             .reconnect_delay_callback(|attempt| {
                 Duration::from_millis((100u64 << attempt.min(6)).min(5000))
             })
-            .connect(options.url.as_str())
+            .connect(servers(&options.url)?)
             .await
         {
             Ok(c) => break c,
@@ -670,19 +704,22 @@ async fn connect(options: NatsOptions) -> Result<Inner, StoreError> {
     let open = |config: kv::Config| {
         let js = js.clone();
         async move {
-            match js.get_key_value(config.bucket.clone()).await {
-                Ok(kv) => Ok(kv),
+            let kv = match js.get_key_value(config.bucket.clone()).await {
+                Ok(kv) => kv,
                 Err(_) => match js.create_key_value(config.clone()).await {
-                    Ok(kv) => Ok(kv),
+                    Ok(kv) => kv,
                     // Another node created it meanwhile.
-                    Err(created) => js.get_key_value(config.bucket.clone()).await.map_err(|_| {
-                        StoreError::Backend(format!(
-                            "nats: cannot create the bucket {}: {created}",
-                            config.bucket
-                        ))
-                    }),
+                    Err(created) => {
+                        js.get_key_value(config.bucket.clone()).await.map_err(|_| {
+                            StoreError::Backend(format!(
+                                "nats: cannot create the bucket {}: {created}",
+                                config.bucket
+                            ))
+                        })?
+                    }
                 },
-            }
+            };
+            leader_reads(&js, kv, &config.bucket).await
         }
     };
     let none = Duration::ZERO;
@@ -708,6 +745,40 @@ async fn connect(options: NatsOptions) -> Result<Inner, StoreError> {
         outbox: options.outbox,
         events: OnceLock::new(),
     })
+}
+
+/// Makes the bucket's reads go to its stream leader. Buckets are created with direct gets
+/// allowed, which lets any replica answer a read, including one that is behind after a NATS
+/// server restarted: a record read there has an old revision, and the compare-and-set built on
+/// it fails (or, worse, a finished task reads as still queued). tickgate's reads decide writes,
+/// so they must be the leader's.
+async fn leader_reads(
+    js: &jetstream::Context,
+    kv: kv::Store,
+    bucket: &str,
+) -> Result<kv::Store, StoreError> {
+    let mut stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(backend)?;
+    let mut config = stream.info().await.map_err(backend)?.config.clone();
+    if !config.allow_direct {
+        return Ok(kv);
+    }
+    config.allow_direct = false;
+    js.update_stream(&config).await.map_err(backend)?;
+    js.get_key_value(bucket).await.map_err(backend)
+}
+
+/// `url` as async-nats wants a server list: one address per comma-separated entry.
+fn servers(url: &str) -> Result<Vec<async_nats::ServerAddr>, StoreError> {
+    url.split(',')
+        .map(|u| {
+            u.trim().parse::<async_nats::ServerAddr>().map_err(|e| {
+                StoreError::Backend(format!("nats: {:?} is not a server address: {e}", u.trim()))
+            })
+        })
+        .collect()
 }
 
 /// Marks the store unhealthy while NATS is unreachable and healthy again once a JetStream
@@ -1261,6 +1332,33 @@ impl Inner {
         state: AgentState,
         timer: Option<String>,
     ) -> Result<Written, StoreError> {
+        let mut wait = FINISH_RETRY_MIN;
+        loop {
+            match self.finish_once(&task, &state, timer.as_deref()).await {
+                Err(e) if wait <= FINISH_RETRY_MAX && self.owns(&task.agent) => {
+                    tracing::warn!(task_id = %task.id, error = %e, retry_in_ms = wait.as_millis() as u64, "could not record the tick's outcome yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(e) => {
+                    // Still STARTED in the store, its queue position below the cursor: letting
+                    // the agent go (the lease lapses, then a node adopts it, maybe this one)
+                    // runs the task again from the store instead of leaving it stranded.
+                    tracing::error!(agent = %task.agent, task_id = %task.id, error = %e, "could not record the tick's outcome; giving up the agent so its queue is read again");
+                    self.owned_mut(&task.agent).remove();
+                    return Err(e);
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn finish_once(
+        &self,
+        task: &Task,
+        state: &AgentState,
+        timer: Option<&str>,
+    ) -> Result<Written, StoreError> {
         if !self.owns(&task.agent) {
             tracing::warn!(task_id = %task.id, "tick finished after this node lost its agent; the new owner runs it again");
             return Ok(Written::Revoked);
@@ -1270,23 +1368,32 @@ impl Inner {
             return Ok(Written::Revoked);
         };
         if stored.status == TaskStatus::Revoked {
-            self.put_state(&task.agent, &state, task.seq).await?;
+            self.put_state(&task.agent, state, task.seq).await?;
             return Ok(Written::Revoked);
         }
-        if stored.seq != task.seq || stored.status.is_terminal() {
-            self.settle(&task.agent, task.seq);
-            return Ok(Written::Revoked);
+        // A retry of this write after the record landed but the state did not.
+        let written = stored.seq == task.seq
+            && stored.status == task.status
+            && stored.attempt == task.attempt
+            && stored.finished_at == task.finished_at;
+        if !written {
+            if stored.seq != task.seq || stored.status.is_terminal() {
+                self.settle(&task.agent, task.seq);
+                return Ok(Written::Revoked);
+            }
+            // The timer first: a timer whose task never reached RETRY (or AWAITING_INPUT) is
+            // dropped when it fires, a task in RETRY without its timer would wait forever.
+            if let Some(key) = timer {
+                let value = match task.status {
+                    TaskStatus::Retry => Bytes::from(task.agent.to_string()),
+                    _ => Bytes::from(task.id.to_string()),
+                };
+                self.timers.put(key, value).await.map_err(backend)?;
+            }
+            self.put_task(task, rev, Some(stored.status)).await?;
         }
-        self.put_task(&task, rev, Some(stored.status)).await?;
-        if !self.put_state(&task.agent, &state, task.seq).await? {
+        if !self.put_state(&task.agent, state, task.seq).await? {
             tracing::warn!(task_id = %task.id, "the tick's memory was not kept: this node lost the agent");
-        }
-        if let Some(key) = timer {
-            let value = match task.status {
-                TaskStatus::Retry => Bytes::from(task.agent.to_string()),
-                _ => Bytes::from(task.id.to_string()),
-            };
-            self.timers.put(key, value).await.map_err(backend)?;
         }
         Ok(Written::Done)
     }
@@ -1405,8 +1512,10 @@ impl Store for NatsStore {
         };
         match lane {
             Some(name) => {
-                if let Err(mpsc::error::SendError(job)) = self.lane(name).send(Job { write, done })
-                {
+                let lane = self.lane(name);
+                lane.pending.fetch_add(1, Ordering::AcqRel);
+                if let Err(mpsc::error::SendError(job)) = lane.tx.send(Job { write, done }) {
+                    lane.pending.fetch_sub(1, Ordering::AcqRel);
                     (job.done)(Err(StoreError::Closed));
                 }
             }
