@@ -117,6 +117,12 @@ cleanup() {
 	done
 	for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
 	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+	# The watchdog and its sleep, by PID, not waited for (bash would report it "Terminated").
+	if [[ -n ${WATCHDOG:-} ]]; then
+		pkill -KILL -P "$WATCHDOG" 2>/dev/null || true
+		kill -KILL "$WATCHDOG" 2>/dev/null || true
+		disown "$WATCHDOG" 2>/dev/null || true
+	fi
 	if [[ -n $WORK ]]; then
 		if [[ -n ${KEEP_TMP:-} ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
 	fi
@@ -538,12 +544,15 @@ FAILOVER=$WORK/failover.tsv
 : >"$RESULTS"
 : >"$FAILOVER"
 make_lua "$WORK/post.lua"
+# Its stderr is /dev/null, so that bash does not report its sleep "Killed" at cleanup; the
+# message goes to fd 3.
 (
+	exec 2>/dev/null
 	sleep "$MAX_SECONDS"
-	echo "[cluster.sh] watchdog: $MAX_SECONDS s exceeded, stopping" >&2
+	echo "[cluster.sh] watchdog: $MAX_SECONDS s exceeded, stopping" >&3
 	kill -TERM $$
-) &
-track $!
+) 3>&2 &
+WATCHDOG=$!
 
 HEADER=$(
 	echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
