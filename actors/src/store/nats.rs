@@ -682,6 +682,48 @@ async fn connect(options: NatsOptions) -> Result<Inner, StoreError> {
     };
     let mut js = jetstream::new(client.clone());
     js.set_timeout(REQUEST_TIMEOUT);
+    // Creating replicated streams can outlast one request's timeout while a NATS cluster elects
+    // their leaders (or another node creates them at the same moment): retried until the deadline.
+    let buckets = loop {
+        match layout(&js, &options).await {
+            Ok(buckets) => break buckets,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "NATS streams and buckets not ready yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let [tasks, idem, state, leases, timers, meta, outbox_kv] = buckets;
+    Ok(Inner {
+        node_token: token(&options.node_id),
+        node: options.node_id,
+        lease: options.lease,
+        tasks,
+        idem,
+        state,
+        leases,
+        timers,
+        meta,
+        outbox_kv,
+        client,
+        js,
+        owned: Mutex::new(HashMap::new()),
+        owners: Mutex::new(HashMap::new()),
+        backlog: Mutex::new(HashMap::new()),
+        healthy: AtomicBool::new(true),
+        closing: AtomicBool::new(false),
+        delivery_counter: AtomicU64::new(0),
+        outbox: options.outbox,
+        events: OnceLock::new(),
+    })
+}
+
+/// Creates (or opens) the queue stream and the buckets, in the order `Inner` lists them.
+async fn layout(
+    js: &jetstream::Context,
+    options: &NatsOptions,
+) -> Result<[kv::Store; 7], StoreError> {
     let replicas = options.replicas.max(1);
     js.get_or_create_stream(stream::Config {
         name: QUEUE_STREAM.into(),
@@ -723,28 +765,15 @@ async fn connect(options: NatsOptions) -> Result<Inner, StoreError> {
         }
     };
     let none = Duration::ZERO;
-    Ok(Inner {
-        node_token: token(&options.node_id),
-        node: options.node_id,
-        lease: options.lease,
-        tasks: open(bucket("tg_tasks", none)).await?,
-        idem: open(bucket("tg_idem", options.task_retention)).await?,
-        state: open(bucket("tg_state", none)).await?,
-        leases: open(bucket("tg_leases", options.lease)).await?,
-        timers: open(bucket("tg_timers", none)).await?,
-        meta: open(bucket("tg_meta", none)).await?,
-        outbox_kv: open(bucket("tg_outbox", none)).await?,
-        client,
-        js,
-        owned: Mutex::new(HashMap::new()),
-        owners: Mutex::new(HashMap::new()),
-        backlog: Mutex::new(HashMap::new()),
-        healthy: AtomicBool::new(true),
-        closing: AtomicBool::new(false),
-        delivery_counter: AtomicU64::new(0),
-        outbox: options.outbox,
-        events: OnceLock::new(),
-    })
+    Ok([
+        open(bucket("tg_tasks", none)).await?,
+        open(bucket("tg_idem", options.task_retention)).await?,
+        open(bucket("tg_state", none)).await?,
+        open(bucket("tg_leases", options.lease)).await?,
+        open(bucket("tg_timers", none)).await?,
+        open(bucket("tg_meta", none)).await?,
+        open(bucket("tg_outbox", none)).await?,
+    ])
 }
 
 /// Makes the bucket's reads go to its stream leader. Buckets are created with direct gets
@@ -1054,7 +1083,14 @@ impl Inner {
     }
 
     async fn apply(self: Arc<Self>, write: Write) -> Result<Written, StoreError> {
-        self.connected()?;
+        // A tick's outcome rides out a reconnection (its write retries, see `finish`); anything
+        // else fails at once while NATS is away, so no caller waits on a request that cannot go.
+        if !matches!(
+            write,
+            Write::Complete { .. } | Write::Retry { .. } | Write::Park { .. }
+        ) {
+            self.connected()?;
+        }
         match write {
             Write::Submit { task, idempotency } => self.submit(task, idempotency).await,
             Write::Start(task) => {
