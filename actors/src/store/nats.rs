@@ -1327,12 +1327,24 @@ impl Inner {
                 return Err(e);
             }
         };
+        task.seq = ack.sequence;
         if ack.duplicate {
-            // Only an adopted id can be a duplicate: fresh ids are random.
+            // Only an adopted id can be a duplicate: fresh ids are random. The first submission
+            // is in the stream (JetStream answers with its sequence) but its record may not be
+            // written (its node failed right after the publish): written here, so the answer
+            // "duplicate of task X" can be read back at once. The same body, by its digest.
             debug_assert!(adopted, "a fresh task id was already in the stream");
+            match self
+                .tasks
+                .create(task.id.to_string(), encode(&*task)?)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_kind(&e, kv::CreateErrorKind::AlreadyExists) => {}
+                Err(e) => return Err(backend(e)),
+            }
             return Ok(Written::Duplicate(task.id));
         }
-        task.seq = ack.sequence;
         match self
             .tasks
             .create(task.id.to_string(), encode(&*task)?)
