@@ -298,7 +298,7 @@ pub async fn build_state(
         lifecycle.clone(),
         retry_timers,
     );
-    if let Some(nats) = store.clone().as_nats() {
+    if let Ok(nats) = store.clone().as_any().downcast::<NatsStore>() {
         // Other nodes' task changes reach this node's waiters; this node's agents tick only
         // while it holds their leases.
         nats.fan_in(events.clone());
@@ -333,7 +333,7 @@ pub async fn build_state(
     );
     // Subscribed to the task feed here, before any agent can finish a task it should report.
     let queue_triggers = crate::queue::Triggers::new(
-        crate::queue::queue_url(settings),
+        settings.queue_url(),
         settings
             .agents
             .iter()

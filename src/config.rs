@@ -658,6 +658,18 @@ pub struct Settings {
     pub agents: Vec<AgentSetup>,
 }
 
+impl Settings {
+    /// The NATS server queue triggers use: `[queue] url`, else, on the NATS store
+    /// (`[store] kind = "nats"`), the store's own server. The one place that decides it.
+    pub fn queue_url(&self) -> Option<String> {
+        self.config.queue.url.clone().or_else(|| {
+            (self.config.store.kind == StoreKind::Nats)
+                .then(|| self.config.store.url.clone())
+                .flatten()
+        })
+    }
+}
+
 impl Config {
     /// Reads the config at `path`, or the default path, or the embedded default, applies
     /// environment overrides, and parses it.
@@ -807,7 +819,7 @@ impl Config {
             agents,
         };
         if let Some(a) = settings.agents.iter().find(|a| !a.queue.is_empty()) {
-            if crate::queue::queue_url(&settings).is_none() {
+            if settings.queue_url().is_none() {
                 return Err(err(format!(
                     "agent {}: queue: [[agent.queue]] entries need a NATS server; set [queue] url = \"nats://host:4222\"",
                     a.spec.id
@@ -1421,7 +1433,7 @@ mod tests {
         assert_eq!(q[1].reply_subject.as_deref(), Some("results.w"));
         assert_eq!(q[1].ack_wait, Duration::from_secs(5));
         assert_eq!(
-            crate::queue::queue_url(&s).as_deref(),
+            s.queue_url().as_deref(),
             Some("nats://u:p@127.0.0.1:4222, nats://127.0.0.1:4223")
         );
         for (entry, wanted) in [

@@ -39,18 +39,8 @@ use tickgate_actors::model::{AgentId, Source, Task};
 use tickgate_actors::store::IdempotencyKey;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::config::{QueueEntry, Settings};
+use crate::config::QueueEntry;
 use crate::metrics::Metrics;
-
-/// The NATS server queue triggers use: `[queue] url`, else, on the NATS store
-/// (`[store] kind = "nats"`), the store's own server.
-pub fn queue_url(settings: &Settings) -> Option<String> {
-    settings.config.queue.url.clone().or_else(|| {
-        (settings.config.store.kind == crate::config::StoreKind::Nats)
-            .then(|| settings.config.store.url.clone())
-            .flatten()
-    })
-}
 
 /// First wait after a failure; doubled per failure up to [`BACKOFF_MAX`].
 const BACKOFF_MIN: Duration = Duration::from_millis(200);

@@ -44,6 +44,10 @@ impl FaultyStore {
 }
 
 impl Store for FaultyStore {
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+
     fn write(&self, write: Write, done: OnWritten) {
         if self.failing.load(Ordering::SeqCst) {
             self.last_failed.store(true, Ordering::SeqCst);

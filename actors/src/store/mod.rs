@@ -415,10 +415,9 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// The NATS store behind this one, so start-up can start the cluster's lease rounds.
-    fn as_nats(self: Arc<Self>) -> Option<Arc<nats::NatsStore>> {
-        None
-    }
+    /// This store as `Any`, so start-up can find the NATS store behind `dyn Store` (and start
+    /// the cluster's lease rounds) without this trait naming any backend.
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 
     /// Whether the last write succeeded; feeds readiness.
     fn healthy(&self) -> bool;

@@ -1796,8 +1796,8 @@ impl Store for NatsStore {
         Some(backlog.get(&queue_subject(agent)).copied().unwrap_or(0))
     }
 
-    fn as_nats(self: Arc<Self>) -> Option<Arc<NatsStore>> {
-        Some(self)
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
     }
 
     fn healthy(&self) -> bool {

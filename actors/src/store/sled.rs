@@ -1544,6 +1544,10 @@ impl SledStore {
 }
 
 impl Store for SledStore {
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+
     fn write(&self, write: Write, done: OnWritten) {
         let sender = self.jobs.lock().ok().and_then(|jobs| jobs.clone());
         let rejected = match sender {
