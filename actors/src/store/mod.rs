@@ -426,6 +426,23 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> Result<(), StoreError>;
 }
 
+/// Revokes `task`, whose status as the backend sees it now is `status`, at `at_ms`: allowed only
+/// from `PENDING`, `RETRY` or `AWAITING_INPUT` (a running or finished task cannot be cancelled).
+/// Shared by the backends so that both decide a cancel the same way.
+pub(crate) fn revoke(task: &mut Task, status: TaskStatus, at_ms: u64) -> Result<(), CancelOutcome> {
+    if !matches!(
+        status,
+        TaskStatus::Pending | TaskStatus::Retry | TaskStatus::AwaitingInput
+    ) {
+        return Err(CancelOutcome::NotCancellable(status));
+    }
+    task.status = TaskStatus::Revoked;
+    task.finished_at = Some(at_ms);
+    task.next_attempt_at = None;
+    task.awaiting = None;
+    Ok(())
+}
+
 /// Waits for a write from async code. The future is `Send` so it can be awaited anywhere.
 pub async fn write_async(store: &dyn Store, write: Write) -> Result<Written, StoreError> {
     let (tx, rx) = tokio::sync::oneshot::channel();

@@ -1206,16 +1206,9 @@ impl Inner {
                         return Ok(Written::Cancel(CancelOutcome::Unknown));
                     };
                     let status = task.status;
-                    if !matches!(
-                        status,
-                        TaskStatus::Pending | TaskStatus::Retry | TaskStatus::AwaitingInput
-                    ) {
-                        return Ok(Written::Cancel(CancelOutcome::NotCancellable(status)));
+                    if let Err(refused) = super::revoke(&mut task, status, at_ms) {
+                        return Ok(Written::Cancel(refused));
                     }
-                    task.status = TaskStatus::Revoked;
-                    task.finished_at = Some(at_ms);
-                    task.next_attempt_at = None;
-                    task.awaiting = None;
                     if self.put_task(&task, rev, Some(status)).await.is_ok() {
                         return Ok(Written::Cancel(CancelOutcome::Revoked(Box::new(task))));
                     }
@@ -1334,28 +1327,21 @@ impl Inner {
             // written (its node failed right after the publish): written here, so the answer
             // "duplicate of task X" can be read back at once. The same body, by its digest.
             debug_assert!(adopted, "a fresh task id was already in the stream");
-            match self
-                .tasks
-                .create(task.id.to_string(), encode(&*task)?)
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_kind(&e, kv::CreateErrorKind::AlreadyExists) => {}
-                Err(e) => return Err(backend(e)),
-            }
+            self.first_record(task).await?;
             return Ok(Written::Duplicate(task.id));
         }
-        match self
-            .tasks
-            .create(task.id.to_string(), encode(&*task)?)
-            .await
-        {
-            Ok(_) => {}
-            // The owner read the queue message first and wrote the record from it.
-            Err(e) if is_kind(&e, kv::CreateErrorKind::AlreadyExists) => {}
-            Err(e) => return Err(backend(e)),
-        }
+        self.first_record(task).await?;
         Ok(Written::Accepted(accepted))
+    }
+
+    /// Writes an accepted task's first record unless one exists: the owner may have read the
+    /// queue message first and written the record from it.
+    async fn first_record(&self, task: &Task) -> Result<(), StoreError> {
+        match self.tasks.create(task.id.to_string(), encode(task)?).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_kind(&e, kv::CreateErrorKind::AlreadyExists) => Ok(()),
+            Err(e) => Err(backend(e)),
+        }
     }
 
     /// Puts a task back in its agent's queue; answers its new position.

@@ -1153,16 +1153,9 @@ fn stage_cancel(
         return Ok(Written::Cancel(CancelOutcome::Unknown));
     };
     let status = staged.statuses.get(&id).copied().unwrap_or(task.status);
-    if !matches!(
-        status,
-        TaskStatus::Pending | TaskStatus::Retry | TaskStatus::AwaitingInput
-    ) {
-        return Ok(Written::Cancel(CancelOutcome::NotCancellable(status)));
+    if let Err(refused) = super::revoke(&mut task, status, at_ms) {
+        return Ok(Written::Cancel(refused));
     }
-    task.status = TaskStatus::Revoked;
-    task.finished_at = Some(at_ms);
-    task.next_attempt_at = None;
-    task.awaiting = None;
     put_task(db, shared, batch, staged, &task, Part::State)?;
     batch.remove(queue_key(&task.agent, task.seq));
     batch.insert(finished_key(at_ms, &id), id.as_bytes().to_vec());
