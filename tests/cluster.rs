@@ -61,6 +61,12 @@ webhook = {{ token_env = "WORKER_TOKEN" }}
     ))
 }
 
+/// Rewrites the config file at `path` through `f`.
+fn edit(path: &Path, f: impl FnOnce(String) -> String) {
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(path, f(text)).unwrap();
+}
+
 fn node(env: &Env, config: &Path, name: &str) -> Server {
     Server::start(
         config,
@@ -611,10 +617,7 @@ fn the_mailbox_bound_holds_across_nodes() {
     };
     let env = Env::new();
     let path = config(&env, &nats, "1s");
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("mailbox = 1000", "mailbox = 3");
-    std::fs::write(&path, text).unwrap();
+    edit(&path, |c| c.replace("mailbox = 1000", "mailbox = 3"));
     let n1 = node(&env, &path, "n1");
     let n2 = node(&env, &path, "n2");
     let held = accept(&hook(&n1), json!({ "i": 0, "hold": true }));
@@ -686,10 +689,9 @@ fn finished_tasks_and_their_keys_go_after_the_retention() {
     };
     let env = Env::new();
     let path = config(&env, &nats, "2s");
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("lease = \"2s\"", "lease = \"2s\"\ntask_retention = \"2s\"");
-    std::fs::write(&path, text).unwrap();
+    edit(&path, |c| {
+        c.replace("lease = \"2s\"", "lease = \"2s\"\ntask_retention = \"2s\"")
+    });
     let n1 = node(&env, &path, "n1");
     let keyed = |key: &str| {
         send(
@@ -730,9 +732,9 @@ fn queue_triggers_on_the_nats_store_run_once_and_publish_each_result_once() {
     };
     let env = Env::new();
     let path = config(&env, &nats, "2s");
-    let text = std::fs::read_to_string(&path).unwrap()
-        + "\n[[agent.queue]]\nsubject = \"jobs.in\"\nreply_subject = \"jobs.out\"\n";
-    std::fs::write(&path, text).unwrap();
+    edit(&path, |c| {
+        c + "\n[[agent.queue]]\nsubject = \"jobs.in\"\nreply_subject = \"jobs.out\"\n"
+    });
     // No `[queue] url`: queue triggers use the store's NATS server.
     let n1 = node(&env, &path, "n1");
     let n2 = node(&env, &path, "n2");
