@@ -61,6 +61,12 @@ webhook = {{ token_env = "WORKER_TOKEN" }}
     ))
 }
 
+/// Two nodes, `n1` and `n2`, on the worker config with this lease.
+fn two_nodes(env: &Env, nats: &NatsServer, lease: &str) -> (Server, Server) {
+    let config = config(env, nats, lease);
+    (node(env, &config, "n1"), node(env, &config, "n2"))
+}
+
 /// Rewrites the config file at `path` through `f`.
 fn edit(path: &Path, f: impl FnOnce(String) -> String) {
     let text = std::fs::read_to_string(path).unwrap();
@@ -227,9 +233,7 @@ fn kill_9_of_the_owner_under_load_loses_no_task_and_reruns_the_interrupted_one()
     };
     let env = Env::new();
     let lease = Duration::from_secs(2);
-    let config = config(&env, &nats, "2s");
-    let n1 = node(&env, &config, "n1");
-    let n2 = node(&env, &config, "n2");
+    let (n1, n2) = two_nodes(&env, &nats, "2s");
     let owner_name = settled_owner(&[("n1", &n1), ("n2", &n2)]);
     let (owner_node, survivor, survivor_name) = if owner_name == "n1" {
         (n1, n2, "n2")
@@ -297,9 +301,7 @@ fn concurrent_duplicate_deliveries_on_two_nodes_make_one_task() {
         return;
     };
     let env = Env::new();
-    let config = config(&env, &nats, "3s");
-    let n1 = node(&env, &config, "n1");
-    let n2 = node(&env, &config, "n2");
+    let (n1, n2) = two_nodes(&env, &nats, "3s");
     for round in 0..10 {
         let key = format!("delivery-{round}");
         let body = json!({ "i": round });
@@ -349,9 +351,7 @@ fn sync_wait_and_sse_work_when_the_trigger_and_the_tick_are_on_different_nodes()
         return;
     };
     let env = Env::new();
-    let config = config(&env, &nats, "3s");
-    let n1 = node(&env, &config, "n1");
-    let n2 = node(&env, &config, "n2");
+    let (n1, n2) = two_nodes(&env, &nats, "3s");
     let other = if settled_owner(&[("n1", &n1), ("n2", &n2)]) == "n1" {
         &n2
     } else {

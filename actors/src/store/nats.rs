@@ -409,12 +409,7 @@ impl NatsStore {
         impl futures_util::Stream<Item = Result<(u64, Option<TaskId>, Option<Task>), StoreError>>,
         StoreError,
     > {
-        let stream = self
-            .inner
-            .js
-            .get_stream_no_info(QUEUE_STREAM)
-            .await
-            .map_err(backend)?;
+        let stream = self.inner.queue_stream().await?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
                 filter_subject: queue_subject(agent),
@@ -528,12 +523,7 @@ impl NatsStore {
                 _ => return Ok(()),
             }
         };
-        let stream = self
-            .inner
-            .js
-            .get_stream_no_info(QUEUE_STREAM)
-            .await
-            .map_err(backend)?;
+        let stream = self.inner.queue_stream().await?;
         stream
             .purge()
             .filter(queue_subject(agent))
@@ -548,12 +538,7 @@ impl NatsStore {
 
     /// Re-reads how many messages wait in each agent's queue (one request for all agents).
     pub async fn refresh_backlog(&self) -> Result<(), StoreError> {
-        let stream = self
-            .inner
-            .js
-            .get_stream_no_info(QUEUE_STREAM)
-            .await
-            .map_err(backend)?;
+        let stream = self.inner.queue_stream().await?;
         let counts: HashMap<String, usize> = stream
             .info_with_subjects("tg.q.*")
             .await
@@ -823,6 +808,14 @@ async fn probe(inner: std::sync::Weak<Inner>) {
 }
 
 impl Inner {
+    /// The queue stream's handle (no info request: the three callers only read or purge it).
+    async fn queue_stream(&self) -> Result<jetstream::stream::Stream<()>, StoreError> {
+        self.js
+            .get_stream_no_info(QUEUE_STREAM)
+            .await
+            .map_err(backend)
+    }
+
     /// A failed write while NATS is unreachable makes the store unhealthy at once (the probe
     /// makes it healthy again); a lost compare-and-set race is not a failure of the store.
     fn note<T>(&self, res: &Result<T, StoreError>) {
