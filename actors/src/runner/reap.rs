@@ -41,12 +41,46 @@ static LEADERS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
 /// Read-held from a spawn until its pid is in [`LEADERS`]; write-held while zombies are reaped.
 static SPAWN_GATE: RwLock<()> = RwLock::new(());
 
-/// Thread ids of the threads that spawned a runner leader. A process is listed as a child of
-/// the thread that created it (`/proc/self/task/<tid>/children`), and an orphan handed to
-/// tickgate as subreaper, like the children of a thread that exits, goes to the first live
-/// thread of the process, the main thread; so tickgate's children are all on the lists of
-/// these threads and the main thread, and [`has_foreign_children`] reads only those.
-static SPAWNERS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+/// Thread ids of the threads that spawned a runner leader, each with whether it is inside a spawn
+/// right now. A process is listed as a child of the thread that created it
+/// (`/proc/self/task/<tid>/children`), and an orphan handed to tickgate as subreaper, like the
+/// children of a thread that exits, goes to the first live thread of the process, the main
+/// thread; so tickgate's children are all on the lists of these threads and the main thread, and
+/// [`has_foreign_children`] reads only those. The flag excuses the one child a spawner thread can
+/// have that is not yet in [`LEADERS`]: the leader it is spawning (visible from the `clone`, while
+/// `execve` runs, before its pid is known to tickgate). Without it, every tick ending while
+/// another agent's tick was starting walked the whole process table.
+static SPAWNERS: Mutex<Option<HashMap<i32, bool>>> = Mutex::new(None);
+
+/// Marks the calling thread as inside a spawn for as long as it lives; dropping it (after the
+/// pid is in [`LEADERS`], or after a failed spawn) clears the mark.
+struct Spawning(i32);
+
+impl Spawning {
+    fn begin() -> Self {
+        // SAFETY: gettid(2) has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        SPAWNERS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(HashMap::new)
+            .insert(tid, true);
+        Spawning(tid)
+    }
+}
+
+impl Drop for Spawning {
+    fn drop(&mut self) {
+        if let Some(flag) = SPAWNERS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+            .and_then(|threads| threads.get_mut(&self.0))
+        {
+            *flag = false;
+        }
+    }
+}
 
 /// How many scan-and-kill passes a sweep makes at most: a process forking while it is being
 /// killed can create a new descendant after a scan, which the next pass catches.
@@ -103,15 +137,10 @@ impl Marker {
 /// Spawns `command` and records its pid as a leader tokio will reap, under the lock sweeps take,
 /// so that a sweep never sees the new process without knowing it is a leader.
 pub(super) fn spawn_leader(command: &mut Command) -> io::Result<Child> {
-    let _spawning = SPAWN_GATE.read().unwrap_or_else(PoisonError::into_inner);
-    // Before the spawn, so that no check can see the child without looking at this thread.
-    // SAFETY: gettid(2) has no preconditions.
-    let tid = unsafe { libc::gettid() };
-    SPAWNERS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get_or_insert_with(HashSet::new)
-        .insert(tid);
+    let _gate = SPAWN_GATE.read().unwrap_or_else(PoisonError::into_inner);
+    // Before the spawn, so that no check can see the child without looking at this thread; and
+    // dropped after the pid is recorded (locals drop in reverse order).
+    let _spawning = Spawning::begin();
     let child = command.spawn()?;
     if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
         LEADERS
@@ -186,14 +215,11 @@ fn has_foreign_children() -> bool {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .flatten()
+            .flat_map(|threads| threads.keys())
             .filter(|&&tid| tid != me),
     );
-    let leaders = LEADERS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
-        .unwrap_or_default();
+    let leaders = leader_snapshot();
+    let mut unknown = Vec::new();
     for tid in threads {
         let list = match std::fs::read_to_string(format!("/proc/self/task/{tid}/children")) {
             Ok(list) => list,
@@ -201,15 +227,50 @@ fn has_foreign_children() -> bool {
             Err(_) if tid != me => continue,
             Err(_) => return true,
         };
-        let foreign = list
-            .split_whitespace()
-            .filter_map(|pid| pid.parse::<i32>().ok())
-            .any(|pid| !leaders.contains(&pid));
-        if foreign {
-            return true;
-        }
+        unknown.extend(
+            list.split_whitespace()
+                .filter_map(|pid| pid.parse::<i32>().ok())
+                .filter(|pid| !leaders.contains(pid))
+                .map(|pid| (tid, pid)),
+        );
     }
-    false
+    if unknown.is_empty() {
+        return false;
+    }
+    // A child unknown at the snapshot may be a leader whose spawn was finishing: its pid is in
+    // the set by now, or its thread is still inside the spawn (read after the list, so a spawn
+    // that was in flight when the list showed the child is seen either way). Orphans are the
+    // main thread's, whose children are never excused this way.
+    let leaders = leader_snapshot();
+    let spawners = SPAWNERS.lock().unwrap_or_else(PoisonError::into_inner);
+    any_foreign(&unknown, &leaders, spawners.as_ref(), me)
+}
+
+/// Decides over the children `(thread, pid)` that were not known leaders at the first look:
+/// foreign unless the pid is a leader by now or its thread (never the main thread, where orphans
+/// land) is inside a spawn.
+fn any_foreign(
+    unknown: &[(i32, i32)],
+    leaders: &HashSet<i32>,
+    spawners: Option<&HashMap<i32, bool>>,
+    main: i32,
+) -> bool {
+    unknown.iter().any(|&(tid, pid)| {
+        let spawning = tid != main
+            && spawners
+                .and_then(|threads| threads.get(&tid))
+                .copied()
+                .unwrap_or(false);
+        !leaders.contains(&pid) && !spawning
+    })
+}
+
+fn leader_snapshot() -> HashSet<i32> {
+    LEADERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+        .unwrap_or_default()
 }
 
 fn descendants(table: &HashMap<i32, Proc>, roots: &[i32]) -> HashSet<i32> {
@@ -389,6 +450,29 @@ mod tests {
         ]);
         let found = descendants(&table, &[10]);
         assert_eq!(found, HashSet::from([11, 12]));
+    }
+
+    #[test]
+    fn only_a_spawning_threads_unknown_child_is_excused() {
+        let main = 100;
+        let leaders = HashSet::from([7]);
+        let spawners = HashMap::from([(101, true), (102, false)]);
+        let foreign =
+            |unknown: &[(i32, i32)]| any_foreign(unknown, &leaders, Some(&spawners), main);
+        // A leader recorded since the first look, and the child of a thread inside a spawn.
+        assert!(!foreign(&[(102, 7), (101, 8)]));
+        // The child of a thread that is not spawning, or of no known spawner.
+        assert!(foreign(&[(102, 8)]));
+        assert!(foreign(&[(103, 8)]));
+        // Orphans land on the main thread: never excused, even while it spawns.
+        let spawning_main = HashMap::from([(main, true)]);
+        assert!(any_foreign(
+            &[(main, 9)],
+            &leaders,
+            Some(&spawning_main),
+            main
+        ));
+        assert!(!foreign(&[]));
     }
 
     #[test]
