@@ -41,46 +41,11 @@ static LEADERS: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
 /// Read-held from a spawn until its pid is in [`LEADERS`]; write-held while zombies are reaped.
 static SPAWN_GATE: RwLock<()> = RwLock::new(());
 
-/// Thread ids of the threads that spawned a runner leader, each with whether it is inside a spawn
-/// right now. A process is listed as a child of the thread that created it
-/// (`/proc/self/task/<tid>/children`), and an orphan handed to tickgate as subreaper, like the
-/// children of a thread that exits, goes to the first live thread of the process, the main
-/// thread; so tickgate's children are all on the lists of these threads and the main thread, and
-/// [`has_foreign_children`] reads only those. The flag excuses the one child a spawner thread can
-/// have that is not yet in [`LEADERS`]: the leader it is spawning (visible from the `clone`, while
-/// `execve` runs, before its pid is known to tickgate). Without it, every tick ending while
-/// another agent's tick was starting walked the whole process table.
-static SPAWNERS: Mutex<Option<HashMap<i32, bool>>> = Mutex::new(None);
-
-/// Marks the calling thread as inside a spawn for as long as it lives; dropping it (after the
-/// pid is in [`LEADERS`], or after a failed spawn) clears the mark.
-struct Spawning(i32);
-
-impl Spawning {
-    fn begin() -> Self {
-        // SAFETY: gettid(2) has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        SPAWNERS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert_with(HashMap::new)
-            .insert(tid, true);
-        Spawning(tid)
-    }
-}
-
-impl Drop for Spawning {
-    fn drop(&mut self) {
-        if let Some(flag) = SPAWNERS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_mut()
-            .and_then(|threads| threads.get_mut(&self.0))
-        {
-            *flag = false;
-        }
-    }
-}
+/// tickgate's children as the kernel lists them for its main thread
+/// (`/proc/self/task/<pid>/children`), kept open and re-read from offset 0, so the check after
+/// every oneshot tick costs one `pread` instead of a path walk, open and close. See
+/// [`has_foreign_children`] for why the main thread's list is the one that matters.
+static MAIN_CHILDREN: Mutex<Option<std::fs::File>> = Mutex::new(None);
 
 /// How many scan-and-kill passes a sweep makes at most: a process forking while it is being
 /// killed can create a new descendant after a scan, which the next pass catches.
@@ -137,10 +102,7 @@ impl Marker {
 /// Spawns `command` and records its pid as a leader tokio will reap, under the lock sweeps take,
 /// so that a sweep never sees the new process without knowing it is a leader.
 pub(super) fn spawn_leader(command: &mut Command) -> io::Result<Child> {
-    let _gate = SPAWN_GATE.read().unwrap_or_else(PoisonError::into_inner);
-    // Before the spawn, so that no check can see the child without looking at this thread; and
-    // dropped after the pid is recorded (locals drop in reverse order).
-    let _spawning = Spawning::begin();
+    let _spawning = SPAWN_GATE.read().unwrap_or_else(PoisonError::into_inner);
     let child = command.spawn()?;
     if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
         LEADERS
@@ -202,75 +164,57 @@ fn scan() -> HashMap<i32, Proc> {
     table
 }
 
-/// Whether tickgate has a child (live or zombie) that is not a leader tokio reaps, reading the
-/// `children` lists of the main thread and of the threads that spawned leaders ([`SPAWNERS`]):
-/// a handful of reads of this process's own `/proc` entries, which the kernel answers from
-/// memory (no device is involved), instead of a scan of every process. When the kernel does
-/// not provide those lists, answers `true` so that the caller does the full scan.
+/// Whether tickgate has a child (live or zombie) that is not a leader tokio reaps, from the
+/// `children` list of the main thread alone. A process is listed as a child of the thread that
+/// created it; every process tickgate creates is a runner leader ([`spawn_leader`], from an
+/// agent's thread), while an orphan handed to tickgate as subreaper, and the children of a thread
+/// that exits, go to the first live thread of the process: the main thread. So a process that
+/// escaped a runner's group and outlived its leader is always on the main thread's list, and a
+/// leader being spawned on an agent's thread (listed before its pid is in [`LEADERS`]) never is.
+/// When the kernel does not provide the list, answers `true` so that the caller does the full
+/// scan.
 fn has_foreign_children() -> bool {
-    let me = std::process::id() as i32;
-    let mut threads = vec![me];
-    threads.extend(
-        SPAWNERS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .flat_map(|threads| threads.keys())
-            .filter(|&&tid| tid != me),
-    );
-    let leaders = leader_snapshot();
-    let mut unknown = Vec::new();
-    for tid in threads {
-        let list = match std::fs::read_to_string(format!("/proc/self/task/{tid}/children")) {
-            Ok(list) => list,
-            // A spawner that has exited: its children moved to the main thread, read above.
-            Err(_) if tid != me => continue,
+    let mut file = MAIN_CHILDREN.lock().unwrap_or_else(PoisonError::into_inner);
+    if file.is_none() {
+        let path = format!("/proc/self/task/{}/children", std::process::id());
+        match std::fs::File::open(path) {
+            Ok(opened) => *file = Some(opened),
             Err(_) => return true,
-        };
-        unknown.extend(
-            list.split_whitespace()
-                .filter_map(|pid| pid.parse::<i32>().ok())
-                .filter(|pid| !leaders.contains(pid))
-                .map(|pid| (tid, pid)),
-        );
+        }
     }
-    if unknown.is_empty() {
-        return false;
-    }
-    // A child unknown at the snapshot may be a leader whose spawn was finishing: its pid is in
-    // the set by now, or its thread is still inside the spawn (read after the list, so a spawn
-    // that was in flight when the list showed the child is seen either way). Orphans are the
-    // main thread's, whose children are never excused this way.
-    let leaders = leader_snapshot();
-    let spawners = SPAWNERS.lock().unwrap_or_else(PoisonError::into_inner);
-    any_foreign(&unknown, &leaders, spawners.as_ref(), me)
+    let Some(list) = file.as_ref().and_then(|f| read_from_start(f).ok()) else {
+        return true;
+    };
+    drop(file);
+    let leaders = LEADERS.lock().unwrap_or_else(PoisonError::into_inner);
+    foreign_in(&list, leaders.as_ref())
 }
 
-/// Decides over the children `(thread, pid)` that were not known leaders at the first look:
-/// foreign unless the pid is a leader by now or its thread (never the main thread, where orphans
-/// land) is inside a spawn.
-fn any_foreign(
-    unknown: &[(i32, i32)],
-    leaders: &HashSet<i32>,
-    spawners: Option<&HashMap<i32, bool>>,
-    main: i32,
-) -> bool {
-    unknown.iter().any(|&(tid, pid)| {
-        let spawning = tid != main
-            && spawners
-                .and_then(|threads| threads.get(&tid))
-                .copied()
-                .unwrap_or(false);
-        !leaders.contains(&pid) && !spawning
-    })
+/// The whole of a `/proc` file already open, read again from its start.
+fn read_from_start(file: &std::fs::File) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        let n = file.read_at(&mut buf, out.len() as u64)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
 }
 
-fn leader_snapshot() -> HashSet<i32> {
-    LEADERS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
-        .unwrap_or_default()
+/// Whether a `children` list (pids separated by spaces) names a process that is not a leader.
+fn foreign_in(list: &[u8], leaders: Option<&HashSet<i32>>) -> bool {
+    list.split(|b| b.is_ascii_whitespace())
+        .filter(|pid| !pid.is_empty())
+        .any(|pid| {
+            let leader = std::str::from_utf8(pid)
+                .ok()
+                .and_then(|pid| pid.parse::<i32>().ok())
+                .is_some_and(|pid| leaders.is_some_and(|set| set.contains(&pid)));
+            !leader
+        })
 }
 
 fn descendants(table: &HashMap<i32, Proc>, roots: &[i32]) -> HashSet<i32> {
@@ -453,26 +397,33 @@ mod tests {
     }
 
     #[test]
-    fn only_a_spawning_threads_unknown_child_is_excused() {
-        let main = 100;
-        let leaders = HashSet::from([7]);
-        let spawners = HashMap::from([(101, true), (102, false)]);
-        let foreign =
-            |unknown: &[(i32, i32)]| any_foreign(unknown, &leaders, Some(&spawners), main);
-        // A leader recorded since the first look, and the child of a thread inside a spawn.
-        assert!(!foreign(&[(102, 7), (101, 8)]));
-        // The child of a thread that is not spawning, or of no known spawner.
-        assert!(foreign(&[(102, 8)]));
-        assert!(foreign(&[(103, 8)]));
-        // Orphans land on the main thread: never excused, even while it spawns.
-        let spawning_main = HashMap::from([(main, true)]);
-        assert!(any_foreign(
-            &[(main, 9)],
-            &leaders,
-            Some(&spawning_main),
-            main
-        ));
-        assert!(!foreign(&[]));
+    fn a_children_list_is_foreign_when_it_names_anything_but_a_leader() {
+        let leaders = HashSet::from([7, 12]);
+        assert!(!foreign_in(b"", Some(&leaders)));
+        assert!(!foreign_in(b"7 12 ", Some(&leaders)));
+        assert!(foreign_in(b"7 8 ", Some(&leaders)));
+        assert!(foreign_in(b"7", None));
+        // Something unparsable is never taken for a leader.
+        assert!(foreign_in(b"7 x", Some(&leaders)));
+    }
+
+    #[test]
+    fn a_child_whose_creating_thread_exited_is_on_the_main_threads_list() {
+        // Created on a thread that then ends: the kernel hands the child to the main thread,
+        // where the check looks (and a non-leader is foreign). Read twice: the kept file is
+        // read again from its start.
+        let mut child = std::thread::spawn(|| {
+            std::process::Command::new("/bin/sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep")
+        })
+        .join()
+        .expect("spawning thread");
+        assert!(has_foreign_children());
+        assert!(has_foreign_children());
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
     }
 
     #[test]
