@@ -184,7 +184,7 @@ impl Metrics {
         .expect("metric definition");
         let fsyncs = IntCounter::new(
             "tickgate_store_fsync_total",
-            "Group commits made durable with fdatasync ([store] sync = \"fsync\")",
+            "fdatasync calls on the store: every group commit with [store] sync = \"fsync\", at most every 50 ms with \"flush\"",
         )
         .expect("metric definition");
         let unreadable = IntCounter::new(
