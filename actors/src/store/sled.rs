@@ -41,8 +41,11 @@ use crate::outbox::{Delivery, Outbox};
 
 /// Task head records: `t/<task id>` → what the task was accepted with (see `record`).
 const TASK: &[u8] = b"t/";
-/// Task state records: `u/<task id>` → the task's state since its last change after acceptance,
-/// read over its head.
+/// Task state records: `u/<created_at ms BE><task id>` → the task's state since its last change
+/// after acceptance, read over its head. Keyed by creation time so that completions, which come
+/// in roughly acceptance order, are written next to each other at the end of the range rather
+/// than at random places in the tree (5 % less writer CPU per task, #16). Stores written before
+/// keyed them `u/<task id>`: reads fall back to that key, purges remove both.
 const STATE: &[u8] = b"u/";
 const QUEUE: &[u8] = b"q/";
 const IDEM: &[u8] = b"i/";
@@ -201,20 +204,16 @@ impl Shared {
         let Some(head) = db.get(task_key(&id)).map_err(backend)? else {
             return Ok(None);
         };
-        let state = db.get(state_key(&id)).map_err(backend)?;
-        record::decode_task(id, &head)
-            .and_then(|mut task| {
-                if let Some(state) = &state {
-                    record::apply_state(&mut task, state)?;
-                }
-                Ok(task)
-            })
-            .map(Some)
-            .map_err(|e| {
-                let what = format!("task {id}");
-                self.report_unreadable(what.clone(), &e.into_json());
-                StoreError::Backend(format!("the stored {what} cannot be decoded"))
-            })
+        let unreadable = |e: record::RecordError| {
+            let what = format!("task {id}");
+            self.report_unreadable(what.clone(), &e.into_json());
+            StoreError::Backend(format!("the stored {what} cannot be decoded"))
+        };
+        let mut task = record::decode_task(id, &head).map_err(unreadable)?;
+        if let Some(state) = get_state(db, &task)? {
+            record::apply_state(&mut task, &state).map_err(unreadable)?;
+        }
+        Ok(Some(task))
     }
 
     fn report_unreadable(&self, record: String, error: &serde_json::Error) {
@@ -373,8 +372,22 @@ fn task_key(id: &TaskId) -> Vec<u8> {
     key(TASK, &[id.as_bytes()])
 }
 
-fn state_key(id: &TaskId) -> Vec<u8> {
+fn state_key(task: &Task) -> Vec<u8> {
+    key(STATE, &[&task.created_at.to_be_bytes(), task.id.as_bytes()])
+}
+
+/// Where the release before this one kept a task's state record.
+fn legacy_state_key(id: &TaskId) -> Vec<u8> {
     key(STATE, &[id.as_bytes()])
+}
+
+/// A task's state record: under its key, or for a task last changed by an older release, under
+/// the legacy one.
+fn get_state(db: &sled::Db, task: &Task) -> Result<Option<sled::IVec>, StoreError> {
+    match db.get(state_key(task)).map_err(backend)? {
+        Some(state) => Ok(Some(state)),
+        None => db.get(legacy_state_key(&task.id)).map_err(backend),
+    }
 }
 
 /// `prefix` then `namespace/name`, written straight into the key (no intermediate string: these
@@ -894,7 +907,7 @@ fn put_task(
             }
             Part::State => {
                 record::encode_state_into(&mut buf, task);
-                state_key(&task.id)
+                state_key(task)
             }
         };
         // sled copies the value into a shared slice of its own either way; from a borrowed
@@ -912,7 +925,7 @@ fn put_task(
     let previous = match (staged_before, part) {
         (Some(status), _) => Some(status),
         (None, Part::Head) => None,
-        (None, Part::State) => stored_status(db, task.id)?,
+        (None, Part::State) => stored_status(db, task)?,
     };
     for mut d in outbox.plan(previous, task, now_ms()) {
         d.id = db.generate_id().map_err(backend)?;
@@ -924,8 +937,9 @@ fn put_task(
 
 /// A stored task's status, read from the second byte of its state (or head) record; only a
 /// head in the previous release's JSON is decoded whole. An unreadable record has none.
-fn stored_status(db: &sled::Db, id: TaskId) -> Result<Option<TaskStatus>, StoreError> {
-    if let Some(raw) = db.get(state_key(&id)).map_err(backend)? {
+fn stored_status(db: &sled::Db, task: &Task) -> Result<Option<TaskStatus>, StoreError> {
+    let id = task.id;
+    if let Some(raw) = get_state(db, task)? {
         return Ok(record::stored_status(&raw));
     }
     let Some(raw) = db.get(task_key(&id)).map_err(backend)? else {
@@ -1067,7 +1081,12 @@ fn stage(
                     staged.unrevoked.push(id);
                 }
                 batch.remove(revoked_key(&id));
-                batch.remove(state_key(&id));
+                batch.remove(legacy_state_key(&id));
+                if let Some(head) = db.get(&key).map_err(backend)? {
+                    if let Ok(task) = record::decode_task(id, &head) {
+                        batch.remove(state_key(&task));
+                    }
+                }
                 batch.remove(key);
                 purged += 1;
             }
@@ -2651,6 +2670,42 @@ mod tests {
     }
 
     #[test]
+    fn state_records_of_the_previous_layout_are_read_superseded_and_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let db = store.shared.db().unwrap();
+        let t = submit_at(&store, &agent, 1);
+        let mut started = t.clone();
+        started.status = TaskStatus::Started;
+        started.attempt = 1;
+        blocking(&store, Write::Start(Arc::new(started.clone()))).unwrap();
+        // What the previous release wrote: the state under `u/<task id>`.
+        let record = db.remove(state_key(&t)).unwrap().unwrap();
+        db.insert(legacy_state_key(&t.id), record).unwrap();
+        assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), started);
+        // The next change goes under the new key and wins over the stale legacy record.
+        let mut finished = started.clone();
+        finished.status = TaskStatus::Success;
+        finished.finished_at = Some(5);
+        blocking(
+            &store,
+            Write::Complete {
+                task: Arc::new(finished.clone()),
+                state: AgentState::default(),
+            },
+        )
+        .unwrap();
+        assert!(db.get(legacy_state_key(&t.id)).unwrap().is_some());
+        assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), finished);
+        // A purge takes both.
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 1);
+        assert!(db.scan_prefix(STATE).next().is_none());
+        assert!(store.task_blocking(t.id).unwrap().is_none());
+        store.close().unwrap();
+    }
+
+    #[test]
     fn changes_after_acceptance_write_a_small_state_record_and_revocations_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let agent: AgentId = "a".parse().unwrap();
@@ -2676,7 +2731,7 @@ mod tests {
             .unwrap();
             // The head is untouched; the change is a record of its own, holding the output once.
             assert_eq!(db.get(task_key(&t.id)).unwrap().unwrap(), head);
-            let state = db.get(state_key(&t.id)).unwrap().unwrap();
+            let state = db.get(state_key(&t)).unwrap().unwrap();
             assert_eq!(state[0], record::STATE_V1);
             assert!(state.len() < 64, "{} bytes", state.len());
             assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), finished);
