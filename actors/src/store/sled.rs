@@ -2669,6 +2669,15 @@ mod tests {
         assert_eq!(left, vec![all[1].clone()]);
     }
 
+    /// Records `task` (already finished) as its tick's outcome.
+    fn complete(store: &SledStore, task: &Task) {
+        let write = Write::Complete {
+            task: Arc::new(task.clone()),
+            state: AgentState::default(),
+        };
+        assert_eq!(blocking(store, write).unwrap(), Written::Done);
+    }
+
     #[test]
     fn state_records_of_the_previous_layout_are_read_superseded_and_purged() {
         let dir = tempfile::tempdir().unwrap();
@@ -2688,14 +2697,7 @@ mod tests {
         let mut finished = started.clone();
         finished.status = TaskStatus::Success;
         finished.finished_at = Some(5);
-        blocking(
-            &store,
-            Write::Complete {
-                task: Arc::new(finished.clone()),
-                state: AgentState::default(),
-            },
-        )
-        .unwrap();
+        complete(&store, &finished);
         assert!(db.get(legacy_state_key(&t.id)).unwrap().is_some());
         assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), finished);
         // A purge takes both.
@@ -2721,14 +2723,7 @@ mod tests {
             finished.finished_at = Some(5);
             finished.result = Some(serde_json::json!({"response": {"ok": true}}));
             finished.response = Some(serde_json::json!({"ok": true}));
-            blocking(
-                &store,
-                Write::Complete {
-                    task: Arc::new(finished.clone()),
-                    state: AgentState::default(),
-                },
-            )
-            .unwrap();
+            complete(&store, &finished);
             // The head is untouched; the change is a record of its own, holding the output once.
             assert_eq!(db.get(task_key(&t.id)).unwrap().unwrap(), head);
             let state = db.get(state_key(&t)).unwrap().unwrap();
