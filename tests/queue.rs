@@ -70,6 +70,22 @@ fn drained(nats: &Nats, stream: &str, consumer: &str) {
     assert!(ok, "consumer {consumer} not drained: {last:?}");
 }
 
+/// A config with `[queue] url` and one `echo` agent named `name` consuming `<name>.in`.
+fn echo_consumer(url: &str, name: &str) -> String {
+    format!(
+        r#"
+[queue]
+url = "{url}"
+
+[[agent]]
+name = "{name}"
+runner = {{ kind = "echo" }}
+[[agent.queue]]
+subject = "{name}.in"
+"#
+    )
+}
+
 /// A oneshot command runner whose response is its whole tick input.
 fn input_echo(env: &Env) -> String {
     env.script(
@@ -375,22 +391,7 @@ fn the_consumer_resumes_after_nats_restarts() {
         return;
     };
     let env = Env::new();
-    let server = start(
-        &env,
-        &format!(
-            r#"
-[queue]
-url = "{}"
-
-[[agent]]
-name = "sturdy"
-runner = {{ kind = "echo" }}
-[[agent.queue]]
-subject = "sturdy.in"
-"#,
-            nats_server.url()
-        ),
-    );
+    let server = start(&env, &echo_consumer(&nats_server.url(), "sturdy"));
     {
         let nats = Nats::connect(&nats_server.url());
         assert!(wait_until(|| nats.stream_for("sturdy.in").is_some()));
@@ -514,19 +515,7 @@ fn two_nodes_with_the_same_config_share_the_messages() {
         return;
     };
     let nats = Nats::connect(&nats_server.url());
-    let config = format!(
-        r#"
-[queue]
-url = "{}"
-
-[[agent]]
-name = "shared"
-runner = {{ kind = "echo" }}
-[[agent.queue]]
-subject = "shared.in"
-"#,
-        nats_server.url()
-    );
+    let config = echo_consumer(&nats_server.url(), "shared");
     let (env_a, env_b) = (Env::new(), Env::new());
     let a = start(&env_a, &config);
     let b = start(&env_b, &config);
@@ -639,22 +628,7 @@ fn tickgate_starts_without_nats_and_consumes_once_it_comes() {
     };
     nats_server.stop();
     let env = Env::new();
-    let server = start(
-        &env,
-        &format!(
-            r#"
-[queue]
-url = "{}"
-
-[[agent]]
-name = "patient"
-runner = {{ kind = "echo" }}
-[[agent.queue]]
-subject = "patient.in"
-"#,
-            nats_server.url()
-        ),
-    );
+    let server = start(&env, &echo_consumer(&nats_server.url(), "patient"));
     // Webhooks work meanwhile; the queue side keeps trying.
     let hook = post_json(
         &format!("{}?wait=10", server.url("default/patient")),
