@@ -1072,9 +1072,17 @@ fn stage(
                             // index became the only one.
                             batch.remove(list_key(&task));
                             batch.remove(list_agent_key(&task));
+                            batch.remove(state_key(&task));
                         }
-                        // Reported (once) by the read.
-                        Err(_) => {}
+                        // Reported (once) by the read. The head may still name the state key
+                        // (when the state record is the unreadable one).
+                        Err(_) => {
+                            let head = db.get(&key).map_err(backend)?;
+                            if let Some(task) = head.and_then(|h| record::decode_task(id, &h).ok())
+                            {
+                                batch.remove(state_key(&task));
+                            }
+                        }
                     }
                 }
                 if revoked.contains(&id) || staged.revoked.contains(&id) {
@@ -1082,11 +1090,6 @@ fn stage(
                 }
                 batch.remove(revoked_key(&id));
                 batch.remove(legacy_state_key(&id));
-                if let Some(head) = db.get(&key).map_err(backend)? {
-                    if let Ok(task) = record::decode_task(id, &head) {
-                        batch.remove(state_key(&task));
-                    }
-                }
                 batch.remove(key);
                 purged += 1;
             }
