@@ -1739,6 +1739,26 @@ mod tests {
     use crate::model::{Source, TaskStatus};
     use crate::store::{write_async, IdempotencyKey};
 
+    /// Opens a store again in the same process. sled's I/O threads let go of the file lock a
+    /// moment after the flush they serve returns (their task wakes the flusher, then drops its
+    /// handle), so a reopen right after `close` can find it still held; it waits with a deadline.
+    fn reopen_opts(path: &Path, options: impl Fn() -> Options) -> Arc<SledStore> {
+        let deadline = Instant::now() + REOPEN_WAIT;
+        loop {
+            match SledStore::open_opts(path, options()) {
+                Ok(store) => return store,
+                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("reopen failed: {e}"),
+            }
+        }
+    }
+
+    fn reopen(path: &Path) -> Arc<SledStore> {
+        reopen_opts(path, Options::default)
+    }
+
     fn blocking(store: &SledStore, write: Write) -> Result<Written, StoreError> {
         let (tx, rx) = std::sync::mpsc::channel();
         store.write(
@@ -1820,7 +1840,7 @@ mod tests {
         assert_eq!(store.agent_state_blocking(&agent).unwrap(), state);
         store.close().unwrap();
         drop(store);
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         let timers = store.retry_timers_blocking().unwrap();
         assert_eq!(
             timers,
@@ -2068,7 +2088,7 @@ mod tests {
             .unwrap();
             store.close().unwrap();
         }
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert!(store.queued_blocking(&agent).unwrap().is_empty());
         assert_eq!(
             store.task_blocking(id).unwrap().unwrap().status,
@@ -2290,7 +2310,7 @@ mod tests {
             .unwrap();
             store.close().unwrap();
         }
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(
             store.schedule_cursor_blocking(&k(0, "every 5s")).unwrap(),
             Some(cursor)
@@ -2554,14 +2574,10 @@ mod tests {
             )])))
         };
         let open = |outbox: Arc<Outbox>| {
-            SledStore::open_opts(
-                dir.path(),
-                Options {
-                    outbox: Some(outbox),
-                    ..Options::default()
-                },
-            )
-            .unwrap()
+            reopen_opts(dir.path(), || Options {
+                outbox: Some(outbox.clone()),
+                ..Options::default()
+            })
         };
         let first = outbox();
         let mut rx = first.take_receiver().unwrap();
@@ -2740,7 +2756,7 @@ mod tests {
             revoked = r;
             store.close().unwrap();
         }
-        let store = SledStore::open(dir.path()).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.task_blocking(done.id).unwrap().unwrap(), done);
         let mut started = revoked.clone();
         started.status = TaskStatus::Started;
