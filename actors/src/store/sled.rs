@@ -328,6 +328,25 @@ fn open_db(path: &Path) -> Result<sled::Db, StoreError> {
         .map_err(|e| open_error(path, e))
 }
 
+/// Runs `open` until it stops reporting [`StoreError::Locked`] or `wait` has passed. sled's file
+/// lock goes with the last handle on a `Db`: a reader's clone, or the one an I/O thread holds a
+/// moment past the flush it serves (it wakes the flusher first), so an open in the same process
+/// right after the old handle was given up can find the lock still held.
+fn open_waiting<T>(
+    wait: Duration,
+    mut open: impl FnMut() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match open() {
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn open_error(path: &Path, e: sled::Error) -> StoreError {
     let text = e.to_string();
     let locked = matches!(&e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock)
@@ -802,17 +821,8 @@ impl Writer {
         self.durable = None;
         let old = self.shared.db.write().ok().and_then(|mut db| db.take());
         drop(old);
-        let deadline = Instant::now() + REOPEN_WAIT;
-        let db = loop {
-            match open_db(&self.path) {
-                Ok(db) => break db,
-                // A reader still holds a clone of the old handle for a moment.
-                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        // A reader still holds a clone of the old handle for a moment.
+        let db = open_waiting(REOPEN_WAIT, || open_db(&self.path))?;
         self.durable = Some(
             Durable::new(&self.path)
                 .map_err(|e| StoreError::Backend(format!("fdatasync of the store failed: {e}")))?,
@@ -1739,20 +1749,10 @@ mod tests {
     use crate::model::{Source, TaskStatus};
     use crate::store::{write_async, IdempotencyKey};
 
-    /// Opens a store again in the same process. sled's I/O threads let go of the file lock a
-    /// moment after the flush they serve returns (their task wakes the flusher, then drops its
-    /// handle), so a reopen right after `close` can find it still held; it waits with a deadline.
+    /// Opens a store again in the same process, right after `close`: waits out the file lock
+    /// like the writer's own reopen does (see [`open_waiting`]).
     fn reopen_opts(path: &Path, options: impl Fn() -> Options) -> Arc<SledStore> {
-        let deadline = Instant::now() + REOPEN_WAIT;
-        loop {
-            match SledStore::open_opts(path, options()) {
-                Ok(store) => return store,
-                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => panic!("reopen failed: {e}"),
-            }
-        }
+        open_waiting(REOPEN_WAIT, || SledStore::open_opts(path, options())).expect("reopen")
     }
 
     fn reopen(path: &Path) -> Arc<SledStore> {
