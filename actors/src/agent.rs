@@ -536,11 +536,12 @@ impl Agent {
                 }
                 parked => {
                     task.status = TaskStatus::Success;
-                    task.result = serde_json::to_value(&out).ok();
-                    task.response = out.response;
-                    if let Some(memory) = out.memory {
-                        self.state.memory = memory;
+                    if let Some(memory) = &out.memory {
+                        self.state.memory = memory.clone();
                     }
+                    // Moved into `result`, which is where `response` is read from: the answer,
+                    // often as large as the payload, is not copied.
+                    task.result = Some(out.into_result());
                     if let Some(Ok((request, timeout))) = parked {
                         crate::awaiting::park(&mut task, request, timeout, now_ms());
                         tracing::info!(

@@ -288,9 +288,9 @@ pub struct Task {
     pub started_at: Option<u64>,
     /// When it reached a terminal status.
     pub finished_at: Option<u64>,
-    /// `response` from the tick output, copied out for callers that only want the answer.
-    pub response: Option<Value>,
-    /// The full tick output.
+    /// The full tick output; the answer callers want is its `response` ([`Task::response`]).
+    /// Held once: a tick's payload-sized answer is neither copied beside it in memory nor
+    /// stored twice (#16).
     pub result: Option<Value>,
     /// Why the task failed.
     pub error: Option<String>,
@@ -331,7 +331,6 @@ impl Task {
             created_at: now_ms(),
             started_at: None,
             finished_at: None,
-            response: None,
             result: None,
             error: None,
             idempotency_key: None,
@@ -341,6 +340,12 @@ impl Task {
             resume: None,
             replay_of: None,
         }
+    }
+
+    /// `response` of the tick output, for callers that only want the answer: read from
+    /// [`Task::result`], where the output keeps it, so it costs no copy.
+    pub fn response(&self) -> Option<&Value> {
+        self.result.as_ref().and_then(|r| r.get("response"))
     }
 }
 
@@ -421,6 +426,39 @@ impl TickOutput {
         }
         Ok(out)
     }
+
+    /// The output as the JSON object a task's `result` shows, built by moving its values rather
+    /// than serializing a copy of them: the same object `serde_json::to_value` makes (fields in
+    /// declaration order, absent ones left out, unknown ones kept), without copying what may be
+    /// a payload-sized `response` (#16).
+    pub fn into_result(self) -> Value {
+        let mut map = serde_json::Map::new();
+        if let Some(v) = self.response {
+            map.insert("response".into(), v);
+        }
+        if let Some(v) = self.status {
+            map.insert("status".into(), Value::String(v));
+        }
+        if let Some(v) = self.steps {
+            map.insert("steps".into(), Value::from(v));
+        }
+        if let Some(v) = self.pending_approvals {
+            map.insert("pending_approvals".into(), Value::Array(v));
+        }
+        if let Some(v) = self.memory {
+            map.insert("memory".into(), v);
+        }
+        if let Some(v) = self.await_input {
+            // Small and rare (a parked tick): serialized like the rest of the struct would be.
+            if let Ok(v) = serde_json::to_value(v) {
+                map.insert("await".into(), v);
+            }
+        }
+        for (k, v) in self.extra {
+            map.entry(k).or_insert(v);
+        }
+        Value::Object(map)
+    }
 }
 
 /// Short printable preview of bytes for error messages.
@@ -477,6 +515,24 @@ mod tests {
         assert_eq!(s.len(), 36);
         assert_eq!(s.parse::<TaskId>().unwrap(), id);
         assert_ne!(TaskId::random(), id);
+    }
+
+    #[test]
+    fn a_tick_output_becomes_the_result_serde_would_make() {
+        let out = TickOutput::parse(
+            br#"{"response":{"a":[1,2]},"status":"ok","steps":2,"pending_approvals":[{"x":1}],
+                "memory":{"m":1},"await":{"request":{"q":1},"timeout":"5s"},"extra":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            out.clone().into_result(),
+            serde_json::to_value(&out).unwrap()
+        );
+        let empty = TickOutput::default();
+        assert_eq!(
+            empty.clone().into_result(),
+            serde_json::to_value(&empty).unwrap()
+        );
     }
 
     #[test]

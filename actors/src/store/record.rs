@@ -301,6 +301,19 @@ const RESPONSE_OWN: u8 = 2;
 /// The state part of a task: everything a change after acceptance may touch. The status comes
 /// first so that [`stored_status`] reads one byte.
 fn put_state(o: &mut Out<'_>, t: &Task) {
+    put_outcome(o, t);
+    // `response` is always the result's now (`Task::response`); the tag stays, so that records
+    // of the first layout with their own `response` still read.
+    o.u8(if t.response().is_some() {
+        RESPONSE_OF_RESULT
+    } else {
+        RESPONSE_NONE
+    });
+    put_progress(o, t);
+}
+
+/// The state fields before the `response` tag.
+fn put_outcome(o: &mut Out<'_>, t: &Task) {
     o.u8(status_byte(t.status));
     o.uint(t.seq);
     o.uint(t.tick);
@@ -309,15 +322,10 @@ fn put_state(o: &mut Out<'_>, t: &Task) {
     o.opt_uint(t.finished_at);
     o.opt_str(t.error.as_deref());
     o.opt_json(t.result.as_ref());
-    let derived = t.result.as_ref().and_then(|r| r.get("response"));
-    match &t.response {
-        None if derived.is_none() => o.u8(RESPONSE_NONE),
-        Some(r) if derived == Some(r) => o.u8(RESPONSE_OF_RESULT),
-        other => {
-            o.u8(RESPONSE_OWN);
-            o.opt_json(other.as_ref());
-        }
-    }
+}
+
+/// The state fields after the `response` tag.
+fn put_progress(o: &mut Out<'_>, t: &Task) {
     o.uint(t.attempts.len() as u64);
     for a in &t.attempts {
         o.uint(u64::from(a.attempt));
@@ -349,6 +357,29 @@ fn u32_of(v: u64, what: &str) -> Result<u32, RecordError> {
     u32::try_from(v).map_err(|_| RecordError::Invalid(format!("{what} {v} is out of range")))
 }
 
+/// Reads a `response` stored apart from `result` (tag [`RESPONSE_OWN`], which only the first
+/// layout wrote, for a task whose two differed) into `result`, where `Task::response` finds it:
+/// callers see the same `response` as before; `result` shows it too.
+fn own_response(t: &mut Task, response: Option<Value>) {
+    match (&mut t.result, response) {
+        (Some(Value::Object(map)), Some(r)) => {
+            map.insert("response".into(), r);
+        }
+        (Some(Value::Object(map)), None) => {
+            map.remove("response");
+        }
+        (result @ None, Some(r)) => {
+            *result = Some(Value::Object(serde_json::Map::from_iter([(
+                "response".to_string(),
+                r,
+            )])));
+        }
+        // A result that is not an object cannot hold it. No tick output is such a record (a
+        // tick's result is always an object), so nothing that was ever stored is lost here.
+        (_, _) => {}
+    }
+}
+
 fn get_state(i: &mut In<'_>, t: &mut Task) -> Result<(), RecordError> {
     let at = i.at;
     t.status = status_of(i.u8()?, at)?;
@@ -360,10 +391,9 @@ fn get_state(i: &mut In<'_>, t: &mut Task) -> Result<(), RecordError> {
     t.error = i.opt_string()?;
     t.result = i.opt_json()?;
     let at = i.at;
-    t.response = match i.u8()? {
-        RESPONSE_NONE => None,
-        RESPONSE_OF_RESULT => t.result.as_ref().and_then(|r| r.get("response")).cloned(),
-        RESPONSE_OWN => i.opt_json()?,
+    match i.u8()? {
+        RESPONSE_NONE | RESPONSE_OF_RESULT => {}
+        RESPONSE_OWN => own_response(t, i.opt_json()?),
         value => {
             return Err(RecordError::Unknown {
                 what: "response tag",
@@ -371,7 +401,7 @@ fn get_state(i: &mut In<'_>, t: &mut Task) -> Result<(), RecordError> {
                 at,
             })
         }
-    };
+    }
     let n = i.uint()?;
     t.attempts = Vec::with_capacity(n.min(128) as usize);
     for _ in 0..n {
@@ -476,7 +506,6 @@ fn blank(id: TaskId) -> Task {
         created_at: 0,
         started_at: None,
         finished_at: None,
-        response: None,
         result: None,
         error: None,
         idempotency_key: None,
@@ -598,7 +627,6 @@ mod tests {
         t.started_at = Some(5);
         t.finished_at = Some(6);
         t.result = Some(json!({"response": {"a": 1}, "steps": 3}));
-        t.response = Some(json!({"a": 1}));
         t.error = Some("e".into());
         t.idempotency_key = Some("k".into());
         t.attempts = vec![
@@ -635,18 +663,50 @@ mod tests {
         assert_eq!(decode_task(t.id, &encode_task(&t)).unwrap(), t);
         let mut changed = t.clone();
         changed.status = TaskStatus::Success;
-        changed.response = Some(json!("not the result's"));
+        changed.result = Some(json!({"response": "changed"}));
         changed.awaiting = None;
         let state = encode_state(&changed);
         assert_eq!(stored_status(&state), Some(TaskStatus::Success));
         let mut read = decode_task(t.id, &encode_task(&t)).unwrap();
         apply_state(&mut read, &state).unwrap();
         assert_eq!(read, changed);
-        // The output is stored once when `response` is the result's.
-        let once = encode_state(&t);
-        let mut twice = t.clone();
-        twice.response = Some(json!({"a": 2}));
-        assert!(encode_state(&twice).len() > once.len());
+        assert_eq!(read.response(), Some(&json!("changed")));
+    }
+
+    /// A state record of the first layout with a `response` of its own (tag `RESPONSE_OWN`).
+    fn state_with_own_response(t: &Task, response: Option<&Value>) -> Vec<u8> {
+        let mut buf = vec![STATE_V1];
+        let mut o = Out(&mut buf);
+        put_outcome(&mut o, t);
+        o.u8(RESPONSE_OWN);
+        o.opt_json(response);
+        put_progress(&mut o, t);
+        buf
+    }
+
+    #[test]
+    fn a_response_stored_apart_from_the_result_is_read_as_the_results() {
+        let t = full();
+        let read = |state: &[u8]| {
+            let mut read = decode_task(t.id, &encode_task(&t)).unwrap();
+            apply_state(&mut read, state).unwrap();
+            read
+        };
+        let own = read(&state_with_own_response(&t, Some(&json!("own"))));
+        assert_eq!(own.response(), Some(&json!("own")));
+        assert_eq!(own.result, Some(json!({"response": "own", "steps": 3})));
+        let none = read(&state_with_own_response(&t, None));
+        assert_eq!(none.response(), None);
+        assert_eq!(none.result, Some(json!({"steps": 3})));
+        let mut bare = t.clone();
+        bare.result = None;
+        let mut only = decode_task(t.id, &encode_task(&bare)).unwrap();
+        apply_state(&mut only, &state_with_own_response(&bare, Some(&json!(1)))).unwrap();
+        assert_eq!(only.result, Some(json!({"response": 1})));
+        // Written again, the record holds the output once, in `result`.
+        let rewritten = encode_state(&own);
+        assert_eq!(read(&rewritten), own);
+        assert!(rewritten.len() < state_with_own_response(&own, own.response()).len());
     }
 
     #[test]
@@ -693,12 +753,11 @@ mod tests {
             t.source.headers = headers;
             t.status = status_of(status, 0).unwrap();
             t.result = Some(json!({"response": n}));
-            t.response = Some(json!(n));
             prop_assert_eq!(decode_task(t.id, &encode_task(&t)).unwrap(), t.clone());
             let mut read = Task::new("b".parse().unwrap(), Value::Null, Source::default());
             apply_state(&mut read, &encode_state(&t)).unwrap();
             prop_assert_eq!(read.status, t.status);
-            prop_assert_eq!(read.response, t.response);
+            prop_assert_eq!(read.response(), t.response());
         }
 
         #[test]

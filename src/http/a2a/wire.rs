@@ -601,7 +601,7 @@ pub fn status(task: &Task) -> Value {
 
 /// The tick's `response` as the task's one artifact.
 pub fn artifact(task: &Task) -> Option<Value> {
-    let response = task.response.as_ref()?;
+    let response = task.response()?;
     if task.status != TaskStatus::Success {
         return None;
     }
@@ -812,10 +812,10 @@ mod tests {
         assert!(task(&t, Some(0), false, "u").get("history").is_none());
         assert!(task(&t, None, false, "u").get("artifacts").is_none());
         t.status = TaskStatus::Success;
-        t.response = Some(json!("done"));
+        t.result = Some(json!({"response": "done"}));
         let v = task(&t, None, true, "u");
         assert_eq!(v["artifacts"][0]["parts"], json!([{"text": "done"}]));
-        t.response = Some(json!({"n": 1}));
+        t.result = Some(json!({"response": {"n": 1}}));
         assert_eq!(
             artifact_update(&t).unwrap()["artifactUpdate"]["artifact"]["parts"],
             json!([{"data": {"n": 1}}])
