@@ -278,38 +278,41 @@ pub async fn access_log(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
-    let method = req.method().to_string();
     let metrics = req
         .app_data::<web::Data<AppState>>()
         .map(|s| s.metrics.clone());
-    // The path is known to be safe to show only once routing is done.
-    let raw_path = req.path().to_string();
     let span = tracing::info_span!(
         "request",
-        method = %method,
+        method = %req.method(),
         path = tracing::field::Empty,
         agent = tracing::field::Empty
     );
+    // What only the log line shows is worked out only when it is logged: below `info` the
+    // redaction of the path (a second route match in actix) would be done for nothing on every
+    // request (#16). The path is known to be safe to show only once routing is done.
+    let logged = !span.is_disabled();
+    let raw_path = logged.then(|| req.path().to_string());
     let res = next.call(req).instrument(span.clone()).await;
     let _entered = span.enter();
     match &res {
         Ok(r) => {
             let status = r.status().as_u16();
             let request = r.request();
-            span.record(
-                "path",
-                loggable_path(&raw_path, request.match_pattern().as_deref()).as_str(),
-            );
-            let agent = request
-                .extensions()
-                .get::<AgentLabel>()
-                .map(|a| a.0.clone());
-            if let Some(agent) = &agent {
-                span.record("agent", agent.as_str());
+            if let Some(raw_path) = &raw_path {
+                span.record(
+                    "path",
+                    loggable_path(raw_path, request.match_pattern().as_deref()).as_str(),
+                );
+            }
+            let extensions = request.extensions();
+            let agent = extensions.get::<AgentLabel>().map(|a| a.0.as_str());
+            if let Some(agent) = agent.filter(|_| logged) {
+                span.record("agent", agent);
             }
             if let Some(metrics) = metrics {
-                metrics.request(agent.as_deref().unwrap_or("none"), status);
+                metrics.request(agent.unwrap_or("none"), status);
             }
+            drop(extensions);
             tracing::info!(
                 status,
                 elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -317,7 +320,9 @@ pub async fn access_log(
             )
         }
         Err(e) => {
-            span.record("path", loggable_path(&raw_path, None).as_str());
+            if let Some(raw_path) = &raw_path {
+                span.record("path", loggable_path(raw_path, None).as_str());
+            }
             tracing::info!(
                 status = e.as_response_error().status_code().as_u16(),
                 elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,

@@ -279,6 +279,7 @@ impl SledStore {
             durable: Some(durable),
             unsynced_since: None,
             sync: options.sync,
+            staged: Staged::default(),
             broken: false,
             last_error: None,
         };
@@ -595,6 +596,9 @@ struct Writer {
     /// When the oldest flushed write not yet covered by an `fdatasync` was flushed.
     unsynced_since: Option<Instant>,
     sync: SyncMode,
+    /// The staging state of the group commit in progress, kept between commits for its
+    /// capacity.
+    staged: Staged,
     /// A commit failed: sled holds a global error and must be reopened before writing again.
     broken: bool,
     last_error: Option<StoreError>,
@@ -686,7 +690,10 @@ impl Writer {
             return;
         };
         let mut batch = sled::Batch::default();
-        let mut staged = Staged::default();
+        // Reused from the previous commit with its capacity, so that its maps do not grow (and
+        // rehash) from empty in every group commit (#16).
+        let mut staged = std::mem::take(&mut self.staged);
+        staged.clear();
         // Each write is consumed by staging: an accepted task moves into its answer rather than
         // being copied, which matters on this one thread every write goes through.
         let staged_jobs: Vec<(OnWritten, Result<Written, StoreError>)> = jobs
@@ -734,6 +741,7 @@ impl Writer {
             };
             done(result);
         }
+        self.staged = staged;
     }
 
     /// What follows each flush: `fdatasync` at once in [`SyncMode::Fsync`]; in
@@ -855,6 +863,24 @@ struct Staged {
     revoked: HashSet<TaskId>,
     /// Revoked tasks purged in this batch; leave the writer's set once the batch is durable.
     unrevoked: Vec<TaskId>,
+}
+
+impl Staged {
+    /// Empties it for the next batch, keeping the capacity of its maps (up to a bound, so that
+    /// one very large batch does not pin its memory).
+    fn clear(&mut self) {
+        const KEEP: usize = 1024;
+        if self.statuses.capacity() > KEEP || self.tasks.capacity() > KEEP {
+            *self = Self::default();
+            return;
+        }
+        self.idem.clear();
+        self.tasks.clear();
+        self.statuses.clear();
+        self.deliveries.clear();
+        self.revoked.clear();
+        self.unrevoked.clear();
+    }
 }
 
 /// Keeps [`Staged::tasks`] current when an unconditional write of a task follows a conditional
