@@ -590,6 +590,29 @@ pub(crate) fn apply_state(t: &mut Task, raw: &[u8]) -> Result<(), RecordError> {
     i.end()
 }
 
+/// The status and `finished_at` of a state record, read without decoding the rest: what the
+/// retention purge needs to tell whether a task is due, for every state record it walks.
+pub(crate) fn state_finished(raw: &[u8]) -> Result<(TaskStatus, Option<u64>), RecordError> {
+    match raw.first() {
+        Some(&STATE_V1) => {}
+        Some(&value) => {
+            return Err(RecordError::Unknown {
+                what: "state record version",
+                value,
+                at: 0,
+            })
+        }
+        None => return Err(RecordError::Truncated(0)),
+    }
+    let mut i = In { raw, at: 1 };
+    let status = status_of(i.u8()?, 1)?;
+    let _seq = i.uint()?;
+    let _tick = i.uint()?;
+    let _attempt = i.uint()?;
+    let _started_at = i.opt_uint()?;
+    Ok((status, i.opt_uint()?))
+}
+
 /// The status in a state or head record of this layout, from its second byte; `None` for a
 /// record of the previous format (which needs a full decode).
 pub(crate) fn stored_status(raw: &[u8]) -> Option<TaskStatus> {
@@ -707,6 +730,27 @@ mod tests {
         let rewritten = encode_state(&own);
         assert_eq!(read(&rewritten), own);
         assert!(rewritten.len() < state_with_own_response(&own, own.response()).len());
+    }
+
+    #[test]
+    fn the_purge_reads_status_and_finish_time_from_a_state_record_alone() {
+        let t = full();
+        assert_eq!(
+            state_finished(&encode_state(&t)).unwrap(),
+            (TaskStatus::AwaitingInput, Some(6))
+        );
+        let mut open = t.clone();
+        open.finished_at = None;
+        open.status = TaskStatus::Started;
+        assert_eq!(
+            state_finished(&encode_state(&open)).unwrap(),
+            (TaskStatus::Started, None)
+        );
+        assert!(
+            state_finished(&encode_task(&t)).is_err(),
+            "a head is not a state"
+        );
+        assert!(state_finished(&encode_state(&t)[..4]).is_err());
     }
 
     #[test]

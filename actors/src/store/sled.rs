@@ -25,7 +25,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -51,6 +51,11 @@ const QUEUE: &[u8] = b"q/";
 const IDEM: &[u8] = b"i/";
 const AGENT_TOKEN: &[u8] = b"d/";
 const AGENT: &[u8] = b"a/";
+/// Finished entries, `f/<finished_at ms BE><task id>` → task id, written by earlier releases
+/// beside every finished task for the retention purge. No longer written: the purge walks the
+/// state records, which are in creation order and hold `finished_at`, so a finished task costs
+/// one key less (#16: about 8 % of the instructions of a fire-and-forget request). The purge
+/// still reads and removes the entries it finds.
 const FINISHED: &[u8] = b"f/";
 const SCHEDULE: &[u8] = b"s/";
 /// Retry timers: `r/<due ms big-endian>\0<task id>` → agent id; earliest first in a scan.
@@ -74,7 +79,11 @@ const PROBE: &[u8] = b"p/probe";
 
 /// Most finished tasks one purge write removes; a purge of more takes several writes, so
 /// submissions are never held behind a long one.
-const PURGE_CHUNK: usize = 1000;
+const PURGE_CHUNK: usize = if cfg!(test) { 50 } else { 1000 };
+
+/// How many state records one purge write looks at, in [`PURGE_CHUNK`]s: a bound on the write
+/// when many tasks created before the cutoff are not due (still running, parked, retrying).
+const PURGE_LOOK_FACTOR: usize = 4;
 
 /// In [`SyncMode::Flush`], the longest a flushed write waits for its `fdatasync`: what power loss
 /// or an OS crash can take. sled's own periodic flusher did this with a full `fsync` every 500 ms;
@@ -172,6 +181,12 @@ struct Shared {
     unreadable: Mutex<BTreeSet<String>>,
     observer: Option<Arc<dyn Observer>>,
     outbox: Option<Arc<Outbox>>,
+    /// Where the retention purge in progress resumes its walk of the state records: set by
+    /// [`SledStore::purge`] when it starts, moved on by each of its writes, `None` once the walk
+    /// is done.
+    purge_cursor: Mutex<Option<Vec<u8>>>,
+    /// Held by a purge for its whole run, so that two never share the cursor.
+    purging: Mutex<()>,
 }
 
 impl Shared {
@@ -269,6 +284,8 @@ impl SledStore {
             unreadable: Mutex::new(BTreeSet::new()),
             observer: options.observer,
             outbox: options.outbox,
+            purge_cursor: Mutex::new(None),
+            purging: Mutex::new(()),
         });
         let (tx, rx) = mpsc::channel::<Job>();
         let writer = Writer {
@@ -401,6 +418,16 @@ fn legacy_state_key(id: &TaskId) -> Vec<u8> {
     key(STATE, &[id.as_bytes()])
 }
 
+/// The task id in a state key of the current layout (`u/<created_at>\0<id>`, see [`state_key`]);
+/// `None` for the earlier layout (`u/<id>`).
+fn state_key_id(key: &[u8]) -> Option<TaskId> {
+    let rest = key.strip_prefix(STATE)?;
+    if rest.len() != 8 + 1 + 16 || rest[8] != 0 {
+        return None;
+    }
+    Some(TaskId::from_bytes(rest[9..].try_into().ok()?))
+}
+
 /// A task's state record: under its key, or for a task last changed by an older release, under
 /// the legacy one.
 fn get_state(db: &sled::Db, task: &Task) -> Result<Option<sled::IVec>, StoreError> {
@@ -447,6 +474,8 @@ fn idem_key(agent: &AgentId, idem_key: &str) -> Vec<u8> {
     k
 }
 
+/// A finished entry as earlier releases wrote them (see [`FINISHED`]).
+#[cfg(test)]
 fn finished_key(at_ms: u64, id: &TaskId) -> Vec<u8> {
     key(FINISHED, &[&at_ms.to_be_bytes(), id.as_bytes()])
 }
@@ -1064,10 +1093,6 @@ fn stage(
             }
             put_task(db, shared, batch, staged, &task, Part::State)?;
             batch.remove(queue_key(&task.agent, task.seq));
-            batch.insert(
-                finished_key(task.finished_at.unwrap_or_else(now_ms), &task.id),
-                task.id.as_bytes().to_vec(),
-            );
             batch.insert(agent_state_key(&task.agent), encode(&state)?);
             Ok(Written::Done)
         }
@@ -1075,9 +1100,14 @@ fn stage(
             finished_before_ms,
             limit,
         } => {
+            let mut purged = 0;
+            // Tasks purged by this write: a task of the release before this one can have both
+            // a finished entry and a state record, and the batch does not hide it from the
+            // second walk.
+            let mut gone = HashSet::new();
+            // First the finished entries (`f/`) that earlier releases wrote, oldest first.
             let mut end = FINISHED.to_vec();
             end.extend_from_slice(&finished_before_ms.to_be_bytes());
-            let mut purged = 0;
             for entry in db.range(FINISHED.to_vec()..end).take(limit) {
                 let (k, id) = entry.map_err(backend)?;
                 batch.remove(k);
@@ -1085,49 +1115,68 @@ fn stage(
                     continue;
                 };
                 let id = TaskId::from_bytes(bytes);
-                let key = task_key(&id);
-                if db.contains_key(&key).map_err(backend)? {
-                    // A finished record that cannot be decoded is past its retention all the
-                    // same: it goes, and only its idempotency key and listing entries (unknown)
-                    // stay behind; the listing skips entries whose record is gone.
-                    match shared.load_task(db, id) {
-                        Ok(None) => {}
-                        Ok(Some(task)) => {
-                            // A task that left its terminal status again (resumed, retried) or
-                            // finished again later is not due: only this stale entry goes; its
-                            // latest completion wrote a fresh one.
-                            let due = task.status.is_terminal()
-                                && task.finished_at.is_none_or(|f| f < finished_before_ms);
-                            if !due {
-                                continue;
-                            }
-                            if let Some(idem) = &task.idempotency_key {
-                                batch.remove(idem_key(&task.agent, idem));
-                            }
-                            // `l/` keys exist only in stores written before the per-agent
-                            // index became the only one.
-                            batch.remove(list_key(&task));
-                            batch.remove(list_agent_key(&task));
-                            batch.remove(state_key(&task));
+                if purge_task(db, shared, revoked, batch, staged, id, finished_before_ms)? {
+                    gone.insert(id);
+                    purged += 1;
+                }
+            }
+            // Then the state records, in creation order: a task that finished before the cutoff
+            // was created before it, so the walk ends there. It resumes where the previous write
+            // of this purge stopped, and looks at a bounded number of records per write, so that
+            // tasks still running (or parked) before the cutoff cannot make one write long.
+            if purged < limit {
+                let mut cursor = shared
+                    .purge_cursor
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if let Some(from) = cursor.take() {
+                    let mut end = STATE.to_vec();
+                    end.extend_from_slice(&finished_before_ms.to_be_bytes());
+                    let mut looked = 0;
+                    for entry in db.range(from..end) {
+                        let (k, raw) = entry.map_err(backend)?;
+                        if purged == limit || looked == limit * PURGE_LOOK_FACTOR {
+                            *cursor = Some(k.to_vec());
+                            break;
                         }
-                        // Reported (once) by the read. The head may still name the state key
-                        // (when the state record is the unreadable one).
-                        Err(_) => {
-                            let head = db.get(&key).map_err(backend)?;
-                            if let Some(task) = head.and_then(|h| record::decode_task(id, &h).ok())
-                            {
-                                batch.remove(state_key(&task));
+                        looked += 1;
+                        // Keys of the earlier layout (`u/<id>`) are not in creation order; the
+                        // finished entries written beside them cover those tasks.
+                        let Some(id) = state_key_id(&k) else {
+                            continue;
+                        };
+                        let due = match record::state_finished(&raw) {
+                            // As for the finished entries, which were written with the time
+                            // of writing when a task had no `finished_at`.
+                            Ok((status, finished)) => {
+                                status.is_terminal()
+                                    && finished.is_none_or(|f| f < finished_before_ms)
                             }
+                            // Left as it is (reported once): its task may still be running.
+                            Err(e) => {
+                                shared.report_unreadable(format!("task {id}"), &e.into_json());
+                                false
+                            }
+                        };
+                        if due
+                            && !gone.contains(&id)
+                            && purge_task(
+                                db,
+                                shared,
+                                revoked,
+                                batch,
+                                staged,
+                                id,
+                                finished_before_ms,
+                            )?
+                        {
+                            // Also when the head is gone or unreadable, so no state outlives it.
+                            batch.remove(k);
+                            gone.insert(id);
+                            purged += 1;
                         }
                     }
                 }
-                if revoked.contains(&id) || staged.revoked.contains(&id) {
-                    staged.unrevoked.push(id);
-                }
-                batch.remove(revoked_key(&id));
-                batch.remove(legacy_state_key(&id));
-                batch.remove(key);
-                purged += 1;
             }
             // Finished callback deliveries go with the same retention (ids grow with creation
             // time, so the oldest come first); pending ones stay whatever their age.
@@ -1221,10 +1270,6 @@ fn stage(
                 return Ok(Written::Unchanged(Some(Box::new(task))));
             };
             put_task(db, shared, batch, staged, &failed, Part::State)?;
-            batch.insert(
-                finished_key(failed.finished_at.unwrap_or_else(now_ms), &id),
-                id.as_bytes().to_vec(),
-            );
             staged.tasks.insert(id, failed.clone());
             Ok(Written::Updated(Box::new(failed)))
         }
@@ -1249,9 +1294,64 @@ fn stage(
     }
 }
 
+/// Stages the removal of a task and of every key that belongs to it, if it is due: terminal
+/// and finished before `finished_before_ms`. Returns whether it was removed. A task whose head
+/// is gone counts as removed (its leftover keys go), and so does one whose record cannot be
+/// decoded: the purge reaches it only through an entry that says it finished, and a finished
+/// record that cannot be decoded is past its retention all the same.
+fn purge_task(
+    db: &sled::Db,
+    shared: &Shared,
+    revoked: &HashSet<TaskId>,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    id: TaskId,
+    finished_before_ms: u64,
+) -> Result<bool, StoreError> {
+    let key = task_key(&id);
+    if db.contains_key(&key).map_err(backend)? {
+        match shared.load_task(db, id) {
+            Ok(None) => {}
+            Ok(Some(task)) => {
+                // A task that left its terminal status again (resumed, retried) or finished
+                // again later is not due.
+                let due = task.status.is_terminal()
+                    && task.finished_at.is_none_or(|f| f < finished_before_ms);
+                if !due {
+                    return Ok(false);
+                }
+                if let Some(idem) = &task.idempotency_key {
+                    batch.remove(idem_key(&task.agent, idem));
+                }
+                // `l/` keys exist only in stores written before the per-agent index became the
+                // only one.
+                batch.remove(list_key(&task));
+                batch.remove(list_agent_key(&task));
+                batch.remove(state_key(&task));
+            }
+            // Reported (once) by the read. The head may still name the state key (when the
+            // state record is the unreadable one); the idempotency key and listing entries
+            // (unknown) stay behind, and the listing skips entries whose record is gone.
+            Err(_) => {
+                let head = db.get(&key).map_err(backend)?;
+                if let Some(task) = head.and_then(|h| record::decode_task(id, &h).ok()) {
+                    batch.remove(state_key(&task));
+                }
+            }
+        }
+    }
+    if revoked.contains(&id) || staged.revoked.contains(&id) {
+        staged.unrevoked.push(id);
+    }
+    batch.remove(revoked_key(&id));
+    batch.remove(legacy_state_key(&id));
+    batch.remove(key);
+    Ok(true)
+}
+
 /// Revokes a task if its status (as of this point in the batch) allows it: the record becomes
-/// REVOKED with `finished_at`, it leaves its agent's queue, it gets a finished entry (so the
-/// retention purge removes it in time) and a revoked marker (so a later `Start` or `Complete`
+/// REVOKED with `finished_at` (which the retention purge reads from its state record), it
+/// leaves its agent's queue, and it gets a revoked marker (so a later `Start` or `Complete`
 /// of it is refused). Timers of other states (retry, await expiry) are left: they re-read the
 /// task when they fire and ignore a task no longer in their state.
 fn stage_cancel(
@@ -1273,7 +1373,6 @@ fn stage_cancel(
     }
     put_task(db, shared, batch, staged, &task, Part::State)?;
     batch.remove(queue_key(&task.agent, task.seq));
-    batch.insert(finished_key(at_ms, &id), id.as_bytes().to_vec());
     batch.insert(revoked_key(&id), Vec::new());
     staged.tasks.insert(id, task.clone());
     staged.revoked.insert(id);
@@ -1733,6 +1832,16 @@ impl Store for SledStore {
     fn purge(&self, older_than: Duration) -> Result<Purged, StoreError> {
         let finished_before_ms = now_ms().saturating_sub(older_than.as_millis() as u64);
         let mut purged = Purged::default();
+        let _one_at_a_time = self
+            .shared
+            .purging
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *self
+            .shared
+            .purge_cursor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(STATE.to_vec());
         loop {
             let write = Write::Purge {
                 finished_before_ms,
@@ -1741,7 +1850,13 @@ impl Store for SledStore {
             match super::write_blocking(self, write)? {
                 Written::Purged(n) => {
                     purged.tasks += n;
-                    if n < PURGE_CHUNK {
+                    let walked = self
+                        .shared
+                        .purge_cursor
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .is_none();
+                    if n < PURGE_CHUNK && walked {
                         return Ok(purged);
                     }
                 }
@@ -2136,10 +2251,13 @@ mod tests {
             body_sha256: [1; 32],
         };
         let finish = |n: usize, finished_at: u64| {
+            // Created just before it finished: the purge walks tasks in creation order.
+            let mut created = task(&agent);
+            created.created_at = finished_at - 1;
             let Written::Accepted(t) = blocking(
                 &store,
                 Write::Submit {
-                    task: Arc::new(task(&agent)),
+                    task: Arc::new(created),
                     idempotency: Some(key(n)),
                 },
             )
@@ -2583,6 +2701,57 @@ mod tests {
             },
         );
         assert_eq!(listed.tasks.len(), 1);
+    }
+
+    #[test]
+    fn the_purge_walks_past_tasks_that_are_not_due_and_still_reads_finished_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        // More unfinished tasks before the cutoff than one purge write looks at, then one that
+        // is due: a single purge still reaches it.
+        let wall = PURGE_CHUNK * PURGE_LOOK_FACTOR + 5;
+        let mut running = Vec::new();
+        for n in 0..wall {
+            let mut t = submit_at(&store, &agent, 10 + n as u64);
+            t.status = TaskStatus::Started;
+            t.started_at = Some(11 + n as u64);
+            blocking(&store, Write::Start(Arc::new(t.clone()))).unwrap();
+            running.push(t.id);
+        }
+        let due = submit_at(&store, &agent, 10 + wall as u64);
+        let mut done = due.clone();
+        done.status = TaskStatus::Failure;
+        done.finished_at = Some(20 + wall as u64);
+        complete(&store, &done);
+        // A task of the release before this one: a finished entry beside its state record.
+        let both = submit_at(&store, &agent, 5);
+        let mut finished = both.clone();
+        finished.status = TaskStatus::Success;
+        finished.finished_at = Some(6);
+        complete(&store, &finished);
+        let db = store.shared.db().unwrap();
+        db.insert(finished_key(6, &both.id), both.id.as_bytes().to_vec())
+            .unwrap();
+        // A finished task writes no finished entry any more.
+        assert_eq!(db.scan_prefix(FINISHED).count(), 1);
+        drop(db);
+
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 2, "each once");
+        assert!(store.task_blocking(due.id).unwrap().is_none());
+        assert!(store.task_blocking(both.id).unwrap().is_none());
+        assert!(running
+            .iter()
+            .all(|id| store.task_blocking(*id).unwrap().is_some()));
+        let db = store.shared.db().unwrap();
+        assert!(db.scan_prefix(FINISHED).next().is_none());
+        assert_eq!(
+            db.scan_prefix(STATE).count(),
+            wall,
+            "only the running tasks' states"
+        );
+        // Nothing left to do: the next purge finds nothing and ends.
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 0);
     }
 
     #[test]
