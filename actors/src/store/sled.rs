@@ -1132,14 +1132,12 @@ fn stage(
                 if let Some(from) = cursor.take() {
                     let mut end = STATE.to_vec();
                     end.extend_from_slice(&finished_before_ms.to_be_bytes());
-                    let mut looked = 0;
-                    for entry in db.range(from..end) {
+                    for (looked, entry) in db.range(from..end).enumerate() {
                         let (k, raw) = entry.map_err(backend)?;
                         if purged == limit || looked == limit * PURGE_LOOK_FACTOR {
                             *cursor = Some(k.to_vec());
                             break;
                         }
-                        looked += 1;
                         // Keys of the earlier layout (`u/<id>`) are not in creation order; the
                         // finished entries written beside them cover those tasks.
                         let Some(id) = state_key_id(&k) else {
