@@ -1306,6 +1306,11 @@ fn purge_task(
     id: TaskId,
     finished_before_ms: u64,
 ) -> Result<bool, StoreError> {
+    // Changed by a write earlier in this batch, which the tree does not show yet (a re-run, a
+    // cancel): what was read above may be stale, so the task is left to a later purge.
+    if staged.statuses.contains_key(&id) {
+        return Ok(false);
+    }
     let key = task_key(&id);
     if db.contains_key(&key).map_err(backend)? {
         match shared.load_task(db, id) {
@@ -2749,6 +2754,40 @@ mod tests {
             "only the running tasks' states"
         );
         // Nothing left to do: the next purge finds nothing and ends.
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 0);
+    }
+
+    #[test]
+    fn a_purge_leaves_a_task_changed_earlier_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let t = submit_at(&store, &agent, 1);
+        let mut done = t.clone();
+        done.status = TaskStatus::Failure;
+        done.finished_at = Some(2);
+        complete(&store, &done);
+        // Staged by hand, as the writer would if the two writes met in one group commit.
+        let db = store.shared.db().unwrap();
+        let (mut batch, mut staged, revoked) =
+            (sled::Batch::default(), Staged::default(), HashSet::new());
+        let mut again = done.clone();
+        again.status = TaskStatus::Started;
+        again.finished_at = None;
+        let shared = &store.shared;
+        let start = Write::Start(Arc::new(again));
+        stage(&db, shared, &revoked, &mut batch, &mut staged, start).unwrap();
+        *shared.purge_cursor.lock().unwrap() = Some(STATE.to_vec());
+        let purge = Write::Purge {
+            finished_before_ms: now_ms(),
+            limit: 10,
+        };
+        let purged = stage(&db, shared, &revoked, &mut batch, &mut staged, purge).unwrap();
+        assert_eq!(purged, Written::Purged(0));
+        db.apply_batch(batch).unwrap();
+        let stored = store.task_blocking(t.id).unwrap().expect("not purged");
+        assert_eq!(stored.status, TaskStatus::Started);
+        // Once that batch is on disk, the task is judged by what it is now.
         assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 0);
     }
 
