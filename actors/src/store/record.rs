@@ -574,37 +574,28 @@ pub(crate) fn decode_task(id: TaskId, raw: &[u8]) -> Result<Task, RecordError> {
 
 /// Applies a state record over a task read from its head.
 pub(crate) fn apply_state(t: &mut Task, raw: &[u8]) -> Result<(), RecordError> {
-    match raw.first() {
-        Some(&STATE_V1) => {}
-        Some(&value) => {
-            return Err(RecordError::Unknown {
-                what: "state record version",
-                value,
-                at: 0,
-            })
-        }
-        None => return Err(RecordError::Truncated(0)),
-    }
-    let mut i = In { raw, at: 1 };
+    let mut i = state_reader(raw)?;
     get_state(&mut i, t)?;
     i.end()
+}
+
+/// A reader placed after the version byte of a state record, which must be one.
+fn state_reader(raw: &[u8]) -> Result<In<'_>, RecordError> {
+    match raw.first() {
+        Some(&STATE_V1) => Ok(In { raw, at: 1 }),
+        Some(&value) => Err(RecordError::Unknown {
+            what: "state record version",
+            value,
+            at: 0,
+        }),
+        None => Err(RecordError::Truncated(0)),
+    }
 }
 
 /// The status and `finished_at` of a state record, read without decoding the rest: what the
 /// retention purge needs to tell whether a task is due, for every state record it walks.
 pub(crate) fn state_finished(raw: &[u8]) -> Result<(TaskStatus, Option<u64>), RecordError> {
-    match raw.first() {
-        Some(&STATE_V1) => {}
-        Some(&value) => {
-            return Err(RecordError::Unknown {
-                what: "state record version",
-                value,
-                at: 0,
-            })
-        }
-        None => return Err(RecordError::Truncated(0)),
-    }
-    let mut i = In { raw, at: 1 };
+    let mut i = state_reader(raw)?;
     let status = status_of(i.u8()?, 1)?;
     let _seq = i.uint()?;
     let _tick = i.uint()?;
