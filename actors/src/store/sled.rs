@@ -51,7 +51,7 @@ const QUEUE: &[u8] = b"q/";
 const IDEM: &[u8] = b"i/";
 const AGENT_TOKEN: &[u8] = b"d/";
 const AGENT: &[u8] = b"a/";
-/// Finished entries, `f/<finished_at ms BE><task id>` → task id, written by earlier releases
+/// Finished entries, `f/<finished_at ms BE>\0<task id>` → task id, written by earlier releases
 /// beside every finished task for the retention purge. No longer written: the purge walks the
 /// state records, which are in creation order and hold `finished_at`, so a finished task costs
 /// one key less (#16: about 8 % of the instructions of a fire-and-forget request). The purge
@@ -2675,7 +2675,7 @@ mod tests {
             },
         )
         .unwrap();
-        // A task completed once (a finished entry) that is running again is not purged.
+        // A task finished once that is running again (parked) is not purged.
         let again = submit_at(&store, &agent, 3);
         let mut parked = again.clone();
         parked.status = TaskStatus::AwaitingInput;
