@@ -380,14 +380,37 @@ fn own_response(t: &mut Task, response: Option<Value>) {
     }
 }
 
-fn get_state(i: &mut In<'_>, t: &mut Task) -> Result<(), RecordError> {
+/// The first fields of the state part, in the order [`put_outcome`] writes them; read by the
+/// full decode and, alone, by the purge ([`state_finished`]).
+struct Times {
+    status: TaskStatus,
+    seq: u64,
+    tick: u64,
+    attempt: u32,
+    started_at: Option<u64>,
+    finished_at: Option<u64>,
+}
+
+fn get_times(i: &mut In<'_>) -> Result<Times, RecordError> {
     let at = i.at;
-    t.status = status_of(i.u8()?, at)?;
-    t.seq = i.uint()?;
-    t.tick = i.uint()?;
-    t.attempt = u32_of(i.uint()?, "attempt")?;
-    t.started_at = i.opt_uint()?;
-    t.finished_at = i.opt_uint()?;
+    Ok(Times {
+        status: status_of(i.u8()?, at)?,
+        seq: i.uint()?,
+        tick: i.uint()?,
+        attempt: u32_of(i.uint()?, "attempt")?,
+        started_at: i.opt_uint()?,
+        finished_at: i.opt_uint()?,
+    })
+}
+
+fn get_state(i: &mut In<'_>, t: &mut Task) -> Result<(), RecordError> {
+    let times = get_times(i)?;
+    t.status = times.status;
+    t.seq = times.seq;
+    t.tick = times.tick;
+    t.attempt = times.attempt;
+    t.started_at = times.started_at;
+    t.finished_at = times.finished_at;
     t.error = i.opt_string()?;
     t.result = i.opt_json()?;
     let at = i.at;
@@ -595,13 +618,8 @@ fn state_reader(raw: &[u8]) -> Result<In<'_>, RecordError> {
 /// The status and `finished_at` of a state record, read without decoding the rest: what the
 /// retention purge needs to tell whether a task is due, for every state record it walks.
 pub(crate) fn state_finished(raw: &[u8]) -> Result<(TaskStatus, Option<u64>), RecordError> {
-    let mut i = state_reader(raw)?;
-    let status = status_of(i.u8()?, 1)?;
-    let _seq = i.uint()?;
-    let _tick = i.uint()?;
-    let _attempt = i.uint()?;
-    let _started_at = i.opt_uint()?;
-    Ok((status, i.opt_uint()?))
+    let times = get_times(&mut state_reader(raw)?)?;
+    Ok((times.status, times.finished_at))
 }
 
 /// The status in a state or head record of this layout, from its second byte; `None` for a

@@ -899,7 +899,12 @@ impl Staged {
     /// one very large batch does not pin its memory).
     fn clear(&mut self) {
         const KEEP: usize = 1024;
-        if self.statuses.capacity() > KEEP || self.tasks.capacity() > KEEP {
+        let kept = [
+            self.statuses.capacity(),
+            self.tasks.capacity(),
+            self.idem.capacity(),
+        ];
+        if kept.into_iter().any(|c| c > KEEP) {
             *self = Self::default();
             return;
         }
