@@ -44,12 +44,17 @@ impl Env {
         self.dir.path()
     }
 
-    /// Writes an executable POSIX sh script and returns its path.
+    /// Writes an executable POSIX sh script and returns its path. Written beside and renamed
+    /// into place: a test that writes its scripts again (before a restart) may find a process of
+    /// the killed server still in `execve` of the old one, and writing into a file being executed
+    /// fails with "Text file busy"; a rename leaves that process the old file.
     pub fn script(&self, name: &str, body: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         let path = self.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let fresh = self.path().join(format!(".{name}.new"));
+        std::fs::write(&fresh, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&fresh, &path).unwrap();
         path
     }
 
