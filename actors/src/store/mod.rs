@@ -10,6 +10,7 @@
 #[cfg(any(test, feature = "test-util"))]
 pub mod faulty;
 pub mod nats;
+mod queue;
 mod record;
 pub mod sled;
 

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::queue::{self, Segment};
 use super::record;
 use super::{
     AgentState, CancelOutcome, DeliveryQuery, ListCursor, ListQuery, OnWritten, Purged, RetryTimer,
@@ -47,6 +48,9 @@ const TASK: &[u8] = b"t/";
 /// than at random places in the tree (5 % less writer CPU per task, #16). Stores written before
 /// keyed them `u/<task id>`: reads fall back to that key, purges remove both.
 const STATE: &[u8] = b"u/";
+/// Queue entries: `q/<agent>\0<position BE>`, in queue order. A key holds the tasks one group
+/// commit queued for the agent (a segment, see `queue`), or for positions handed out by earlier
+/// releases a single task id.
 const QUEUE: &[u8] = b"q/";
 const IDEM: &[u8] = b"i/";
 const AGENT_TOKEN: &[u8] = b"d/";
@@ -739,6 +743,7 @@ impl Writer {
                 (job.done, outcome)
             })
             .collect();
+        staged.write_queue(&mut batch);
         let requests = staged_jobs.len();
         let started = Instant::now();
         let committed = db
@@ -892,6 +897,11 @@ struct Staged {
     revoked: HashSet<TaskId>,
     /// Revoked tasks purged in this batch; leave the writer's set once the batch is durable.
     unrevoked: Vec<TaskId>,
+    /// Queue segments this batch changes, by key, as it leaves them (empty: removed); written
+    /// into the batch by [`Staged::write_queue`] once every write is staged.
+    queue: HashMap<Vec<u8>, Segment>,
+    /// Per agent, the next position in the segment this batch queues new tasks in.
+    open: HashMap<AgentId, u64>,
 }
 
 impl Staged {
@@ -903,6 +913,8 @@ impl Staged {
             self.statuses.capacity(),
             self.tasks.capacity(),
             self.idem.capacity(),
+            self.queue.capacity(),
+            self.open.capacity(),
         ];
         if kept.into_iter().any(|c| c > KEEP) {
             *self = Self::default();
@@ -914,7 +926,121 @@ impl Staged {
         self.deliveries.clear();
         self.revoked.clear();
         self.unrevoked.clear();
+        self.queue.clear();
+        self.open.clear();
     }
+
+    /// Puts the queue segments the batch changed into it: each once, however many of its tasks
+    /// the batch queued or took out.
+    fn write_queue(&mut self, batch: &mut sled::Batch) {
+        for (key, segment) in self.queue.drain() {
+            if segment.is_empty() {
+                batch.remove(key);
+            } else {
+                batch.insert(key, queue::encode(&segment));
+            }
+        }
+        self.open.clear();
+    }
+}
+
+/// Queues a task behind everything its agent has queued so far and returns its position: in
+/// the segment this batch opened for the agent, or in a new one on a fresh sled id (which no
+/// stored key can have yet, so nothing is read).
+fn enqueue_fresh(
+    db: &sled::Db,
+    staged: &mut Staged,
+    agent: &AgentId,
+    id: TaskId,
+) -> Result<u64, StoreError> {
+    let seq = match staged.open.get(agent) {
+        Some(&next) => next,
+        None => queue::base(db.generate_id().map_err(backend)?).ok_or_else(|| {
+            StoreError::Backend("the store has handed out every queue position".into())
+        })?,
+    };
+    let (base, slot) = queue::locate(seq).expect("a fresh position is in a segment");
+    if u64::from(slot) + 1 < queue::SLOTS {
+        staged.open.insert(agent.clone(), seq + 1);
+    } else {
+        staged.open.remove(agent);
+    }
+    staged
+        .queue
+        .entry(queue_key(agent, base))
+        .or_default()
+        .insert(slot, id);
+    Ok(seq)
+}
+
+/// Takes a task out of its agent's queue.
+fn dequeue(
+    db: &sled::Db,
+    shared: &Shared,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    agent: &AgentId,
+    seq: u64,
+) -> Result<(), StoreError> {
+    match queue::locate(seq) {
+        None => batch.remove(queue_key(agent, seq)),
+        Some((base, slot)) => {
+            if let Some(segment) = staged_segment(db, shared, staged, agent, base)? {
+                segment.remove(&slot);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Puts a task back into its agent's queue at the position it had (a retry that came due).
+fn requeue(
+    db: &sled::Db,
+    shared: &Shared,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    agent: &AgentId,
+    seq: u64,
+    id: TaskId,
+) -> Result<(), StoreError> {
+    match queue::locate(seq) {
+        None => batch.insert(queue_key(agent, seq), id.as_bytes().to_vec()),
+        Some((base, slot)) => {
+            if let Some(segment) = staged_segment(db, shared, staged, agent, base)? {
+                segment.insert(slot, id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The segment at position `base` as this batch leaves it, read from the store the first time
+/// the batch touches it. `None` when the stored value cannot be read: that is reported, and the
+/// key is left as it is rather than rewritten without the tasks it may hold.
+fn staged_segment<'s>(
+    db: &sled::Db,
+    shared: &Shared,
+    staged: &'s mut Staged,
+    agent: &AgentId,
+    base: u64,
+) -> Result<Option<&'s mut Segment>, StoreError> {
+    let key = queue_key(agent, base);
+    if !staged.queue.contains_key(&key) {
+        let segment = match db.get(&key).map_err(backend)? {
+            None => Segment::new(),
+            Some(raw) => match queue::decode_segment(base, &raw) {
+                Ok(segment) => segment,
+                Err(e) => {
+                    let e = <serde_json::Error as serde::de::Error>::custom(e);
+                    let record = format!("queue entry {} of agent {agent}", hex(&key));
+                    shared.report_unreadable(record, &e);
+                    return Ok(None);
+                }
+            },
+        };
+        staged.queue.insert(key.clone(), segment);
+    }
+    Ok(staged.queue.get_mut(&key))
 }
 
 /// Keeps [`Staged::tasks`] current when an unconditional write of a task follows a conditional
@@ -1072,13 +1198,9 @@ fn stage(
                 staged.idem.insert(k, (task.id, idem.body_sha256));
                 task.idempotency_key = Some(idem.key.clone());
             }
-            task.seq = db.generate_id().map_err(backend)?;
+            task.seq = enqueue_fresh(db, staged, &task.agent, task.id)?;
             put_task(db, shared, batch, staged, task, Part::Head)?;
             batch.insert(list_agent_key(task), Vec::new());
-            batch.insert(
-                queue_key(&task.agent, task.seq),
-                task.id.as_bytes().to_vec(),
-            );
             Ok(Written::Accepted(accepted))
         }
         Write::Start(task) => {
@@ -1097,7 +1219,7 @@ fn stage(
                 return Ok(Written::Revoked);
             }
             put_task(db, shared, batch, staged, &task, Part::State)?;
-            batch.remove(queue_key(&task.agent, task.seq));
+            dequeue(db, shared, batch, staged, &task.agent, task.seq)?;
             batch.insert(agent_state_key(&task.agent), encode(&state)?);
             Ok(Written::Done)
         }
@@ -1208,7 +1330,7 @@ fn stage(
         Write::Retry { task, state } => {
             let due = task.next_attempt_at.unwrap_or_else(now_ms);
             put_task(db, shared, batch, staged, &task, Part::State)?;
-            batch.remove(queue_key(&task.agent, task.seq));
+            dequeue(db, shared, batch, staged, &task.agent, task.seq)?;
             batch.insert(
                 retry_key(due, &task.id),
                 task.agent.to_string().into_bytes(),
@@ -1227,15 +1349,12 @@ fn stage(
             task.status = TaskStatus::Pending;
             task.next_attempt_at = None;
             put_task(db, shared, batch, staged, &task, Part::State)?;
-            batch.insert(
-                queue_key(&task.agent, task.seq),
-                task.id.as_bytes().to_vec(),
-            );
+            requeue(db, shared, batch, staged, &task.agent, task.seq, task.id)?;
             Ok(Written::Accepted(Arc::new(task)))
         }
         Write::Park { task, state } => {
             put_task(db, shared, batch, staged, &task, Part::State)?;
-            batch.remove(queue_key(&task.agent, task.seq));
+            dequeue(db, shared, batch, staged, &task.agent, task.seq)?;
             batch.insert(agent_state_key(&task.agent), encode(&state)?);
             if let Some(awaiting) = &task.awaiting {
                 batch.insert(
@@ -1255,9 +1374,8 @@ fn stage(
                 return Ok(Written::Unchanged(Some(Box::new(task))));
             };
             // Behind everything its agent has queued so far.
-            next.seq = db.generate_id().map_err(backend)?;
+            next.seq = enqueue_fresh(db, staged, &next.agent, id)?;
             put_task(db, shared, batch, staged, &next, Part::State)?;
-            batch.insert(queue_key(&next.agent, next.seq), id.as_bytes().to_vec());
             if let Some(at) = expires_at {
                 batch.remove(await_timer_key(at, &id));
             }
@@ -1380,7 +1498,7 @@ fn stage_cancel(
         return Ok(Written::Cancel(refused));
     }
     put_task(db, shared, batch, staged, &task, Part::State)?;
-    batch.remove(queue_key(&task.agent, task.seq));
+    dequeue(db, shared, batch, staged, &task.agent, task.seq)?;
     batch.insert(revoked_key(&id), Vec::new());
     staged.tasks.insert(id, task.clone());
     staged.revoked.insert(id);
@@ -1438,16 +1556,17 @@ fn read_agent_state(shared: &Shared, agent: &AgentId) -> Result<AgentState, Stor
 
 fn read_queued(shared: &Shared, agent: &AgentId) -> Result<Vec<TaskId>, StoreError> {
     let mut ids = Vec::new();
-    for entry in shared.db()?.scan_prefix(queue_prefix(agent)) {
-        let (k, id) = entry.map_err(backend)?;
-        match <[u8; 16]>::try_from(id.as_ref()) {
-            Ok(bytes) => ids.push(TaskId::from_bytes(bytes)),
-            Err(_) => {
+    let prefix = queue_prefix(agent);
+    for entry in shared.db()?.scan_prefix(&prefix) {
+        let (k, value) = entry.map_err(backend)?;
+        let seq = <[u8; 8]>::try_from(&k[prefix.len()..])
+            .map(u64::from_be_bytes)
+            .map_err(|_| "a queue key ends in an 8-byte position".to_string());
+        match seq.and_then(|seq| queue::decode(seq, &value)) {
+            Ok(queued) => ids.extend(queued.into_iter().map(|(_, id)| id)),
+            Err(e) => {
                 let record = format!("queue entry {} of agent {agent}", hex(&k));
-                let e = <serde_json::Error as serde::de::Error>::custom(format!(
-                    "a task id is 16 bytes, found {}",
-                    id.len()
-                ));
+                let e = <serde_json::Error as serde::de::Error>::custom(e);
                 shared.report_unreadable(record, &e);
             }
         }
@@ -3034,5 +3153,140 @@ mod tests {
             },
         ));
         assert!(matches!(res, Ok(Written::Accepted(_))));
+    }
+
+    /// Stages `writes` in one batch and applies it, as one group commit of the writer does.
+    fn one_commit(store: &SledStore, writes: Vec<Write>) -> Vec<Written> {
+        let db = store.shared.db().unwrap();
+        let (mut batch, mut staged) = (sled::Batch::default(), Staged::default());
+        let revoked = HashSet::new();
+        let written = writes
+            .into_iter()
+            .map(|w| stage(&db, &store.shared, &revoked, &mut batch, &mut staged, w).unwrap())
+            .collect();
+        staged.write_queue(&mut batch);
+        db.apply_batch(batch).unwrap();
+        written
+    }
+
+    fn accepted(written: Vec<Written>) -> Vec<Task> {
+        written
+            .into_iter()
+            .map(|w| match w {
+                Written::Accepted(t) => Arc::unwrap_or_clone(t),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    fn submits(agent: &AgentId, n: usize) -> Vec<Write> {
+        (0..n)
+            .map(|_| Write::Submit {
+                task: Arc::new(task(agent)),
+                idempotency: None,
+            })
+            .collect()
+    }
+
+    fn queue_keys(store: &SledStore, agent: &AgentId) -> usize {
+        let db = store.shared.db().unwrap();
+        db.scan_prefix(queue_prefix(agent)).count()
+    }
+
+    fn ids(tasks: &[&Task]) -> Vec<TaskId> {
+        tasks.iter().map(|t| t.id).collect()
+    }
+
+    #[test]
+    fn one_group_commit_queues_an_agents_tasks_under_one_key_and_completions_shrink_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b): (AgentId, AgentId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut writes = submits(&a, 3);
+        writes.extend(submits(&b, 2));
+        writes.extend(submits(&a, 1));
+        let t = accepted(one_commit(&store, writes));
+        assert_eq!((queue_keys(&store, &a), queue_keys(&store, &b)), (1, 1));
+        assert_eq!(
+            store.queued_blocking(&a).unwrap(),
+            ids(&[&t[0], &t[1], &t[2], &t[5]])
+        );
+        assert_eq!(store.queued_blocking(&b).unwrap(), ids(&[&t[3], &t[4]]));
+        // A later commit takes two out of the segment and queues one more behind it.
+        let done = |t: &Task| Write::Complete {
+            task: Arc::new(t.clone()),
+            state: AgentState::default(),
+        };
+        let mut writes = vec![done(&t[0]), done(&t[2])];
+        writes.extend(submits(&a, 1));
+        let more = one_commit(&store, writes).pop().unwrap();
+        let Written::Accepted(t6) = more else {
+            panic!("not accepted")
+        };
+        assert!(t6.seq > t[5].seq);
+        assert_eq!(queue_keys(&store, &a), 2);
+        assert_eq!(
+            store.queued_blocking(&a).unwrap(),
+            ids(&[&t[1], &t[5], &t6])
+        );
+        // The writer's own commits, and a reopen, see the same queue.
+        complete(&store, &t[1]);
+        complete(&store, &t[5]);
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(store.queued_blocking(&a).unwrap(), vec![t6.id]);
+        assert_eq!(queue_keys(&store, &a), 1, "the emptied segment is removed");
+        complete(&store, &t6);
+        assert_eq!(queue_keys(&store, &a), 0);
+        assert_eq!(store.queued_blocking(&b).unwrap(), ids(&[&t[3], &t[4]]));
+    }
+
+    #[test]
+    fn queue_entries_of_the_previous_layout_come_first_and_leave_with_their_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let db = store.shared.db().unwrap();
+        // What the previous release wrote for a queued task: its head with a sled id as its
+        // position, and a key of its own holding the bare task id.
+        let mut old = task(&agent);
+        old.seq = 7;
+        let (mut batch, mut staged) = (sled::Batch::default(), Staged::default());
+        put_task(
+            &db,
+            &store.shared,
+            &mut batch,
+            &mut staged,
+            &old,
+            Part::Head,
+        )
+        .unwrap();
+        batch.insert(queue_key(&agent, 7), old.id.as_bytes().to_vec());
+        db.apply_batch(batch).unwrap();
+        let new = accepted(one_commit(&store, submits(&agent, 1))).remove(0);
+        assert!(new.seq > old.seq);
+        assert_eq!(store.queued_blocking(&agent).unwrap(), ids(&[&old, &new]));
+        complete(&store, &old);
+        assert_eq!(store.queued_blocking(&agent).unwrap(), vec![new.id]);
+        assert_eq!(db.get(queue_key(&agent, 7)).unwrap(), None);
+        assert!(store.unreadable_records().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_segment_is_reported_and_left_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let db = store.shared.db().unwrap();
+        let t = accepted(one_commit(&store, submits(&agent, 2)));
+        let (base, _) = queue::locate(t[0].seq).unwrap();
+        db.insert(queue_key(&agent, base), vec![1, 2, 3]).unwrap();
+        assert_eq!(store.queued_blocking(&agent).unwrap(), Vec::<TaskId>::new());
+        complete(&store, &t[0]);
+        assert_eq!(
+            db.get(queue_key(&agent, base)).unwrap().as_deref(),
+            Some(&[1u8, 2, 3][..])
+        );
+        assert_eq!(store.unreadable_records().len(), 1);
     }
 }
