@@ -46,7 +46,7 @@ const ENTRY: usize = 2 + 16;
 /// The position of slot 0 of a new segment built on the fresh sled id `id`; `None` beyond
 /// [`MAX_BASE_ID`] (2^51 ids: centuries of group commits).
 pub fn base(id: u64) -> Option<u64> {
-    (id <= MAX_BASE_ID).then(|| SEGMENTED | (id << SLOT_BITS))
+    (id <= MAX_BASE_ID).then_some(SEGMENTED | (id << SLOT_BITS))
 }
 
 /// The segment a position is in, as the position of its slot 0, with the slot; `None` for a
