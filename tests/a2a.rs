@@ -930,7 +930,12 @@ fn a_failing_agent_answers_failed_then_breaker_open_and_accepted_messages_surviv
     ));
     assert_eq!(state(&failed["task"]), "TASK_STATE_FAILED", "{failed}");
     assert_eq!(failed["task"]["status"]["message"]["role"], "ROLE_AGENT");
-    // One failure opens this agent's breaker: a retryable 503 with Retry-After, no task.
+    // One failure opens this agent's breaker (the breaker hears of the outcome beside the
+    // answer, not before it, so the test waits for /ready to show it): a retryable 503 with
+    // Retry-After, no task.
+    assert!(wait_until(|| server.get("/ready").json["agents"]
+        ["default/broken"]["breaker"]
+        == "open"));
     let refused = rpc(
         &server,
         "broken",

@@ -40,6 +40,10 @@ runner = { kind = "echo" }
         let r = post_json(&flaky, &json!({}));
         assert_eq!(r.json["status"], "FAILURE", "{}", r.text);
     }
+    // The breaker hears of an outcome beside its answer, not before it: wait until it is open.
+    assert!(wait_until(
+        || server.get("/ready/default/flaky").status == 503
+    ));
     let refused = post_json(&flaky, &json!({}));
     assert_eq!(refused.status, 503, "{}", refused.text);
     assert_eq!(refused.error_code(), "breaker_open");
@@ -479,6 +483,7 @@ breaker = { failures = 2, open_for = "1h" }
         let r = post_json(&url, &json!({}));
         assert_eq!(r.json["status"], "FAILURE", "{}", r.text);
     }
+    assert!(wait_until(|| server.get("/ready/default/die").status == 503));
     let refused = post_json(&url, &json!({}));
     assert_eq!(refused.status, 503);
     assert_eq!(refused.error_code(), "breaker_open");

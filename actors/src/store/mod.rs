@@ -9,6 +9,7 @@
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod faulty;
+mod listing;
 pub mod nats;
 mod queue;
 mod record;

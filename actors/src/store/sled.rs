@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::listing::{self, Entry};
 use super::queue::{self, Segment};
 use super::record;
 use super::{
@@ -73,7 +74,8 @@ const NOTIFY_OFF: &[u8] = b"n/";
 /// Listing index over every task: `l/<created_at ms BE><task id>`, empty value. Written with the
 /// task's submission, removed with its purge.
 const LIST: &[u8] = b"l/";
-/// Listing index per agent: `la/<agent>\0<created_at ms BE><task id>`, empty value.
+/// Listing index per agent: `la/<agent>\0<created_at ms BE><task id>`; the value holds the
+/// entries of the tasks accepted with it in one group commit, or nothing (see `listing`).
 const LIST_AGENT: &[u8] = b"la/";
 /// Marks a revoked task: `rv/<task id>`, empty value. A point lookup lets `Start` and `Complete`
 /// refuse a revoked task without decoding its record.
@@ -505,10 +507,11 @@ fn list_agent_prefix(agent: &AgentId) -> Vec<u8> {
     k
 }
 
-fn list_agent_key(task: &Task) -> Vec<u8> {
-    let mut k = list_agent_prefix(&task.agent);
-    k.extend_from_slice(&task.created_at.to_be_bytes());
-    k.extend_from_slice(task.id.as_bytes());
+/// The listing key whose own entry is `e`, under an agent's `prefix`.
+fn listing_key(prefix: &[u8], e: &Entry) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + e.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(e);
     k
 }
 
@@ -744,6 +747,7 @@ impl Writer {
             })
             .collect();
         staged.write_queue(&mut batch);
+        staged.write_listing(&mut batch);
         let requests = staged_jobs.len();
         let started = Instant::now();
         let committed = db
@@ -757,6 +761,8 @@ impl Writer {
         if let Err(e) = &committed {
             tracing::error!(error = %e, requests, "store write failed; retrying on a backoff");
             self.fail(e.clone());
+            // It may hold entries of the batch that did not land.
+            staged.list_tail.clear();
         } else {
             self.revoked.extend(staged.revoked.drain());
             for id in &staged.unrevoked {
@@ -902,6 +908,15 @@ struct Staged {
     queue: HashMap<Vec<u8>, Segment>,
     /// Per agent, the next position in the segment this batch queues new tasks in.
     open: HashMap<AgentId, u64>,
+    /// Listing keys of earlier commits this batch changes (an entry joins or leaves), by the key
+    /// they are stored under, with all their entries as the batch leaves them.
+    listing: HashMap<Vec<u8>, BTreeSet<Entry>>,
+    /// Per agent, this batch's entries newer than everything listed before: one new key.
+    list_new: HashMap<AgentId, BTreeSet<Entry>>,
+    /// Per agent, the newest entry of its listing as of the last commit (`None`: no entry). A
+    /// cache of what the store holds, read on a miss; unlike the rest it outlives the batch,
+    /// and it is dropped when a commit fails.
+    list_tail: HashMap<AgentId, Option<Entry>>,
 }
 
 impl Staged {
@@ -928,6 +943,37 @@ impl Staged {
         self.unrevoked.clear();
         self.queue.clear();
         self.open.clear();
+        self.listing.clear();
+        self.list_new.clear();
+        if self.list_tail.len() > LIST_TAILS_KEPT {
+            self.list_tail = HashMap::new();
+        }
+    }
+
+    /// Puts the listing keys the batch changed into it. A key that lost its own entry moves to
+    /// its oldest remaining one (nothing else lies in its range, so the move keeps the rule of
+    /// `listing`), and a key left without entries goes.
+    fn write_listing(&mut self, batch: &mut sled::Batch) {
+        for (agent, entries) in self.list_new.drain() {
+            let prefix = list_agent_prefix(&agent);
+            let mut all = entries.iter();
+            let first = all.next().expect("a new listing key has an entry");
+            batch.insert(listing_key(&prefix, first), listing::encode(all));
+            self.list_tail.insert(agent, entries.last().copied());
+        }
+        for (key, entries) in self.listing.drain() {
+            let prefix = &key[..key.len() - 24];
+            let mut all = entries.iter();
+            let Some(first) = all.next() else {
+                batch.remove(key);
+                continue;
+            };
+            let moved = listing_key(prefix, first);
+            if moved != key {
+                batch.remove(key);
+            }
+            batch.insert(moved, listing::encode(all));
+        }
     }
 
     /// Puts the queue segments the batch changed into it: each once, however many of its tasks
@@ -1041,6 +1087,134 @@ fn staged_segment<'s>(
         staged.queue.insert(key.clone(), segment);
     }
     Ok(staged.queue.get_mut(&key))
+}
+
+/// Most agents whose newest listing entry the writer keeps between commits; past it the cache
+/// starts again empty (a miss costs one read).
+const LIST_TAILS_KEPT: usize = 100_000;
+
+/// Adds a task to its agent's listing index (see `listing` for the rule this keeps): with the
+/// batch's other tasks of the agent that are newer than everything listed before, under one
+/// key; an older one into the key whose range holds it, or under a key of its own.
+fn list(
+    db: &sled::Db,
+    shared: &Shared,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    task: &Task,
+) -> Result<(), StoreError> {
+    let e = listing::entry(task.created_at, &task.id);
+    let tail = match staged.list_tail.get(&task.agent) {
+        Some(tail) => *tail,
+        None => {
+            let tail = stored_list_tail(db, shared, &task.agent)?;
+            staged.list_tail.insert(task.agent.clone(), tail);
+            tail
+        }
+    };
+    if tail.is_none_or(|t| e > t) {
+        match staged.list_new.get_mut(&task.agent) {
+            Some(entries) => {
+                entries.insert(e);
+            }
+            None => {
+                staged
+                    .list_new
+                    .insert(task.agent.clone(), BTreeSet::from([e]));
+            }
+        }
+        return Ok(());
+    }
+    let prefix = list_agent_prefix(&task.agent);
+    match holding_key(db, shared, staged, &prefix, &e)? {
+        Some(entries) => {
+            entries.insert(e);
+        }
+        None => batch.insert(listing_key(&prefix, &e), Vec::new()),
+    }
+    Ok(())
+}
+
+/// Takes a task out of its agent's listing index.
+fn unlist(
+    db: &sled::Db,
+    shared: &Shared,
+    staged: &mut Staged,
+    task: &Task,
+) -> Result<(), StoreError> {
+    let e = listing::entry(task.created_at, &task.id);
+    if let Some(entries) = holding_key(db, shared, staged, &list_agent_prefix(&task.agent), &e)? {
+        entries.remove(&e);
+    }
+    Ok(())
+}
+
+/// The entries of the stored listing key whose range holds `e` (from its own entry to its
+/// last), as this batch leaves them, read from the store the first time the batch touches the
+/// key. `None` when no range holds it, or when the key that would cannot be read (reported,
+/// and left as it is).
+fn holding_key<'s>(
+    db: &sled::Db,
+    shared: &Shared,
+    staged: &'s mut Staged,
+    prefix: &[u8],
+    e: &Entry,
+) -> Result<Option<&'s mut BTreeSet<Entry>>, StoreError> {
+    let Some(found) = db
+        .range(prefix.to_vec()..=listing_key(prefix, e))
+        .next_back()
+    else {
+        return Ok(None);
+    };
+    let (key, value) = found.map_err(backend)?;
+    let key = key.to_vec();
+    if !staged.listing.contains_key(&key) {
+        match listed_entries(shared, prefix, &key, &value) {
+            Some(entries) => {
+                staged
+                    .listing
+                    .insert(key.clone(), entries.into_iter().collect());
+            }
+            None => return Ok(None),
+        }
+    }
+    let entries = staged.listing.get_mut(&key).expect("staged above");
+    Ok(entries
+        .last()
+        .is_some_and(|last| last >= e)
+        .then_some(entries))
+}
+
+/// The newest entry of an agent's listing in the store.
+fn stored_list_tail(
+    db: &sled::Db,
+    shared: &Shared,
+    agent: &AgentId,
+) -> Result<Option<Entry>, StoreError> {
+    let prefix = list_agent_prefix(agent);
+    for found in db.scan_prefix(&prefix).rev() {
+        let (key, value) = found.map_err(backend)?;
+        if let Some(entries) = listed_entries(shared, &prefix, &key, &value) {
+            return Ok(entries.last().copied());
+        }
+    }
+    Ok(None)
+}
+
+/// Every entry of one listing key, ascending; `None` (reported once) for a key or value that
+/// cannot be read.
+fn listed_entries(shared: &Shared, prefix: &[u8], key: &[u8], value: &[u8]) -> Option<Vec<Entry>> {
+    let decoded = <Entry>::try_from(&key[prefix.len()..])
+        .map_err(|_| "a listing key ends in a 24-byte entry".to_string())
+        .and_then(|first| listing::decode(&first, value));
+    match decoded {
+        Ok(entries) => Some(entries),
+        Err(e) => {
+            let e = <serde_json::Error as serde::de::Error>::custom(e);
+            shared.report_unreadable(format!("listing entry {}", hex(key)), &e);
+            None
+        }
+    }
 }
 
 /// Keeps [`Staged::tasks`] current when an unconditional write of a task follows a conditional
@@ -1200,7 +1374,7 @@ fn stage(
             }
             task.seq = enqueue_fresh(db, staged, &task.agent, task.id)?;
             put_task(db, shared, batch, staged, task, Part::Head)?;
-            batch.insert(list_agent_key(task), Vec::new());
+            list(db, shared, batch, staged, task)?;
             Ok(Written::Accepted(accepted))
         }
         Write::Start(task) => {
@@ -1452,7 +1626,7 @@ fn purge_task(
                 // `l/` keys exist only in stores written before the per-agent index became the
                 // only one.
                 batch.remove(list_key(&task));
-                batch.remove(list_agent_key(&task));
+                unlist(db, shared, staged, &task)?;
                 batch.remove(state_key(&task));
             }
             // Reported (once) by the read. The head may still name the state key (when the
@@ -1623,18 +1797,19 @@ fn read_list(shared: &Shared, q: &ListQuery) -> Result<TaskPage, StoreError> {
         Some(agent) => vec![list_agent_prefix(agent)],
         None => listed_agent_prefixes(&db)?,
     };
-    // One reverse iterator per agent, each with its next entry, merged through a max-heap.
+    // One reader per agent, each with its next entry, merged through a max-heap.
+    let (lo, hi) = list_bounds(q);
+    if hi.is_some_and(|hi| hi <= lo) {
+        return Ok(page);
+    }
     let mut sources = Vec::with_capacity(prefixes.len());
     let mut heads = std::collections::BinaryHeap::new();
     for prefix in prefixes {
-        let Some((lo, hi)) = list_bounds(&prefix, q) else {
-            continue;
-        };
-        let mut entries = db.range(lo..hi).rev();
-        if let Some(head) = next_listed(shared, &prefix, &mut entries)? {
+        let mut listed = Listed::new(&db, prefix, lo, hi);
+        if let Some(head) = listed.next(shared)? {
             heads.push((head, sources.len()));
         }
-        sources.push((prefix, entries));
+        sources.push(listed);
     }
     let mut scanned = 0;
     let mut last = None;
@@ -1642,8 +1817,7 @@ fn read_list(shared: &Shared, q: &ListQuery) -> Result<TaskPage, StoreError> {
         let Some((cursor, i)) = heads.pop() else {
             return Ok(page);
         };
-        let (prefix, entries) = &mut sources[i];
-        if let Some(head) = next_listed(shared, prefix, entries)? {
+        if let Some(head) = sources[i].next(shared)? {
             heads.push((head, i));
         }
         scanned += 1;
@@ -1664,55 +1838,82 @@ fn read_list(shared: &Shared, q: &ListQuery) -> Result<TaskPage, StoreError> {
     Ok(page)
 }
 
-/// The key range of one agent's listing index that a query covers, or `None` when it is empty.
-fn list_bounds(prefix: &[u8], q: &ListQuery) -> Option<(Vec<u8>, Vec<u8>)> {
-    let at = |ms: u64| {
-        let mut k = prefix.to_vec();
-        k.extend_from_slice(&ms.to_be_bytes());
-        k
-    };
+/// The entries a query covers: from `lo` (its `since`), below `hi` (its `until` and cursor).
+fn list_bounds(q: &ListQuery) -> (Entry, Option<Entry>) {
+    let at = |ms: u64| listing::entry(ms, &TaskId::from_bytes([0; 16]));
     let lo = at(q.since_ms.unwrap_or(0));
-    let mut hi = match q.until_ms {
-        Some(until) => at(until),
-        None => {
-            // Above every 24-byte suffix under the prefix.
-            let mut k = prefix.to_vec();
-            k.extend_from_slice(&[0xff; 25]);
-            k
-        }
+    let until = q.until_ms.map(at);
+    let cursor = q.cursor.as_ref().map(listing::of_cursor);
+    let hi = match (until, cursor) {
+        (Some(u), Some(c)) => Some(u.min(c)),
+        (u, c) => u.or(c),
     };
-    if let Some(c) = &q.cursor {
-        let mut k = at(c.created_ms);
-        k.extend_from_slice(c.id.as_bytes());
-        hi = hi.min(k);
-    }
-    (lo < hi).then_some((lo, hi))
+    (lo, hi)
 }
 
-/// The next well-formed entry of one agent's listing index, as a cursor; malformed keys are
-/// reported and skipped.
-fn next_listed(
-    shared: &Shared,
-    prefix: &[u8],
-    entries: &mut impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-) -> Result<Option<ListCursor>, StoreError> {
-    for entry in entries {
-        let (k, _) = entry.map_err(backend)?;
-        let suffix = &k[prefix.len()..];
-        let (Ok(ms), Ok(id)) = (
-            <[u8; 8]>::try_from(&suffix[..8.min(suffix.len())]),
-            <[u8; 16]>::try_from(&suffix[8.min(suffix.len())..]),
-        ) else {
-            let e = <serde_json::Error as serde::de::Error>::custom("malformed listing key");
-            shared.report_unreadable(format!("listing entry {}", hex(&k)), &e);
-            continue;
+/// One agent's listing entries in `[lo, hi)`, newest first. No key lies inside another's range
+/// (see `listing`), so the keys below `hi` read backwards, each key's entries backwards, give
+/// the entries in order. The first key below `lo` is read too: its range may reach above `lo`.
+struct Listed {
+    prefix: Vec<u8>,
+    keys: std::iter::Rev<sled::Iter>,
+    lo: Entry,
+    hi: Option<Entry>,
+    /// The current key's entries in range not yet handed out, ascending.
+    pending: Vec<Entry>,
+    done: bool,
+}
+
+impl Listed {
+    fn new(db: &sled::Db, prefix: Vec<u8>, lo: Entry, hi: Option<Entry>) -> Self {
+        let end = match &hi {
+            Some(hi) => listing_key(&prefix, hi),
+            None => {
+                // Past every key under the prefix, which ends in its NUL.
+                let mut end = prefix.clone();
+                *end.last_mut().expect("ends with the NUL") = 1;
+                end
+            }
         };
-        return Ok(Some(ListCursor {
-            created_ms: u64::from_be_bytes(ms),
-            id: TaskId::from_bytes(id),
-        }));
+        let keys = db.range(prefix.clone()..end).rev();
+        Self {
+            prefix,
+            keys,
+            lo,
+            hi,
+            pending: Vec::new(),
+            done: false,
+        }
     }
-    Ok(None)
+
+    /// The next entry, newest first; keys that cannot be read are reported and skipped.
+    fn next(&mut self, shared: &Shared) -> Result<Option<ListCursor>, StoreError> {
+        loop {
+            if let Some(e) = self.pending.pop() {
+                return Ok(Some(listing::cursor(&e)));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let Some(found) = self.keys.next() else {
+                self.done = true;
+                continue;
+            };
+            let (key, value) = found.map_err(backend)?;
+            let Some(entries) = listed_entries(shared, &self.prefix, &key, &value) else {
+                continue;
+            };
+            if entries[0] < self.lo {
+                self.done = true;
+            }
+            let (lo, hi) = (self.lo, self.hi);
+            self.pending.extend(
+                entries
+                    .into_iter()
+                    .filter(|e| *e >= lo && hi.is_none_or(|hi| *e < hi)),
+            );
+        }
+    }
 }
 
 /// Every `la/<agent>\0` prefix that has entries, found by seeking past each agent's keys (one
@@ -3155,7 +3356,9 @@ mod tests {
         assert!(matches!(res, Ok(Written::Accepted(_))));
     }
 
-    /// Stages `writes` in one batch and applies it, as one group commit of the writer does.
+    /// Stages `writes` in one batch and applies it, as one group commit of the writer does. It
+    /// bypasses the writer, whose cache of each agent's newest listing entry then lags: a test
+    /// that lists tasks this way must not also submit tasks of the same agent through the writer.
     fn one_commit(store: &SledStore, writes: Vec<Write>) -> Vec<Written> {
         let db = store.shared.db().unwrap();
         let (mut batch, mut staged) = (sled::Batch::default(), Staged::default());
@@ -3165,6 +3368,7 @@ mod tests {
             .map(|w| stage(&db, &store.shared, &revoked, &mut batch, &mut staged, w).unwrap())
             .collect();
         staged.write_queue(&mut batch);
+        staged.write_listing(&mut batch);
         db.apply_batch(batch).unwrap();
         written
     }
@@ -3288,5 +3492,179 @@ mod tests {
             Some(&[1u8, 2, 3][..])
         );
         assert_eq!(store.unreadable_records().len(), 1);
+    }
+
+    fn list_keys(store: &SledStore, agent: &AgentId) -> usize {
+        let db = store.shared.db().unwrap();
+        db.scan_prefix(list_agent_prefix(agent)).count()
+    }
+
+    fn submits_at(agent: &AgentId, created: &[u64]) -> Vec<Write> {
+        created
+            .iter()
+            .map(|&ms| {
+                let mut t = task(agent);
+                t.created_at = ms;
+                Write::Submit {
+                    task: Arc::new(t),
+                    idempotency: None,
+                }
+            })
+            .collect()
+    }
+
+    /// Every listed task of a walk in pages of `limit` between the bounds, as (created, id).
+    fn walk(
+        store: &SledStore,
+        agent: Option<&AgentId>,
+        since: Option<u64>,
+        until: Option<u64>,
+        limit: usize,
+    ) -> Vec<(u64, TaskId)> {
+        let (mut seen, mut cursor) = (Vec::new(), None);
+        loop {
+            let p = page(
+                store,
+                ListQuery {
+                    agent: agent.cloned(),
+                    since_ms: since,
+                    until_ms: until,
+                    cursor,
+                    limit,
+                    scan_limit: 1000,
+                    ..ListQuery::default()
+                },
+            );
+            seen.extend(p.tasks.iter().map(|t| (t.created_at, t.id)));
+            match p.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => return seen,
+            }
+        }
+    }
+
+    fn newest_first(tasks: &[Task]) -> Vec<(u64, TaskId)> {
+        let mut all: Vec<_> = tasks.iter().map(|t| (t.created_at, t.id)).collect();
+        all.sort_by(|a, b| b.cmp(a));
+        all
+    }
+
+    #[test]
+    fn one_group_commit_lists_an_agents_tasks_under_one_key_and_stragglers_keep_the_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b): (AgentId, AgentId) = ("a".parse().unwrap(), "b".parse().unwrap());
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut writes = submits_at(&a, &[10, 30, 20, 30]);
+        writes.extend(submits_at(&b, &[25]));
+        let mut tasks = accepted(one_commit(&store, writes));
+        assert_eq!((list_keys(&store, &a), list_keys(&store, &b)), (1, 1));
+        // 25 falls inside the first key's range and joins it; 40 is newer than everything and
+        // opens a key; 5 is older than everything and takes a key of its own.
+        tasks.extend(accepted(one_commit(&store, submits_at(&a, &[25, 40, 5]))));
+        assert_eq!(list_keys(&store, &a), 3);
+        let of_a: Vec<Task> = tasks.iter().filter(|t| t.agent == a).cloned().collect();
+        for limit in [1, 2, 3, 10] {
+            assert_eq!(
+                walk(&store, Some(&a), None, None, limit),
+                newest_first(&of_a)
+            );
+            assert_eq!(walk(&store, None, None, None, limit), newest_first(&tasks));
+        }
+        // Bounds that cut through a key's range.
+        let inside: Vec<Task> = of_a
+            .iter()
+            .filter(|t| (20..31).contains(&t.created_at))
+            .cloned()
+            .collect();
+        assert_eq!(
+            walk(&store, Some(&a), Some(20), Some(31), 2),
+            newest_first(&inside)
+        );
+        assert!(store.unreadable_records().is_empty());
+    }
+
+    #[test]
+    fn a_purge_takes_entries_out_of_their_key_and_a_key_moves_to_its_oldest_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent: AgentId = "a".parse().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let t = accepted(one_commit(&store, submits_at(&agent, &[1, 2, 3])));
+        for done in [&t[0], &t[2]] {
+            let mut done = done.clone();
+            done.status = TaskStatus::Success;
+            done.finished_at = Some(4);
+            complete(&store, &done);
+        }
+        assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 2);
+        assert_eq!(walk(&store, None, None, None, 10), newest_first(&t[1..2]));
+        let db = store.shared.db().unwrap();
+        let keys: Vec<_> = db.scan_prefix(list_agent_prefix(&agent)).collect();
+        assert_eq!(keys.len(), 1);
+        let (key, value) = keys[0].as_ref().unwrap();
+        assert_eq!(
+            key.as_ref(),
+            listing_key(&list_agent_prefix(&agent), &listing::entry(2, &t[1].id))
+        );
+        assert!(value.is_empty());
+        // New tasks after the purge still list above it.
+        let more = accepted(one_commit(&store, submits_at(&agent, &[2, 9])));
+        let mut all = vec![t[1].clone()];
+        all.extend(more);
+        assert_eq!(walk(&store, None, None, None, 1), newest_first(&all));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Against a model (the set of live tasks): random group commits of tasks at random
+        /// times for two agents, completions and purges between them, a reopen in the middle,
+        /// and walks in pages of random sizes with random bounds.
+        #[test]
+        fn the_listing_is_every_live_task_newest_first_whatever_the_commits(
+            commits in proptest::collection::vec(
+                (proptest::collection::vec((0u64..40, proptest::prelude::any::<bool>()), 0..8),
+                 proptest::prelude::any::<bool>()),
+                1..8,
+            ),
+            limit in 1usize..6,
+            since in proptest::option::of(0u64..40),
+            until in proptest::option::of(0u64..45),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, b): (AgentId, AgentId) = ("a".parse().unwrap(), "b".parse().unwrap());
+            let mut store = SledStore::open(dir.path()).unwrap();
+            let mut live: Vec<Task> = Vec::new();
+            for (i, (submissions, purge)) in commits.iter().enumerate() {
+                let writes = submissions
+                    .iter()
+                    .flat_map(|&(ms, of_a)| submits_at(if of_a { &a } else { &b }, &[ms]))
+                    .collect();
+                live.extend(accepted(one_commit(&store, writes)));
+                if *purge {
+                    // Every other live task finishes and goes.
+                    let (gone, kept): (Vec<_>, Vec<_>) =
+                        live.drain(..).enumerate().partition(|(j, _)| j % 2 == 0);
+                    for (_, t) in &gone {
+                        let mut done = t.clone();
+                        done.status = TaskStatus::Success;
+                        done.finished_at = Some(1);
+                        complete(&store, &done);
+                    }
+                    proptest::prop_assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, gone.len());
+                    live = kept.into_iter().map(|(_, t)| t).collect();
+                }
+                if i == commits.len() / 2 {
+                    drop(store);
+                    store = reopen(dir.path());
+                }
+            }
+            let within = |t: &&Task| {
+                since.is_none_or(|s| t.created_at >= s) && until.is_none_or(|u| t.created_at < u)
+            };
+            let all: Vec<Task> = live.iter().filter(within).cloned().collect();
+            proptest::prop_assert_eq!(walk(&store, None, since, until, limit), newest_first(&all));
+            let of_a: Vec<Task> = all.iter().filter(|t| t.agent == a).cloned().collect();
+            proptest::prop_assert_eq!(walk(&store, Some(&a), since, until, limit), newest_first(&of_a));
+            proptest::prop_assert!(store.unreadable_records().is_empty());
+        }
     }
 }
