@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -12,11 +13,51 @@ use serde_json::Value;
 
 /// `namespace/name`, both DNS labels. The id is the stable key for memory, queues and tokens, so it
 /// is validated once at parse time and never re-checked downstream.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct AgentId {
-    namespace: String,
-    name: String,
+    /// `namespace/name`, shared: an id is copied into every task, message and map key on the
+    /// accept path, and sharing makes each copy a reference count and each hash one string (#16).
+    full: Arc<str>,
+    /// Where the `/` is in `full`.
+    slash: usize,
+}
+
+// `full` decides both parts (labels hold no `/`), so equality and hashing use it alone; the
+// order stays that of the parts, namespace first, which is what sorted listings show.
+impl PartialEq for AgentId {
+    fn eq(&self, other: &Self) -> bool {
+        self.full == other.full
+    }
+}
+
+impl Eq for AgentId {}
+
+impl std::hash::Hash for AgentId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.full.hash(state);
+    }
+}
+
+impl Ord for AgentId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.namespace(), self.name()).cmp(&(other.namespace(), other.name()))
+    }
+}
+
+impl PartialOrd for AgentId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Debug for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentId")
+            .field("namespace", &self.namespace())
+            .field("name", &self.name())
+            .finish()
+    }
 }
 
 /// Why a string is not an acceptable agent id; shown to operators in config errors.
@@ -30,19 +71,19 @@ impl AgentId {
         check_label("namespace", namespace)?;
         check_label("name", name)?;
         Ok(Self {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            full: format!("{namespace}/{name}").into(),
+            slash: namespace.len(),
         })
     }
 
     /// The namespace part, used in the `/webhooks/{namespace}/{agent}/{token}` route.
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.full[..self.slash]
     }
 
     /// The name part.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.full[self.slash + 1..]
     }
 }
 
@@ -83,13 +124,13 @@ impl TryFrom<String> for AgentId {
 
 impl From<AgentId> for String {
     fn from(id: AgentId) -> String {
-        id.to_string()
+        id.full.to_string()
     }
 }
 
 impl fmt::Display for AgentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        f.write_str(&self.full)
     }
 }
 
@@ -494,6 +535,24 @@ pub fn rfc3339(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The shared representation orders, compares and prints as the two parts do.
+        #[test]
+        fn agent_ids_order_and_compare_by_their_parts(
+            a in "[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?", b in "[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?",
+            c in "[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?", d in "[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?",
+        ) {
+            let x = AgentId::new(&a, &b).unwrap();
+            let y = AgentId::new(&c, &d).unwrap();
+            proptest::prop_assert_eq!(x.cmp(&y), (&a, &b).cmp(&(&c, &d)));
+            proptest::prop_assert_eq!(x == y, (&a, &b) == (&c, &d));
+            proptest::prop_assert_eq!((x.namespace(), x.name()), (a.as_str(), b.as_str()));
+            proptest::prop_assert_eq!(x.to_string().parse::<AgentId>().unwrap(), x.clone());
+            let json = serde_json::to_string(&x).unwrap();
+            proptest::prop_assert_eq!(serde_json::from_str::<AgentId>(&json).unwrap(), x);
+        }
+    }
 
     #[test]
     fn agent_id_defaults_namespace_and_rejects_bad_labels() {
