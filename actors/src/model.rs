@@ -13,8 +13,8 @@ use serde_json::Value;
 
 /// `namespace/name`, both DNS labels. The id is the stable key for memory, queues and tokens, so it
 /// is validated once at parse time and never re-checked downstream.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Clone, Deserialize)]
+#[serde(try_from = "String")]
 pub struct AgentId {
     /// `namespace/name`, shared: an id is copied into every task, message and map key on the
     /// accept path, and sharing makes each copy a reference count and each hash one string (#16).
@@ -48,6 +48,13 @@ impl Ord for AgentId {
 impl PartialOrd for AgentId {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
+    }
+}
+
+/// As its `namespace/name` string, written from the shared one (no copy).
+impl Serialize for AgentId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.full)
     }
 }
 
@@ -136,9 +143,17 @@ impl fmt::Display for AgentId {
 
 /// 128 random bits rendered as a UUID string. Random rather than sequential so that task ids leak
 /// nothing about traffic volume and cannot be guessed to poll someone else's results.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
 pub struct TaskId(uuid::Uuid);
+
+/// As its hyphenated lower-case string (its `Display`), formatted on the stack.
+impl Serialize for TaskId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut buf = uuid::Uuid::encode_buffer();
+        serializer.serialize_str(self.0.hyphenated().encode_lower(&mut buf))
+    }
+}
 
 impl TaskId {
     /// A fresh id from the OS CSPRNG.
@@ -574,6 +589,10 @@ mod tests {
         assert_eq!(s.len(), 36);
         assert_eq!(s.parse::<TaskId>().unwrap(), id);
         assert_ne!(TaskId::random(), id);
+        // Serialized as its Display, and read back.
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{s}\""));
+        assert_eq!(serde_json::from_str::<TaskId>(&json).unwrap(), id);
     }
 
     #[test]
