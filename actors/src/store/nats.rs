@@ -1261,7 +1261,6 @@ impl Inner {
         idempotency: Option<IdempotencyKey>,
     ) -> Result<Written, StoreError> {
         let task = Arc::make_mut(&mut accepted);
-        let mut adopted = false;
         let mut idem_written = None;
         if let Some(idem) = &idempotency {
             let k = idem_key(&task.agent, &idem.key);
@@ -1286,7 +1285,6 @@ impl Inner {
                     // node died before publishing: publish under the recorded id; JetStream's
                     // deduplication drops it in the first case.
                     task.id = seen.task;
-                    adopted = true;
                 }
                 Err(e) => return Err(backend(e)),
             }
@@ -1315,11 +1313,13 @@ impl Inner {
         };
         task.seq = ack.sequence;
         if ack.duplicate {
-            // Only an adopted id can be a duplicate: fresh ids are random. The first submission
-            // is in the stream (JetStream answers with its sequence) but its record may not be
-            // written (its node failed right after the publish): written here, so the answer
-            // "duplicate of task X" can be read back at once. The same body, by its digest.
-            debug_assert!(adopted, "a fresh task id was already in the stream");
+            // The id is already in the stream. Either this submission adopted it from a key
+            // whose first submission is in flight or whose node died, or this *is* the first
+            // submission and a node that adopted its id published before it did (ids are
+            // random, so nothing else repeats one). Either way the task exists (JetStream answers
+            // with its sequence) but its record may not be written yet: written here, so the
+            // answer "duplicate of task X" can be read back at once. The same body, by its
+            // digest, so either record is the task's.
             self.first_record(task).await?;
             return Ok(Written::Duplicate(task.id));
         }
