@@ -129,12 +129,6 @@ impl TryFrom<String> for AgentId {
     }
 }
 
-impl From<AgentId> for String {
-    fn from(id: AgentId) -> String {
-        id.full.to_string()
-    }
-}
-
 impl fmt::Display for AgentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.full)
@@ -185,12 +179,6 @@ impl TryFrom<String> for TaskId {
     type Error = uuid::Error;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         s.parse()
-    }
-}
-
-impl From<TaskId> for String {
-    fn from(id: TaskId) -> String {
-        id.to_string()
     }
 }
 

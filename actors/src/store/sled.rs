@@ -1028,15 +1028,7 @@ fn dequeue(
     agent: &AgentId,
     seq: u64,
 ) -> Result<(), StoreError> {
-    match queue::locate(seq) {
-        None => batch.remove(queue_key(agent, seq)),
-        Some((base, slot)) => {
-            if let Some(segment) = staged_segment(db, shared, staged, agent, base)? {
-                segment.remove(&slot);
-            }
-        }
-    }
-    Ok(())
+    set_queued(db, shared, batch, staged, agent, seq, None)
 }
 
 /// Puts a task back into its agent's queue at the position it had (a retry that came due).
@@ -1049,11 +1041,29 @@ fn requeue(
     seq: u64,
     id: TaskId,
 ) -> Result<(), StoreError> {
-    match queue::locate(seq) {
-        None => batch.insert(queue_key(agent, seq), id.as_bytes().to_vec()),
-        Some((base, slot)) => {
+    set_queued(db, shared, batch, staged, agent, seq, Some(id))
+}
+
+/// Puts `id` at position `seq` of an agent's queue, or takes what is there out (`None`): in its
+/// segment, or under its own key for a position of an earlier release.
+fn set_queued(
+    db: &sled::Db,
+    shared: &Shared,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    agent: &AgentId,
+    seq: u64,
+    id: Option<TaskId>,
+) -> Result<(), StoreError> {
+    match (queue::locate(seq), id) {
+        (None, None) => batch.remove(queue_key(agent, seq)),
+        (None, Some(id)) => batch.insert(queue_key(agent, seq), id.as_bytes().to_vec()),
+        (Some((base, slot)), id) => {
             if let Some(segment) = staged_segment(db, shared, staged, agent, base)? {
-                segment.insert(slot, id);
+                match id {
+                    Some(id) => segment.insert(slot, id),
+                    None => segment.remove(&slot),
+                };
             }
         }
     }
@@ -1113,16 +1123,12 @@ fn list(
         }
     };
     if tail.is_none_or(|t| e > t) {
-        match staged.list_new.get_mut(&task.agent) {
-            Some(entries) => {
-                entries.insert(e);
-            }
-            None => {
-                staged
-                    .list_new
-                    .insert(task.agent.clone(), BTreeSet::from([e]));
-            }
-        }
+        // An id clone is a reference count.
+        staged
+            .list_new
+            .entry(task.agent.clone())
+            .or_default()
+            .insert(e);
         return Ok(());
     }
     let prefix = list_agent_prefix(&task.agent);
