@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use tickgate_actors::agent::AgentHandle;
 use tickgate_actors::events::TaskEvents;
 use tickgate_actors::intake::{Accepted, Intake, Refused};
-use tickgate_actors::model::{AgentId, Source, Task};
+use tickgate_actors::model::{AgentId, Source, Task, TaskId};
 use tickgate_actors::store::IdempotencyKey;
 use tokio::sync::{broadcast, mpsc};
 
@@ -202,7 +202,7 @@ pub enum Disposition {
 
 /// The rule from intake answers to acknowledgements: only durability acks; refusals that can
 /// pass are redelivered later; a key reused with another body can never pass and is terminated.
-pub fn disposition(answer: &Result<Accepted, Refused>) -> Disposition {
+pub fn disposition(answer: &Result<Accepted<TaskId>, Refused>) -> Disposition {
     match answer {
         Ok(Accepted::New(_) | Accepted::Duplicate(_)) => Disposition::Ack,
         Err(Refused::Conflict(_)) => Disposition::Term,
@@ -501,11 +501,11 @@ async fn handle(
             dispose(Disposition::Term, outcome)
         }
         Ok((task, key)) => {
-            let answer = deps.intake.accept(task, Some(key)).await;
+            let answer = deps.intake.accept_id(task, Some(key)).await;
             let d = disposition(&answer);
             match &answer {
-                Ok(Accepted::New(task)) => {
-                    tracing::debug!(agent = %agent, subject = %subject, sequence, task_id = %task.id, "queue message queued as a task");
+                Ok(Accepted::New(id)) => {
+                    tracing::debug!(agent = %agent, subject = %subject, sequence, task_id = %id, "queue message queued as a task");
                     dispose(d, "task")
                 }
                 Ok(Accepted::Duplicate(id)) => {
@@ -763,18 +763,12 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tickgate_actors::model::TaskId;
     use tickgate_actors::store::StoreError;
 
     #[test]
     fn only_durability_acks_and_passing_refusals_are_redelivered() {
-        let task = Arc::new(Task::new(
-            "a".parse().unwrap(),
-            serde_json::json!({}),
-            Source::default(),
-        ));
         let id = TaskId::random();
-        assert_eq!(disposition(&Ok(Accepted::New(task))), Disposition::Ack);
+        assert_eq!(disposition(&Ok(Accepted::New(id))), Disposition::Ack);
         assert_eq!(disposition(&Ok(Accepted::Duplicate(id))), Disposition::Ack);
         assert_eq!(disposition(&Err(Refused::Conflict(id))), Disposition::Term);
         assert_eq!(

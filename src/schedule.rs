@@ -85,8 +85,8 @@ pub async fn fire_slot(
         key: idempotency_key(index, slot),
         body_sha256: digest.finalize().into(),
     };
-    match deps.intake.accept(task, Some(idempotency)).await {
-        Ok(Accepted::New(task)) => Fired::Task(task.id),
+    match deps.intake.accept_id(task, Some(idempotency)).await {
+        Ok(Accepted::New(id)) => Fired::Task(id),
         Ok(Accepted::Duplicate(id)) => Fired::Already(id),
         // A conflict means an earlier version of this entry (same index) fired this very slot.
         Err(Refused::Conflict(id)) => Fired::Already(id),

@@ -30,11 +30,14 @@ use crate::store::{IdempotencyKey, Store, StoreError, Write, Written};
 /// from the store when its turn comes, so a big mailbox does not hold a big backlog in memory.
 const QUEUED_IN_MEMORY: usize = 1024;
 
-/// A task that was taken: either new, or the task an idempotency key already names.
+/// A task that was taken: either new, or the task an idempotency key already names. `T` is what
+/// the caller keeps of a new task: the task itself ([`Intake::accept`]) or only its id
+/// ([`Intake::accept_id`]), for callers that answer without it and so leave the agent the only
+/// reference, which it can then take over without copying the task (#16).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Accepted {
+pub enum Accepted<T = Arc<Task>> {
     /// Stored and queued for its agent; a `202` may be sent.
-    New(Arc<Task>),
+    New(T),
     /// The idempotency key was used before with the same body; nothing new was stored.
     Duplicate(TaskId),
 }
@@ -173,6 +176,28 @@ impl Intake {
         task: Task,
         idempotency: Option<IdempotencyKey>,
     ) -> Result<Accepted, Refused> {
+        self.take(task, idempotency, Arc::clone).await
+    }
+
+    /// [`Intake::accept`] for a caller that needs only the new task's id (a fire-and-forget
+    /// answer, a schedule slot, a queue message): the task is not shared with the caller, so
+    /// the agent owns it outright when it runs.
+    pub async fn accept_id(
+        &self,
+        task: Task,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<Accepted<TaskId>, Refused> {
+        self.take(task, idempotency, |task| task.id).await
+    }
+
+    /// The one path of both: `keep` picks, on the writer thread and before the hand-off to the
+    /// agent, what of a new task the caller gets back.
+    async fn take<T: Send + 'static>(
+        &self,
+        task: Task,
+        idempotency: Option<IdempotencyKey>,
+        keep: fn(&Arc<Task>) -> T,
+    ) -> Result<Accepted<T>, Refused> {
         if self.lifecycle.is_draining() {
             return Err(Refused::ShuttingDown);
         }
@@ -212,7 +237,9 @@ impl Intake {
                         if let Some(trial) = trial {
                             trial.consume();
                         }
-                        // The intake's own Arc, shared with the caller rather than copied.
+                        // Taken before the hand-off: if the caller keeps only the id, the
+                        // agent receives the last reference and runs the task without a copy.
+                        let kept = keep(&task);
                         if let Some(feed) = &feed {
                             // Before the agent can start it, so PENDING precedes STARTED.
                             let _ = feed.send(task.clone());
@@ -224,9 +251,9 @@ impl Intake {
                             Some(slot) if mailbox.queued() > QUEUED_IN_MEMORY => {
                                 addr.do_send(RunStored(task.id, slot))
                             }
-                            Some(slot) => addr.do_send(RunTask(task.clone(), slot)),
+                            Some(slot) => addr.do_send(RunTask(task, slot)),
                         }
-                        Ok(Accepted::New(task))
+                        Ok(Accepted::New(kept))
                     }
                     Ok(Written::Duplicate(id)) => Ok(Accepted::Duplicate(id)),
                     Ok(Written::Conflict(id)) => Err(Refused::Conflict(id)),

@@ -377,8 +377,8 @@ pub async fn replay_agent(
             refused.push(json!({ "task_id": original.id.to_string(), "error": error }));
             continue;
         }
-        match state.intake.accept(replay_of(original), None).await {
-            Ok(Accepted::New(task)) => task_ids.push(task.id.to_string()),
+        match state.intake.accept_id(replay_of(original), None).await {
+            Ok(Accepted::New(id)) => task_ids.push(id.to_string()),
             Ok(Accepted::Duplicate(dup)) => task_ids.push(dup.to_string()),
             Err(e) => {
                 let code = refusal_code(&e);

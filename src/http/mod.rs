@@ -98,7 +98,7 @@ impl AppState {
             .unwrap_or(IpAddr::from([127, 0, 0, 1]));
         let xff: Vec<std::borrow::Cow<'_, str>> = req
             .headers()
-            .get_all("x-forwarded-for")
+            .get_all(&X_FORWARDED_FOR)
             .map(|v| String::from_utf8_lossy(v.as_bytes()))
             .collect();
         let xff: Vec<&str> = xff.iter().map(|v| v.as_ref()).collect();
@@ -239,6 +239,10 @@ pub fn error_shape<B: MessageBody + 'static>() -> ErrorHandlers<B> {
 
 /// The shortest secret a webhook URL can carry (`token_env` tokens must be at least this long).
 const MIN_TOKEN_LEN: usize = 32;
+
+/// Named once: a `&str` header name is parsed into a `HeaderName` on every lookup.
+const X_FORWARDED_FOR: actix_web::http::header::HeaderName =
+    actix_web::http::header::HeaderName::from_static("x-forwarded-for");
 
 /// What the access log shows for a request's path, so that logs never hold a working URL or a
 /// token. Webhook routes appear as their pattern (`/webhooks/{token}`; the agent is logged

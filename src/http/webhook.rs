@@ -257,7 +257,33 @@ fn gate<'a>(state: &'a AppState, agent: &AgentHandle) -> &'a Gate {
         .expect("every registered agent has a gate")
 }
 
-fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+/// A request's headers as (name, value) pairs in arrival order, for lookups by a name given as
+/// text. Values that are not visible ASCII read as absent, as `HeaderValue::to_str` has it.
+struct HeaderList<'a>(Vec<(&'a str, Option<&'a str>)>);
+
+impl<'a> HeaderList<'a> {
+    fn of(req: &'a HttpRequest) -> Self {
+        Self(
+            req.headers()
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.to_str().ok()))
+                .collect(),
+        )
+    }
+
+    /// The first value of header `name` (any case), like `HeaderMap::get`.
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| *v)
+    }
+}
+
+/// Named once: looking a header up by `&str` parses the name into a `HeaderName` on every call.
+const PREFER: header::HeaderName = header::HeaderName::from_static("prefer");
+
+fn header_str<'a>(req: &'a HttpRequest, name: &header::HeaderName) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -275,7 +301,11 @@ async fn trigger(
     }
     let gate = gate(state, agent);
     gate.check_source(client).map_err(gate_error)?;
-    let lookup = |name: &str| header_str(req, name).map(str::to_string);
+    // The headers listed once, then scanned: `headers().get(name)` parses `name` into a
+    // `HeaderName` (an allocation for every non-standard name) on each of the ten-odd lookups
+    // a trigger makes, and walking the map itself costs as much as the list (#16).
+    let listed = HeaderList::of(req);
+    let lookup = |name: &str| listed.get(name).map(str::to_string);
     if let Err(e) = gate.check_signature(&lookup, raw_body) {
         state.failures.failed(client);
         return Err(gate_error(e));
@@ -293,7 +323,9 @@ async fn trigger(
             env: BTreeMap::new(),
             wait: None,
         },
-        None => body::parse(header_str(req, "content-type"), raw_body).map_err(body_error)?,
+        None => {
+            body::parse(header_str(req, &header::CONTENT_TYPE), raw_body).map_err(body_error)?
+        }
     };
     limits::check_env(&parsed.env)?;
     if let Some(name) = parsed
@@ -316,38 +348,57 @@ async fn trigger(
     let mut task = Task::new(agent.spec.id.clone(), parsed.inputs, source);
     task.title = Some(parsed.title.unwrap_or(derived.title));
     task.env = parsed.env;
-    let sub = wait.map(|_| state.events.subscribe(task.id));
-
-    match state.intake.accept(task, idempotency).await? {
-        Accepted::New(task) => match (wait, sub) {
-            (Some(wait), Some(sub)) => {
-                // The accepted task is shared with the agent; waiting needs no copy of it.
-                let (task, timed_out) = wait_for(state, sub, task, wait).await?;
-                Ok(finished_or_pending(state, &task, timed_out, false))
+    let duplicate_of = match wait {
+        Some(wait) => {
+            let sub = state.events.subscribe(task.id);
+            match state.intake.accept(task, idempotency).await? {
+                Accepted::New(task) => {
+                    // The accepted task is shared with the agent; waiting needs no copy of it.
+                    let (task, timed_out) = wait_for(state, sub, task, wait).await?;
+                    return Ok(finished_or_pending(state, &task, timed_out, false));
+                }
+                Accepted::Duplicate(id) => id,
             }
-            // `webhook.ack` replaces the fire-and-forget answer.
-            _ => Ok(gate
-                .delivery
-                .ack()
-                .unwrap_or_else(|| accepted(state, &task))),
-        },
-        Accepted::Duplicate(id) => {
-            drop(sub);
-            // `webhook.ack` replaces a fire-and-forget duplicate's answer too.
-            if let (None, Some(ack)) = (wait, gate.delivery.ack()) {
-                return Ok(ack);
-            }
-            let sub = wait.map(|_| state.events.subscribe(id));
-            let original = load(state, id).await?.map(Arc::new).ok_or_else(|| {
-                ApiError::Internal(format!("idempotency key points at missing task {id}"))
-            })?;
-            let (task, timed_out) = match (wait, sub) {
-                (Some(wait), Some(sub)) => wait_for(state, sub, original, wait).await?,
-                _ => (original, false),
-            };
-            Ok(finished_or_pending(state, &task, timed_out, true))
         }
+        None => {
+            // Only the id comes back, so the agent owns the task it runs (#16).
+            let agent = task.agent.clone();
+            match state.intake.accept_id(task, idempotency).await? {
+                // `webhook.ack` replaces the fire-and-forget answer.
+                Accepted::New(id) => {
+                    return Ok(gate
+                        .delivery
+                        .ack()
+                        .unwrap_or_else(|| accepted(state, &id, &agent)))
+                }
+                Accepted::Duplicate(id) => id,
+            }
+        }
+    };
+    duplicate(state, gate, duplicate_of, wait).await
+}
+
+/// The answer to a delivery whose idempotency key names task `id` already: that task as it is
+/// (or as it ends within `wait`), or the configured `webhook.ack` for a fire-and-forget caller.
+async fn duplicate(
+    state: &AppState,
+    gate: &Gate,
+    id: TaskId,
+    wait: Option<Duration>,
+) -> Result<HttpResponse, ApiError> {
+    // `webhook.ack` replaces a fire-and-forget duplicate's answer too.
+    if let (None, Some(ack)) = (wait, gate.delivery.ack()) {
+        return Ok(ack);
     }
+    let sub = wait.map(|_| state.events.subscribe(id));
+    let original = load(state, id).await?.map(Arc::new).ok_or_else(|| {
+        ApiError::Internal(format!("idempotency key points at missing task {id}"))
+    })?;
+    let (task, timed_out) = match (wait, sub) {
+        (Some(wait), Some(sub)) => wait_for(state, sub, original, wait).await?,
+        _ => (original, false),
+    };
+    Ok(finished_or_pending(state, &task, timed_out, true))
 }
 
 /// The fire-and-forget answer's body, serialized straight from borrowed fields (no
@@ -360,12 +411,13 @@ struct AcceptedBody<'a> {
     poll_url: &'a str,
 }
 
-fn accepted(state: &AppState, task: &Task) -> HttpResponse {
-    let poll_url = state.poll_url(&task.id);
+fn accepted(state: &AppState, id: &TaskId, agent: &AgentId) -> HttpResponse {
+    let poll_url = state.poll_url(id);
     let body = serde_json::to_vec(&AcceptedBody {
-        task_id: &task.id,
-        status: task.status,
-        agent: &task.agent,
+        task_id: id,
+        // A new task is PENDING until its agent starts it.
+        status: TaskStatus::Pending,
+        agent,
         poll_url: &poll_url,
     })
     .unwrap_or_default();
@@ -406,7 +458,7 @@ fn requested_wait(
     }
     let prefer = req
         .headers()
-        .get_all("prefer")
+        .get_all(&PREFER)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split([',', ';']))
         .find_map(|pref| {
@@ -446,7 +498,7 @@ fn source(req: &HttpRequest, client: IpAddr, gate: &Gate) -> Source {
         }
     }
     Source {
-        method: req.method().to_string(),
+        method: req.method().as_str().to_string(),
         remote_ip: client.to_string(),
         event: None,
         headers,

@@ -401,7 +401,10 @@ fn decode<T: DeserializeOwned>(raw: &[u8]) -> Result<T, serde_json::Error> {
 }
 
 fn key(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
-    let mut k = prefix.to_vec();
+    // Sized once: growing from the prefix reallocated on almost every key (#16).
+    let len = prefix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>();
+    let mut k = Vec::with_capacity(len);
+    k.extend_from_slice(prefix);
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {
             k.push(0);
