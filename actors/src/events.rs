@@ -1,7 +1,9 @@
 //! Task status changes, fanned out to whoever waits on them: sync triggers and SSE streams.
 //!
 //! A small broadcast channel per watched task delivers every change in order (an SSE client must
-//! see STARTED even when the tick is quick). Entries exist only while someone watches; a publisher
+//! see STARTED even when the tick is quick); a watcher that only waits for the outcome (a sync
+//! trigger) asks for the stopping points alone, and while nobody wants more, the other changes
+//! are not announced at all. Entries exist only while someone watches; a publisher
 //! never creates one, so tasks nobody waits on cost nothing here. Events carry `Arc<Task>`: a
 //! publisher that already shares its task (the store writer's answers do) hands out a reference,
 //! not a deep copy of the payload, however many watchers there are.
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use crate::model::{AgentId, Task, TaskId};
+use crate::model::{AgentId, Task, TaskId, TaskStatus};
 
 /// Emitted by an agent after every tick: the seam for the circuit breaker, metrics and the
 /// operator page's tick history. It lives here, beside the task events, so that its consumers
@@ -36,10 +38,17 @@ const EVENTS_PER_TASK: usize = 16;
 /// Changes of all tasks buffered for one slow reader of the whole feed before it lags.
 const EVENTS_ALL: usize = 1024;
 
+/// One watched task: its channel, and how many of its subscriptions want every change rather
+/// than only the stopping points.
+struct Watch {
+    tx: broadcast::Sender<Arc<Task>>,
+    progress: usize,
+}
+
 /// The hub shared by agents (publishers) and the HTTP edge (subscribers).
 #[derive(Default)]
 pub struct TaskEvents {
-    watched: Mutex<HashMap<TaskId, broadcast::Sender<Arc<Task>>>>,
+    watched: Mutex<HashMap<TaskId, Watch>>,
     /// Every task's changes, for the operator page's event stream; created on first use, and a
     /// publish costs one atomic read while nobody listens.
     all: std::sync::OnceLock<broadcast::Sender<Arc<Task>>>,
@@ -50,21 +59,38 @@ pub struct Subscription {
     hub: Arc<TaskEvents>,
     id: TaskId,
     rx: broadcast::Receiver<Arc<Task>>,
+    /// Whether it counts among the task's progress watchers.
+    progress: bool,
 }
 
 impl TaskEvents {
     /// Starts watching `id`. Subscribe *before* reading the stored state: a change published in
     /// between is then seen by the subscription, so no update is ever missed.
     pub fn subscribe(self: &Arc<Self>, id: TaskId) -> Subscription {
+        self.watch(id, true)
+    }
+
+    /// Starts watching `id` for its stopping points only (a terminal status, or waiting for
+    /// input), for a caller that waits for the outcome and reads the store if it gives up. While
+    /// a task has only such watchers, its other changes are not announced, so the agent's
+    /// STARTED costs no copy of the task (#16). A subscription may still see other changes when
+    /// someone else watches the same task's progress.
+    pub fn subscribe_outcome(self: &Arc<Self>, id: TaskId) -> Subscription {
+        self.watch(id, false)
+    }
+
+    fn watch(self: &Arc<Self>, id: TaskId, progress: bool) -> Subscription {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        let rx = watched
-            .entry(id)
-            .or_insert_with(|| broadcast::channel(EVENTS_PER_TASK).0)
-            .subscribe();
+        let watch = watched.entry(id).or_insert_with(|| Watch {
+            tx: broadcast::channel(EVENTS_PER_TASK).0,
+            progress: 0,
+        });
+        watch.progress += usize::from(progress);
         Subscription {
             hub: self.clone(),
             id,
-            rx,
+            rx: watch.tx.subscribe(),
+            progress,
         }
     }
 
@@ -85,18 +111,17 @@ impl TaskEvents {
     /// Announces a task's new state, after it is durable. The task is copied only when someone
     /// watches it; publishers holding an `Arc` use [`TaskEvents::publish_shared`] instead.
     pub fn publish(&self, task: &Task) {
-        self.send(task.id, task.status.is_terminal(), || {
-            Arc::new(task.clone())
-        });
+        self.send(task.id, task.status, || Arc::new(task.clone()));
     }
 
     /// Like [`TaskEvents::publish`] for a task that is already shared: watchers get the same
     /// `Arc`, so announcing costs no copy of the task on the request path.
     pub fn publish_shared(&self, task: &Arc<Task>) {
-        self.send(task.id, task.status.is_terminal(), || task.clone());
+        self.send(task.id, task.status, || task.clone());
     }
 
-    fn send(&self, id: TaskId, terminal: bool, task: impl FnOnce() -> Arc<Task>) {
+    fn send(&self, id: TaskId, status: TaskStatus, task: impl FnOnce() -> Arc<Task>) {
+        let terminal = status.is_terminal();
         let mut task = Some(task);
         let mut shared: Option<Arc<Task>> = None;
         let mut take = || {
@@ -108,8 +133,10 @@ impl TaskEvents {
             let _ = all.send(take());
         }
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = watched.get(&id) {
-            let _ = tx.send(take());
+        if let Some(watch) = watched.get(&id) {
+            if watch.progress > 0 || status.is_stopping_point() {
+                let _ = watch.tx.send(take());
+            }
             if terminal {
                 watched.remove(&id);
             }
@@ -121,8 +148,10 @@ impl TaskEvents {
     /// queue reply publisher) acts on each change once in a cluster.
     pub fn publish_watchers(&self, task: &Arc<Task>) {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = watched.get(&task.id) {
-            let _ = tx.send(task.clone());
+        if let Some(watch) = watched.get(&task.id) {
+            if watch.progress > 0 || task.status.is_stopping_point() {
+                let _ = watch.tx.send(task.clone());
+            }
             if task.status.is_terminal() {
                 watched.remove(&task.id);
             }
@@ -161,10 +190,12 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut watched = self.hub.watched.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = watched.get(&self.id) {
+        if let Some(watch) = watched.get_mut(&self.id) {
             // Our receiver is still alive here, so "only us" means a count of one.
-            if tx.receiver_count() <= 1 {
+            if watch.tx.receiver_count() <= 1 {
                 watched.remove(&self.id);
+            } else if self.progress {
+                watch.progress -= 1;
             }
         }
     }
@@ -173,7 +204,7 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Source, TaskStatus};
+    use crate::model::Source;
 
     #[tokio::test(flavor = "current_thread")]
     async fn subscriber_sees_updates_then_end_and_hub_forgets_the_task() {
@@ -191,6 +222,41 @@ mod tests {
         hub.publish(&task);
         assert_eq!(sub.next().await.unwrap().status, TaskStatus::Success);
         assert!(sub.next().await.is_none());
+        assert_eq!(hub.watched(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_outcome_watcher_gets_stopping_points_and_progress_only_beside_a_progress_watcher() {
+        let hub = Arc::new(TaskEvents::default());
+        let mut task = Task::new(
+            "a".parse().unwrap(),
+            serde_json::json!(null),
+            Source::default(),
+        );
+        let mut outcome = hub.subscribe_outcome(task.id);
+        task.status = TaskStatus::Started;
+        hub.publish(&task);
+        task.status = TaskStatus::AwaitingInput;
+        hub.publish(&task);
+        assert_eq!(
+            outcome.next().await.unwrap().status,
+            TaskStatus::AwaitingInput
+        );
+
+        // With a progress watcher beside it, every change goes out (one channel per task).
+        let mut progress = hub.subscribe(task.id);
+        task.status = TaskStatus::Started;
+        hub.publish(&task);
+        assert_eq!(progress.next().await.unwrap().status, TaskStatus::Started);
+        assert_eq!(outcome.next().await.unwrap().status, TaskStatus::Started);
+        // ...and stops again once that watcher is gone.
+        drop(progress);
+        task.status = TaskStatus::Retry;
+        hub.publish(&task);
+        task.status = TaskStatus::Success;
+        hub.publish(&task);
+        assert_eq!(outcome.next().await.unwrap().status, TaskStatus::Success);
+        assert!(outcome.next().await.is_none());
         assert_eq!(hub.watched(), 0);
     }
 

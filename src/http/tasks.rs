@@ -119,6 +119,38 @@ pub async fn wait_for(
     Ok((task, false))
 }
 
+/// [`wait_for`] for a task the caller has just submitted and kept only the id of, watched
+/// through [`TaskEvents::subscribe_outcome`](tickgate_actors::events::TaskEvents::subscribe_outcome):
+/// it holds no copy of the task while the agent runs it (#16). Should the wait end before a
+/// stopping point, the answer is the task as stored then.
+pub async fn wait_for_new(
+    state: &AppState,
+    mut sub: Subscription,
+    id: TaskId,
+    wait: Duration,
+) -> Result<(Arc<Task>, bool), ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut latest = None;
+    loop {
+        tokio::select! {
+            next = sub.next() => match next {
+                Some(t) if t.status.is_stopping_point() => return Ok((t, false)),
+                // Seen only when someone else watches this task's progress.
+                Some(t) => latest = Some(t),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    let task = match load(state, id).await? {
+        Some(stored) => Arc::new(stored),
+        None => latest
+            .ok_or_else(|| ApiError::Internal(format!("accepted task {id} is not in the store")))?,
+    };
+    let timed_out = !task.status.is_stopping_point();
+    Ok((task, timed_out))
+}
+
 /// Orders states so that a stream never goes backwards when a stored read and a published event
 /// overlap: by attempt, then tick (a resumed task's continuation runs as a later tick of the same
 /// attempt), then status within the tick. A PENDING task holding an answer comes after the

@@ -19,7 +19,7 @@ use tickgate_actors::token;
 
 use super::error::ApiError;
 use super::limits;
-use super::tasks::{load, wait_for, TaskRecord};
+use super::tasks::{load, wait_for, wait_for_new, TaskRecord};
 use super::{AgentLabel, AppState};
 use crate::ingress::body::{self, BodyError, TriggerBody};
 use crate::ingress::{title, Gate, GateError};
@@ -349,19 +349,18 @@ async fn trigger(
     task.title = Some(parsed.title.unwrap_or(derived.title));
     task.env = parsed.env;
     let duplicate_of = match wait {
+        // Only the id comes back either way, so the agent owns the task it runs (#16).
         Some(wait) => {
-            let sub = state.events.subscribe(task.id);
-            match state.intake.accept(task, idempotency).await? {
-                Accepted::New(task) => {
-                    // The accepted task is shared with the agent; waiting needs no copy of it.
-                    let (task, timed_out) = wait_for(state, sub, task, wait).await?;
+            let sub = state.events.subscribe_outcome(task.id);
+            match state.intake.accept_id(task, idempotency).await? {
+                Accepted::New(id) => {
+                    let (task, timed_out) = wait_for_new(state, sub, id, wait).await?;
                     return Ok(finished_or_pending(state, &task, timed_out, false));
                 }
                 Accepted::Duplicate(id) => id,
             }
         }
         None => {
-            // Only the id comes back, so the agent owns the task it runs (#16).
             let agent = task.agent.clone();
             match state.intake.accept_id(task, idempotency).await? {
                 // `webhook.ack` replaces the fire-and-forget answer.
