@@ -18,7 +18,7 @@
 //! key that loses its own entry moves to its oldest remaining one.
 //!
 //! This module is pure (no sled): the value layout and the bounds a read filters with, with
-//! property tests. The staging and the reader are in `sled.rs`.
+//! property tests. The staging and the reader are in `sled/listed.rs`.
 
 use crate::model::TaskId;
 

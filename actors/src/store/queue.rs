@@ -16,7 +16,7 @@
 //! one-task keys, whose value is the bare 16-byte task id; they are read and removed as before.
 //!
 //! This module is pure (no sled): the position arithmetic and the value layout, with property
-//! tests. The staging that uses them is in `sled.rs`.
+//! tests. The staging that uses them is in `sled/queued.rs`.
 
 use std::collections::BTreeMap;
 

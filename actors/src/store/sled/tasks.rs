@@ -1,0 +1,194 @@
+//! Task records: the head (`t/`, what a task was accepted with) and the state (`u/`, what changed
+//! since), how they are staged (with the status callbacks a change plans, the outbox hook) and
+//! read back over each other, and the revoked markers (`rv/`) that keep a cancelled task from
+//! running. Separate because every other part reads or writes tasks through these.
+
+use std::collections::HashSet;
+
+use super::stage::Staged;
+use super::{backend, encode, key, outbox_key, Shared, REVOKED, STATE, TASK};
+use crate::model::{now_ms, Task, TaskId, TaskStatus};
+use crate::store::record;
+use crate::store::StoreError;
+
+pub(super) fn task_key(id: &TaskId) -> Vec<u8> {
+    key(TASK, &[id.as_bytes()])
+}
+
+pub(super) fn state_key(task: &Task) -> Vec<u8> {
+    key(STATE, &[&task.created_at.to_be_bytes(), task.id.as_bytes()])
+}
+
+/// Where the release before this one kept a task's state record.
+pub(super) fn legacy_state_key(id: &TaskId) -> Vec<u8> {
+    key(STATE, &[id.as_bytes()])
+}
+
+/// The task id in a state key of the current layout (`u/<created_at>\0<id>`, see [`state_key`]);
+/// `None` for the earlier layout (`u/<id>`).
+pub(super) fn state_key_id(key: &[u8]) -> Option<TaskId> {
+    let rest = key.strip_prefix(STATE)?;
+    if rest.len() != 8 + 1 + 16 || rest[8] != 0 {
+        return None;
+    }
+    Some(TaskId::from_bytes(rest[9..].try_into().ok()?))
+}
+
+/// A task's state record: under its key, or for a task last changed by an older release, under
+/// the legacy one.
+fn get_state(db: &sled::Db, task: &Task) -> Result<Option<sled::IVec>, StoreError> {
+    match db.get(state_key(task)).map_err(backend)? {
+        Some(state) => Ok(Some(state)),
+        None => db.get(legacy_state_key(&task.id)).map_err(backend),
+    }
+}
+
+impl Shared {
+    /// Reads a task: its head record and, if it changed since acceptance, its state record over
+    /// it. `None` when there is no head (never accepted, or purged).
+    pub(super) fn load_task(&self, db: &sled::Db, id: TaskId) -> Result<Option<Task>, StoreError> {
+        let Some(head) = db.get(task_key(&id)).map_err(backend)? else {
+            return Ok(None);
+        };
+        let unreadable = |e: record::RecordError| {
+            let what = format!("task {id}");
+            self.report_unreadable(what.clone(), &e.into_json());
+            StoreError::Backend(format!("the stored {what} cannot be decoded"))
+        };
+        let mut task = record::decode_task(id, &head).map_err(unreadable)?;
+        if let Some(state) = get_state(db, &task)? {
+            record::apply_state(&mut task, &state).map_err(unreadable)?;
+        }
+        Ok(Some(task))
+    }
+}
+
+/// Keeps [`Staged::tasks`] current when an unconditional write of a task follows a conditional
+/// one in the same batch.
+fn restage(staged: &mut Staged, task: &Task) {
+    if let Some(t) = staged.tasks.get_mut(&task.id) {
+        *t = task.clone();
+    }
+}
+
+/// The task as the batch so far leaves it.
+pub(super) fn staged_task(
+    db: &sled::Db,
+    shared: &Shared,
+    staged: &Staged,
+    id: TaskId,
+) -> Result<Option<Task>, StoreError> {
+    if let Some(task) = staged.tasks.get(&id) {
+        return Ok(Some(task.clone()));
+    }
+    shared.load_task(db, id)
+}
+
+thread_local! {
+    /// The buffer task records are encoded into. Only the writer thread stages writes, so this
+    /// is the writer's own buffer, reused for every record instead of one allocation each.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(SCRATCH_KEEP));
+}
+
+/// Largest capacity the record buffer keeps between records; a larger one (a task with a large
+/// payload) is given back.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+/// Whether [`put_task`] writes a task's head (a newly accepted task) or only its state (any later
+/// change: the head already holds what never changes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Part {
+    Head,
+    State,
+}
+
+/// Stages a task record, and with it the status callbacks its status change causes (the outbox
+/// hook): when the task is new or its status differs from the stored (or earlier staged) one,
+/// the outbox plans deliveries, which go into the same batch under [`OUTBOX`](super::OUTBOX).
+pub(super) fn put_task(
+    db: &sled::Db,
+    shared: &Shared,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    task: &Task,
+    part: Part,
+) -> Result<(), StoreError> {
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        buf.clear();
+        let key = match part {
+            Part::Head => {
+                record::encode_task_into(&mut buf, task);
+                task_key(&task.id)
+            }
+            Part::State => {
+                record::encode_state_into(&mut buf, task);
+                state_key(task)
+            }
+        };
+        // sled copies the value into a shared slice of its own either way; from a borrowed
+        // buffer that is the only allocation.
+        batch.insert(key, &buf[..]);
+        if buf.capacity() > SCRATCH_KEEP {
+            *buf = Vec::with_capacity(SCRATCH_KEEP);
+        }
+    });
+    restage(staged, task);
+    let staged_before = staged.statuses.insert(task.id, task.status);
+    let Some(outbox) = shared.outbox.as_ref().filter(|o| o.wants(&task.agent)) else {
+        return Ok(());
+    };
+    let previous = match (staged_before, part) {
+        (Some(status), _) => Some(status),
+        (None, Part::Head) => None,
+        (None, Part::State) => stored_status(db, task)?,
+    };
+    for mut d in outbox.plan(previous, task, now_ms()) {
+        d.id = db.generate_id().map_err(backend)?;
+        batch.insert(outbox_key(d.id), encode(&d)?);
+        staged.deliveries.push(d);
+    }
+    Ok(())
+}
+
+/// A stored task's status, read from the second byte of its state (or head) record; only a
+/// head in the previous release's JSON is decoded whole. An unreadable record has none.
+fn stored_status(db: &sled::Db, task: &Task) -> Result<Option<TaskStatus>, StoreError> {
+    let id = task.id;
+    if let Some(raw) = get_state(db, task)? {
+        return Ok(record::stored_status(&raw));
+    }
+    let Some(raw) = db.get(task_key(&id)).map_err(backend)? else {
+        return Ok(None);
+    };
+    Ok(
+        record::stored_status(&raw)
+            .or_else(|| record::decode_task(id, &raw).ok().map(|t| t.status)),
+    )
+}
+
+pub(super) fn revoked_key(id: &TaskId) -> Vec<u8> {
+    key(REVOKED, &[id.as_bytes()])
+}
+
+/// Whether `id` was revoked, in this batch or before: answered from memory (the writer's set of
+/// revoked tasks, loaded from the `rv/` markers at open), never from a tree read.
+pub(super) fn is_revoked(revoked: &HashSet<TaskId>, staged: &Staged, id: &TaskId) -> bool {
+    staged.revoked.contains(id) || revoked.contains(id)
+}
+
+/// Every revoked marker in the store, for the writer's in-memory set.
+pub(super) fn load_revoked(db: &sled::Db) -> Result<HashSet<TaskId>, StoreError> {
+    let mut set = HashSet::new();
+    for entry in db.scan_prefix(REVOKED) {
+        let (k, _) = entry.map_err(backend)?;
+        if let Ok(bytes) = <[u8; 16]>::try_from(&k[REVOKED.len()..]) {
+            set.insert(TaskId::from_bytes(bytes));
+        }
+    }
+    Ok(set)
+}
+
+pub(super) fn read_task(shared: &Shared, id: TaskId) -> Result<Option<Task>, StoreError> {
+    shared.load_task(&shared.db()?, id)
+}
