@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use super::stage::Staged;
+use super::staged::Staged;
 use super::{agent_key, backend, hex, Shared, LIST, LIST_AGENT};
 use crate::model::{AgentId, Task, TaskId};
 use crate::store::listing::{self, Entry};
@@ -59,10 +59,6 @@ impl Staged {
         }
     }
 }
-
-/// Most agents whose newest listing entry the writer keeps between commits; past it the cache
-/// starts again empty (a miss costs one read).
-pub(super) const LIST_TAILS_KEPT: usize = 100_000;
 
 /// Adds a task to its agent's listing index (see `listing` for the rule this keeps): with the
 /// batch's other tasks of the agent that are newer than everything listed before, under one

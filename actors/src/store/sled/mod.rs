@@ -24,8 +24,10 @@
 //!   their own, and the helpers every part uses (`key`, `encode`, `decode`, `backend`, `hex`);
 //! - `writer`: the writer thread: group commits, durability (`fdatasync`), and recovery after a
 //!   failed commit (space probe, reopen);
-//! - `stage`: what each [`Write`] puts into the batch of a group commit (`stage`), the state of a
-//!   batch in progress (`Staged`), idempotency keys, the retention purge and cancellation;
+//! - `stage`: what each [`Write`] puts into the batch of a group commit (`stage`), idempotency
+//!   keys, the retention purge and cancellation;
+//! - `staged`: the state of a batch in progress (`Staged`), which every staging part reads and
+//!   none owns;
 //! - `tasks`: task head and state records, the outbox hook that rides on them, revoked markers,
 //!   and the task reader;
 //! - `queued`: the agents' queues as stored (segments under `q/`): staging and reading;
@@ -39,6 +41,7 @@ mod listed;
 mod queued;
 mod reads;
 mod stage;
+mod staged;
 mod tasks;
 mod writer;
 
@@ -66,7 +69,7 @@ use reads::{
     read_agent_state, read_deliveries, read_delivery, read_disabled_endpoints, read_due_awaits,
     read_retry_timers, read_schedule_cursor,
 };
-use stage::Staged;
+use staged::Staged;
 use tasks::{load_revoked, read_task};
 use writer::{Durable, Job, Writer};
 

@@ -3,7 +3,7 @@
 //! segment holds, how positions map to keys) is pure code in `store::queue`; this file is what
 //! sled does with it.
 
-use super::stage::Staged;
+use super::staged::Staged;
 use super::{agent_key, backend, hex, Shared, QUEUE};
 use crate::model::{AgentId, TaskId};
 use crate::store::queue::{self, Segment};

@@ -1,16 +1,16 @@
-//! Staging: what each [`Write`] puts into the batch of a group commit, and [`Staged`], what the
-//! batch so far has changed and the tree cannot show yet. The writes of one record kind each
+//! Staging: what each [`Write`] puts into the batch of a group commit. The writes of one record kind each
 //! stage through that kind's file (`tasks`, `queued`, `listed`); the ones here span kinds: the
 //! dispatch over every write, idempotency keys, the retention purge and cancellation. Separate
 //! from the writer thread, which only decides when a batch is committed.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use super::listed::{list, list_key, unlist, LIST_TAILS_KEPT};
+use super::listed::{list, list_key, unlist};
 use super::queued::{dequeue, enqueue_fresh, requeue};
+use super::staged::Staged;
 use super::tasks::{
     is_revoked, legacy_state_key, put_task, revoked_key, staged_task, state_key, state_key_id,
     task_key, Part,
@@ -20,76 +20,10 @@ use super::{
     outbox_key, retry_key, schedule_key, Shared, AGENT_TOKEN, FINISHED, IDEM, OUTBOX,
     PURGE_LOOK_FACTOR, STATE,
 };
-use crate::model::{now_ms, AgentId, Task, TaskId, TaskStatus};
+use crate::model::{now_ms, AgentId, TaskId, TaskStatus};
 use crate::outbox::Delivery;
-use crate::store::listing::Entry;
-use crate::store::queue::Segment;
 use crate::store::record;
 use crate::store::{CancelOutcome, StoreError, Write, Written};
-
-/// Keys written earlier in the same batch, which `db.get` cannot see yet.
-#[derive(Default)]
-pub(super) struct Staged {
-    idem: HashMap<Vec<u8>, (TaskId, [u8; 32])>,
-    /// Tasks written by conditional writes earlier in the batch, so that a second condition
-    /// (a second answer, an expiry) sees the first one's result.
-    pub(super) tasks: HashMap<TaskId, Task>,
-    /// Status of each task record staged in this batch, for the outbox's previous-status check.
-    pub(super) statuses: HashMap<TaskId, TaskStatus>,
-    /// Deliveries staged in this batch, handed to the outbox once the batch is durable.
-    pub(super) deliveries: Vec<Delivery>,
-    /// Tasks revoked in this batch, for `Start` and `Complete`; added to the writer's set once
-    /// the batch is durable.
-    pub(super) revoked: HashSet<TaskId>,
-    /// Revoked tasks purged in this batch; leave the writer's set once the batch is durable.
-    pub(super) unrevoked: Vec<TaskId>,
-    /// Queue segments this batch changes, by key, as it leaves them (empty: removed); written
-    /// into the batch by [`Staged::write_queue`] once every write is staged.
-    pub(super) queue: HashMap<Vec<u8>, Segment>,
-    /// Per agent, the next position in the segment this batch queues new tasks in.
-    pub(super) open: HashMap<AgentId, u64>,
-    /// Listing keys of earlier commits this batch changes (an entry joins or leaves), by the key
-    /// they are stored under, with all their entries as the batch leaves them.
-    pub(super) listing: HashMap<Vec<u8>, BTreeSet<Entry>>,
-    /// Per agent, this batch's entries newer than everything listed before: one new key.
-    pub(super) list_new: HashMap<AgentId, BTreeSet<Entry>>,
-    /// Per agent, the newest entry of its listing as of the last commit (`None`: no entry). A
-    /// cache of what the store holds, read on a miss; unlike the rest it outlives the batch,
-    /// and it is dropped when a commit fails.
-    pub(super) list_tail: HashMap<AgentId, Option<Entry>>,
-}
-
-impl Staged {
-    /// Empties it for the next batch, keeping the capacity of its maps (up to a bound, so that
-    /// one very large batch does not pin its memory).
-    pub(super) fn clear(&mut self) {
-        const KEEP: usize = 1024;
-        let kept = [
-            self.statuses.capacity(),
-            self.tasks.capacity(),
-            self.idem.capacity(),
-            self.queue.capacity(),
-            self.open.capacity(),
-        ];
-        if kept.into_iter().any(|c| c > KEEP) {
-            *self = Self::default();
-            return;
-        }
-        self.idem.clear();
-        self.tasks.clear();
-        self.statuses.clear();
-        self.deliveries.clear();
-        self.revoked.clear();
-        self.unrevoked.clear();
-        self.queue.clear();
-        self.open.clear();
-        self.listing.clear();
-        self.list_new.clear();
-        if self.list_tail.len() > LIST_TAILS_KEPT {
-            self.list_tail = HashMap::new();
-        }
-    }
-}
 
 pub(super) fn stage(
     db: &sled::Db,

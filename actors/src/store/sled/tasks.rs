@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use super::stage::Staged;
+use super::staged::Staged;
 use super::{backend, encode, key, outbox_key, Shared, REVOKED, STATE, TASK};
 use crate::model::{now_ms, Task, TaskId, TaskStatus};
 use crate::store::record;

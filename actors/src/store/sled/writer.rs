@@ -14,7 +14,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::stage::{stage, Staged};
+use super::stage::stage;
+use super::staged::Staged;
 use super::tasks::load_revoked;
 use super::{backend, open_db, open_waiting, Shared, SyncMode, PERIODIC_SYNC, PROBE, REOPEN_WAIT};
 use crate::model::{now_ms, TaskId};
