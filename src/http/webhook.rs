@@ -283,10 +283,6 @@ impl<'a> HeaderList<'a> {
 /// Named once: looking a header up by `&str` parses the name into a `HeaderName` on every call.
 const PREFER: header::HeaderName = header::HeaderName::from_static("prefer");
 
-fn header_str<'a>(req: &'a HttpRequest, name: &header::HeaderName) -> Option<&'a str> {
-    req.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
 /// The gate, the body, the submission and the answer: the whole trigger after authentication.
 async fn trigger(
     state: &AppState,
@@ -323,9 +319,7 @@ async fn trigger(
             env: BTreeMap::new(),
             wait: None,
         },
-        None => {
-            body::parse(header_str(req, &header::CONTENT_TYPE), raw_body).map_err(body_error)?
-        }
+        None => body::parse(listed.get("content-type"), raw_body).map_err(body_error)?,
     };
     limits::check_env(&parsed.env)?;
     if let Some(name) = parsed
