@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use tickgate_actors::agent::AgentHandle;
 use tickgate_actors::events::TaskEvents;
 use tickgate_actors::intake::{Accepted, Intake, Refused};
-use tickgate_actors::model::{AgentId, Source, Task, TaskId};
+use tickgate_actors::model::{AgentId, JsonText, Source, Task, TaskId, TextError};
 use tickgate_actors::store::IdempotencyKey;
 use tokio::sync::{broadcast, mpsc};
 
@@ -558,18 +558,16 @@ fn task_of(
             ),
         ));
     }
-    let inputs: serde_json::Value = serde_json::from_slice(payload)
-        .map_err(|e| ("not_json", format!("the payload is not JSON ({e})")))?;
-    let depth = crate::ingress::body::depth(&inputs);
-    if depth > crate::ingress::body::MAX_DEPTH {
-        return Err((
+    let max = crate::ingress::body::MAX_DEPTH;
+    let inputs = JsonText::parse_limited(payload, max).map_err(|e| match e {
+        TextError::Invalid(e) => ("not_json", format!("the payload is not JSON ({e})")),
+        TextError::TooDeep(depth) => (
             "invalid",
             format!(
-                "the payload nests arrays and objects {depth} levels deep; at most {} are accepted",
-                crate::ingress::body::MAX_DEPTH
+                "the payload nests arrays and objects {depth} levels deep; at most {max} are accepted"
             ),
-        ));
-    }
+        ),
+    })?;
     let mut headers = BTreeMap::new();
     if let Some(map) = &message.headers {
         for (name, values) in map.iter() {

@@ -15,4 +15,5 @@ pub mod retry;
 pub mod runner;
 pub mod schedule;
 pub mod store;
+mod text;
 pub mod token;

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
+
+pub use crate::text::{scalar_text, JsonText, Members, TextError};
 
 /// `namespace/name`, both DNS labels. The id is the stable key for memory, queues and tokens, so it
 /// is validated once at parse time and never re-checked downstream.
@@ -320,8 +323,8 @@ pub struct Task {
     pub attempt: u32,
     /// Optional human label from the caller or derived from the provider payload.
     pub title: Option<String>,
-    /// The payload, exactly as the tick will see it.
-    pub inputs: Value,
+    /// The payload, exactly as the tick will see it; kept as text, never parsed on the way (#16).
+    pub inputs: JsonText,
     /// Request metadata for the tick.
     pub source: Source,
     /// Caller environment overrides that passed `allow_env`.
@@ -334,8 +337,8 @@ pub struct Task {
     pub finished_at: Option<u64>,
     /// The full tick output; the answer callers want is its `response` ([`Task::response`]).
     /// Held once: a tick's payload-sized answer is neither copied beside it in memory nor
-    /// stored twice (#16).
-    pub result: Option<Value>,
+    /// stored twice, and kept as text (#16).
+    pub result: Option<JsonText>,
     /// Why the task failed.
     pub error: Option<String>,
     /// The idempotency key it was accepted under, so the purge can drop the key with the task.
@@ -360,7 +363,7 @@ pub struct Task {
 
 impl Task {
     /// A new PENDING task; `seq` is assigned by the store when it is accepted.
-    pub fn new(agent: AgentId, inputs: Value, source: Source) -> Self {
+    pub fn new(agent: AgentId, inputs: impl Into<JsonText>, source: Source) -> Self {
         Self {
             id: TaskId::random(),
             agent,
@@ -369,7 +372,7 @@ impl Task {
             tick: 0,
             attempt: 0,
             title: None,
-            inputs,
+            inputs: inputs.into(),
             source,
             env: BTreeMap::new(),
             created_at: now_ms(),
@@ -386,10 +389,18 @@ impl Task {
         }
     }
 
-    /// `response` of the tick output, for callers that only want the answer: read from
-    /// [`Task::result`], where the output keeps it, so it costs no copy.
-    pub fn response(&self) -> Option<&Value> {
-        self.result.as_ref().and_then(|r| r.get("response"))
+    /// `response` of the tick output, for callers that only want the answer: borrowed from
+    /// [`Task::result`]'s text, where the output keeps it, so it costs no copy.
+    pub fn response(&self) -> Option<&RawValue> {
+        self.result
+            .as_ref()
+            .and_then(|r| r.members().get("response"))
+    }
+
+    /// [`Task::response`] as a tree, for the readers that look inside it (the A2A edge).
+    pub fn response_value(&self) -> Option<Value> {
+        self.response()
+            .and_then(|r| serde_json::from_str(r.get()).ok())
     }
 }
 
@@ -407,7 +418,7 @@ pub struct TickInput {
     /// The task's title, if any.
     pub title: Option<String>,
     /// The trigger payload.
-    pub inputs: Value,
+    pub inputs: JsonText,
     /// Where the trigger came from.
     pub source: Source,
     /// The agent's fixed environment plus allowed caller overrides.
@@ -422,9 +433,10 @@ pub struct TickInput {
 /// What a runner returns; every field is optional so that a minimal program can answer `{}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TickOutput {
-    /// The answer for the caller.
+    /// The answer for the caller, as text: what the echo runner answers with is its inputs'
+    /// text, and a command's answer is encoded once, here, not again for the store (#16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response: Option<Value>,
+    pub response: Option<JsonText>,
     /// `"ok"` or `"error"`; `"error"` fails the task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
@@ -471,37 +483,57 @@ impl TickOutput {
         Ok(out)
     }
 
-    /// The output as the JSON object a task's `result` shows, built by moving its values rather
-    /// than serializing a copy of them: the same object `serde_json::to_value` makes (fields in
-    /// declaration order, absent ones left out, unknown ones kept), without copying what may be
-    /// a payload-sized `response` (#16).
-    pub fn into_result(self) -> Value {
-        let mut map = serde_json::Map::new();
-        if let Some(v) = self.response {
-            map.insert("response".into(), v);
+    /// The output as the JSON text a task's `result` shows: its fields in declaration order
+    /// (absent ones left out), then the unknown ones, written once into one string. `response`
+    /// goes in as the text it already is, so a payload-sized answer is copied, not re-encoded
+    /// (#16).
+    pub fn into_result(self) -> JsonText {
+        JsonText::encode(&ResultFields(&self))
+    }
+
+    /// The fields [`TickOutput`] names; an unknown field of the same name is not written twice.
+    const KNOWN: [&'static str; 6] = [
+        "response",
+        "status",
+        "steps",
+        "pending_approvals",
+        "memory",
+        "await",
+    ];
+}
+
+/// [`TickOutput`] written as a task's `result` (see [`TickOutput::into_result`]).
+struct ResultFields<'a>(&'a TickOutput);
+
+impl Serialize for ResultFields<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let out = self.0;
+        let mut map = s.serialize_map(None)?;
+        if let Some(v) = &out.response {
+            map.serialize_entry("response", v)?;
         }
-        if let Some(v) = self.status {
-            map.insert("status".into(), Value::String(v));
+        if let Some(v) = &out.status {
+            map.serialize_entry("status", v)?;
         }
-        if let Some(v) = self.steps {
-            map.insert("steps".into(), Value::from(v));
+        if let Some(v) = &out.steps {
+            map.serialize_entry("steps", v)?;
         }
-        if let Some(v) = self.pending_approvals {
-            map.insert("pending_approvals".into(), Value::Array(v));
+        if let Some(v) = &out.pending_approvals {
+            map.serialize_entry("pending_approvals", v)?;
         }
-        if let Some(v) = self.memory {
-            map.insert("memory".into(), v);
+        if let Some(v) = &out.memory {
+            map.serialize_entry("memory", v)?;
         }
-        if let Some(v) = self.await_input {
-            // Small and rare (a parked tick): serialized like the rest of the struct would be.
-            if let Ok(v) = serde_json::to_value(v) {
-                map.insert("await".into(), v);
+        if let Some(v) = &out.await_input {
+            map.serialize_entry("await", v)?;
+        }
+        for (k, v) in &out.extra {
+            if !TickOutput::KNOWN.contains(&k.as_str()) {
+                map.serialize_entry(k, v)?;
             }
         }
-        for (k, v) in self.extra {
-            map.entry(k).or_insert(v);
-        }
-        Value::Object(map)
+        map.end()
     }
 }
 
@@ -607,7 +639,7 @@ mod tests {
         assert!(TickOutput::parse(b"garbage").is_err());
         assert!(TickOutput::parse(b"{\"memory\":3}").is_err());
         let out = TickOutput::parse(b"{\"response\":1,\"x\":2}").unwrap();
-        assert_eq!(out.response, Some(Value::from(1)));
+        assert_eq!(out.response.unwrap(), Value::from(1));
         assert_eq!(out.extra.get("x"), Some(&Value::from(2)));
     }
 }

@@ -3,8 +3,9 @@
 //! module so that the OpenAPI schemas can name it without depending on the handlers.
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
-use tickgate_actors::model::{rfc3339, Task, TaskStatus};
+use tickgate_actors::model::{rfc3339, JsonText, Task, TaskStatus};
 use utoipa::ToSchema;
 
 use super::AppState;
@@ -25,8 +26,10 @@ pub struct TaskRecord<'a> {
     created_at: String,
     started_at: Option<String>,
     finished_at: Option<String>,
-    response: Option<&'a Value>,
-    result: &'a Option<Value>,
+    #[schema(value_type = Option<serde_json::Value>)]
+    response: Option<&'a RawValue>,
+    #[schema(value_type = Option<serde_json::Value>)]
+    result: Option<&'a RawValue>,
     error: &'a Option<String>,
     poll_url: String,
     source: SourceRecord<'a>,
@@ -89,7 +92,7 @@ impl<'a> TaskRecord<'a> {
             started_at: task.started_at.map(rfc3339),
             finished_at: task.finished_at.map(rfc3339),
             response: task.response(),
-            result: &task.result,
+            result: task.result.as_ref().map(JsonText::raw),
             error: &task.error,
             poll_url: poll_url.clone(),
             source: SourceRecord {

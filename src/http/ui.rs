@@ -168,7 +168,7 @@ pub async fn task(
     let task = load(&state, id).await?.ok_or_else(not_found)?;
     let mut record = serde_json::to_value(TaskRecord::new(&task, &state))
         .map_err(|e| ApiError::Internal(format!("cannot render task: {e}")))?;
-    record["inputs"] = task.inputs.clone();
+    record["inputs"] = task.inputs.to_value();
     Ok(HttpResponse::Ok().json(record))
 }
 

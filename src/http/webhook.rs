@@ -13,7 +13,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 use tickgate_actors::agent::AgentHandle;
 use tickgate_actors::intake::Accepted;
-use tickgate_actors::model::{AgentId, Source, Task, TaskId, TaskStatus};
+use tickgate_actors::model::{AgentId, JsonText, Source, Task, TaskId, TaskStatus};
 use tickgate_actors::registry::ResolveError;
 use tickgate_actors::token;
 
@@ -21,7 +21,7 @@ use super::error::ApiError;
 use super::limits;
 use super::tasks::{load, wait_for, wait_for_new, TaskRecord};
 use super::{AgentLabel, AppState};
-use crate::ingress::body::{self, BodyError, TriggerBody};
+use crate::ingress::body::{self, BodyError};
 use crate::ingress::{title, Gate, GateError};
 
 /// `POST /webhooks/{token}` and `POST /api/webhooks/agents/{token}`.
@@ -295,6 +295,7 @@ async fn trigger(
     if state.intake.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
+    let query_inputs_given = query_inputs.is_some();
     let gate = gate(state, agent);
     gate.check_source(client).map_err(gate_error)?;
     // The headers listed once, then scanned: `headers().get(name)` parses `name` into a
@@ -312,36 +313,39 @@ async fn trigger(
     }
     gate.check_rate().map_err(gate_error)?;
 
-    let parsed = match query_inputs {
-        Some(inputs) => TriggerBody {
-            inputs,
-            title: None,
-            env: BTreeMap::new(),
-            wait: None,
-        },
-        None => body::parse(listed.get("content-type"), raw_body).map_err(body_error)?,
+    let inputs = match query_inputs {
+        Some(inputs) => JsonText::from_value(&inputs),
+        None => body::inputs(listed.get("content-type"), raw_body).map_err(body_error)?,
     };
-    limits::check_env(&parsed.env)?;
-    if let Some(name) = parsed
-        .env
+    // The payload's top-level members, read once from its text for the controls, the delivery
+    // id and the title (#16). A query-string trigger has no controls.
+    let members = inputs.members();
+    let (title, env, body_wait) = if query_inputs_given {
+        (None, BTreeMap::new(), None)
+    } else {
+        body::controls(&members).map_err(body_error)?
+    };
+    limits::check_env(&env)?;
+    if let Some(name) = env
         .keys()
         .find(|name| !agent.spec.allow_env.contains(*name))
     {
         return Err(ApiError::EnvNotAllowed(name.clone()));
     }
-    let wait = requested_wait(req, parsed.wait)?.map(|w| w.min(state.max_wait));
+    let wait = requested_wait(req, body_wait)?.map(|w| w.min(state.max_wait));
     // Delivery id (configured rule, headers, provider body id): see ingress::delivery.
     let idempotency = gate
         .delivery
-        .key(&lookup, &parsed.inputs, raw_body)
+        .key(&lookup, &members, raw_body)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
 
-    let derived = title::derive(&lookup, &parsed.inputs, &agent.spec.id);
+    let derived = title::derive(&lookup, &members, &agent.spec.id);
+    drop(members);
     let mut source = source(req, client, gate);
     source.event = derived.event;
-    let mut task = Task::new(agent.spec.id.clone(), parsed.inputs, source);
-    task.title = Some(parsed.title.unwrap_or(derived.title));
-    task.env = parsed.env;
+    let mut task = Task::new(agent.spec.id.clone(), inputs, source);
+    task.title = Some(title.unwrap_or(derived.title));
+    task.env = env;
     let duplicate_of = match wait {
         // Only the id comes back either way, so the agent owns the task it runs (#16).
         Some(wait) => {

@@ -1,17 +1,18 @@
 //! Turns a trigger's raw body into the task's `inputs` and the optional controls a caller may put
-//! in it (`title`, `env`, `wait`). The raw bytes are parsed once, here, after any signature check
-//! has seen them untouched.
+//! in it (`title`, `env`, `wait`). The raw bytes are checked once, here, after any signature check
+//! has seen them untouched; a JSON body is kept as its text, never built into a tree (#16).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
+use tickgate_actors::model::{JsonText, Members, TextError};
 
 /// A parsed trigger body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TriggerBody {
-    /// The payload the tick will see: the whole JSON body, or the form fields as an object.
-    pub inputs: Value,
+    /// The payload the tick will see: the whole JSON body as sent, or the form fields as an object.
+    pub inputs: JsonText,
     /// Caller-supplied task title.
     pub title: Option<String>,
     /// Caller environment overrides, still to be checked against `allow_env`.
@@ -46,6 +47,19 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// Parses `body` according to its `Content-Type`. An empty body is an empty object whatever the
 /// type, so `curl -X POST <url>` works. A body without a type is read as JSON.
 pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<TriggerBody, BodyError> {
+    let inputs = inputs(content_type, body)?;
+    let (title, env, wait) = controls(&inputs.members())?;
+    Ok(TriggerBody {
+        inputs,
+        title,
+        env,
+        wait,
+    })
+}
+
+/// The payload of `body` alone: [`parse`] without the controls, for a caller that reads them from
+/// members it also needs for other things ([`controls`]).
+pub fn inputs(content_type: Option<&str>, body: &[u8]) -> Result<JsonText, BodyError> {
     let mime = content_type
         .map(|ct| {
             ct.split(';')
@@ -56,29 +70,20 @@ pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<TriggerBody, Bod
         })
         .unwrap_or_default();
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(TriggerBody {
-            inputs: Value::Object(Map::new()),
-            title: None,
-            env: BTreeMap::new(),
-            wait: None,
-        });
+        return Ok(JsonText::empty_object());
     }
-    let inputs = if mime.is_empty() || mime == "application/json" || mime.ends_with("+json") {
-        let inputs: Value =
-            serde_json::from_slice(body).map_err(|e| BodyError::InvalidJson(e.to_string()))?;
-        let depth = depth(&inputs);
-        if depth > MAX_DEPTH {
-            return Err(BodyError::InvalidJson(format!(
+    if mime.is_empty() || mime == "application/json" || mime.ends_with("+json") {
+        JsonText::parse_limited(body, MAX_DEPTH).map_err(|e| match e {
+            TextError::Invalid(e) => BodyError::InvalidJson(e),
+            TextError::TooDeep(depth) => BodyError::InvalidJson(format!(
                 "the JSON body nests arrays and objects {depth} levels deep; at most {MAX_DEPTH} are accepted"
-            )));
-        }
-        inputs
+            )),
+        })
     } else if mime == "application/x-www-form-urlencoded" {
-        form_to_object(body)?
+        form_to_object(body).map(|v| JsonText::from_value(&v))
     } else {
-        return Err(BodyError::UnsupportedType(mime));
-    };
-    controls(inputs)
+        Err(BodyError::UnsupportedType(mime))
+    }
 }
 
 /// Form fields become an object (a repeated field becomes an array); a `payload` field holding
@@ -144,25 +149,26 @@ pub fn depth(value: &Value) -> usize {
     deepest
 }
 
-fn controls(inputs: Value) -> Result<TriggerBody, BodyError> {
-    let Some(obj) = inputs.as_object() else {
-        return Ok(TriggerBody {
-            inputs,
-            title: None,
-            env: BTreeMap::new(),
-            wait: None,
-        });
+/// The caller's `title`, `env` and `wait`, read from the top-level members of the payload (none
+/// when it is not an object). Each is a small value, parsed on its own.
+pub fn controls(
+    members: &Members<'_>,
+) -> Result<(Option<String>, BTreeMap<String, String>, Option<Duration>), BodyError> {
+    let value = |name: &str| {
+        members
+            .get(name)
+            .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
     };
-    let title = match obj.get("title") {
+    let title = match value("title") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::String(s)) => Some(s),
         Some(_) => return Err(BodyError::InvalidField("`title` must be a string".into())),
     };
-    let env = match obj.get("env") {
+    let env = match value("env") {
         None | Some(Value::Null) => BTreeMap::new(),
-        Some(v) => parse_env(v)?,
+        Some(v) => parse_env(&v)?,
     };
-    let wait = match obj.get("wait") {
+    let wait = match value("wait") {
         None | Some(Value::Null) | Some(Value::Bool(false)) => None,
         Some(Value::Bool(true)) => Some(DEFAULT_WAIT),
         Some(Value::Number(n)) => seconds(n.as_f64())?,
@@ -172,12 +178,7 @@ fn controls(inputs: Value) -> Result<TriggerBody, BodyError> {
             ))
         }
     };
-    Ok(TriggerBody {
-        inputs,
-        title,
-        env,
-        wait,
-    })
+    Ok((title, env, wait))
 }
 
 fn parse_env(v: &Value) -> Result<BTreeMap<String, String>, BodyError> {
@@ -222,8 +223,8 @@ mod tests {
         assert_eq!(b.title.as_deref(), Some("t"));
         assert_eq!(b.wait, Some(DEFAULT_WAIT));
         assert_eq!(b.env.get("A").map(String::as_str), Some("1"));
-        assert_eq!(b.inputs["x"], json!(1));
-        assert_eq!(b.inputs["title"], json!("t"));
+        assert_eq!(b.inputs.to_value()["x"], json!(1));
+        assert_eq!(b.inputs.to_value()["title"], json!("t"));
     }
 
     #[test]
@@ -293,7 +294,7 @@ mod tests {
             form(MAX_DEPTH - 1).as_bytes(),
         )
         .unwrap();
-        assert_eq!(depth(&ok.inputs), MAX_DEPTH);
+        assert_eq!(depth(&ok.inputs.to_value()), MAX_DEPTH);
         let Err(BodyError::InvalidJson(msg)) = parse(
             Some("application/x-www-form-urlencoded"),
             form(MAX_DEPTH).as_bytes(),

@@ -15,8 +15,10 @@
 use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use tickgate_actors::model::Members;
 use tickgate_actors::store::IdempotencyKey;
 
 use super::signature::Scheme;
@@ -139,12 +141,12 @@ impl Delivery {
     }
 
     /// The idempotency key of a trigger: its delivery id (see the module docs for the order) with
-    /// the SHA-256 of the raw body. `headers` looks a header up by lower-case name; `inputs` is
-    /// the parsed body.
+    /// the SHA-256 of the raw body. `headers` looks a header up by lower-case name; `inputs` are
+    /// the payload's members, read from its text (#16).
     pub fn key(
         &self,
         headers: &dyn Fn(&str) -> Option<String>,
-        inputs: &Value,
+        inputs: &Members<'_>,
         raw_body: &[u8],
     ) -> Result<Option<IdempotencyKey>, DeliveryError> {
         let Some(id) = self.id(headers, inputs) else {
@@ -159,7 +161,7 @@ impl Delivery {
         }))
     }
 
-    fn id(&self, headers: &dyn Fn(&str) -> Option<String>, inputs: &Value) -> Option<String> {
+    fn id(&self, headers: &dyn Fn(&str) -> Option<String>, inputs: &Members<'_>) -> Option<String> {
         let configured = match &self.rule {
             Some(DeliveryIdRule::Header(name)) => headers(name).and_then(non_empty),
             Some(DeliveryIdRule::Pointer(pointer)) => inputs.pointer(pointer).and_then(scalar),
@@ -216,10 +218,11 @@ fn non_empty(value: String) -> Option<String> {
     (!trimmed.is_empty()).then(|| trimmed.to_string())
 }
 
-/// A body id as text: strings as they are, numbers in their JSON form; anything else is no id.
-fn scalar(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) => non_empty(s.clone()),
+/// A body id as text: strings as they are (trimmed, none when blank), numbers in their JSON form;
+/// anything else is no id.
+fn scalar(raw: &RawValue) -> Option<String> {
+    match serde_json::from_str(raw.get()).ok()? {
+        Value::String(s) => non_empty(s),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
@@ -236,6 +239,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use tickgate_actors::model::JsonText;
 
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs
@@ -246,7 +250,7 @@ mod tests {
     }
 
     fn id_of(d: &Delivery, headers: &[(&str, &str)], inputs: Value) -> Option<String> {
-        d.key(&lookup(headers), &inputs, b"{}")
+        d.key(&lookup(headers), &JsonText::from(inputs).members(), b"{}")
             .unwrap()
             .map(|k| k.key)
     }
@@ -317,7 +321,11 @@ mod tests {
         let d = Delivery::new(Some("/id"), None, None).unwrap();
         let long = "x".repeat(MAX_DELIVERY_ID + 1);
         assert_eq!(
-            d.key(&lookup(&[]), &json!({ "id": long }), b""),
+            d.key(
+                &lookup(&[]),
+                &JsonText::from(json!({ "id": long })).members(),
+                b""
+            ),
             Err(DeliveryError::TooLong)
         );
     }
@@ -359,7 +367,7 @@ mod tests {
         #[test]
         fn ids_never_exceed_the_limit(id in ".{0,300}") {
             let d = Delivery::new(Some("/id"), None, None).unwrap();
-            match d.key(&lookup(&[]), &json!({ "id": id }), b"") {
+            match d.key(&lookup(&[]), &JsonText::from(json!({ "id": id })).members(), b"") {
                 Ok(Some(k)) => prop_assert!(k.key.len() <= MAX_DELIVERY_ID),
                 Ok(None) | Err(DeliveryError::TooLong) => {}
             }

@@ -2,8 +2,7 @@
 //! octo/hello#7" or "Project created: WhatsApp Provider" is what an operator scans for; the
 //! event type also goes to the runner in `source.event`.
 
-use serde_json::Value;
-use tickgate_actors::model::AgentId;
+use tickgate_actors::model::{scalar_text, AgentId, Members};
 
 /// The derived title and, when a provider is recognised, its event type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,26 +15,19 @@ pub struct Derived {
 
 /// Reads the provider from its headers (or, for Stripe and Linear, the body's shape) and builds
 /// a title from the payload. Form deliveries keep the event under `inputs.payload`.
+/// `inputs` are the payload's top-level members, read from its text without a tree (#16).
 pub fn derive(
     headers: &dyn Fn(&str) -> Option<String>,
-    inputs: &Value,
+    inputs: &Members<'_>,
     agent: &AgentId,
 ) -> Derived {
-    let body = match inputs.get("payload") {
-        Some(p) if p.is_object() => p,
-        _ => inputs,
-    };
-    let text = |v: &Value, path: &[&str]| -> Option<String> {
-        let mut cur = v;
-        for key in path {
-            cur = cur.get(key)?;
-        }
-        match cur {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        }
-    };
+    let payload = inputs
+        .get("payload")
+        .map(Members::of)
+        .filter(Members::is_object);
+    let body = payload.as_ref().unwrap_or(inputs);
+    // A string (non-empty) or a number at `path`, as text.
+    let text = |body: &Members<'_>, path: &[&str]| body.path(path).and_then(scalar_text);
     if let Some(event) = headers("x-github-event") {
         let mut title = event.clone();
         if let Some(action) = text(body, &["action"]) {
@@ -100,7 +92,17 @@ pub fn derive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+    use tickgate_actors::model::JsonText;
+
+    /// [`super::derive`] on the members of `inputs`, as a trigger's payload gives them.
+    fn derive(
+        headers: &dyn Fn(&str) -> Option<String>,
+        inputs: &Value,
+        agent: &AgentId,
+    ) -> Derived {
+        super::derive(headers, &JsonText::from(inputs).members(), agent)
+    }
 
     fn agent() -> AgentId {
         "github/ci".parse().unwrap()

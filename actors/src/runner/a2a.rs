@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::http::{causes, read_body, safe_url, shown_url};
 use super::{A2aSpec, RunnerError};
-use crate::model::{preview, AwaitRequest, TaskId, TickInput, TickOutput};
+use crate::model::{preview, AwaitRequest, JsonText, TaskId, TickInput, TickOutput};
 
 /// The protocol version this runner speaks, sent as `A2A-Version` on every call.
 const VERSION: &str = "1.0";
@@ -537,7 +537,7 @@ fn completed(response: Value, remote: Option<Value>) -> TickOutput {
         extra.insert("a2a".into(), remote);
     }
     TickOutput {
-        response: Some(response),
+        response: Some(JsonText::from(response)),
         status: Some("ok".into()),
         extra,
         ..TickOutput::default()
@@ -650,7 +650,10 @@ mod tests {
     fn states_map_to_outcomes() {
         let text = json!({ "artifacts": [{ "artifactId": "a", "parts": [{ "text": "hi" }] }] });
         let out = done(step_of_task(&task("TASK_STATE_COMPLETED", text))).unwrap();
-        assert_eq!(out.response, Some(json!("hi")));
+        assert_eq!(
+            out.response.as_ref().map(crate::model::JsonText::to_value),
+            Some(json!("hi"))
+        );
         assert_eq!(out.extra["a2a"]["taskId"], "r-1");
         let two = json!({ "artifacts": [
             { "artifactId": "a", "parts": [{ "text": "hi" }] },
@@ -658,13 +661,16 @@ mod tests {
         ] });
         let out = done(step_of_task(&task("completed", two))).unwrap();
         assert_eq!(
-            out.response,
+            out.response.as_ref().map(crate::model::JsonText::to_value),
             Some(json!([{ "text": "hi" }, { "data": { "n": 1 } }]))
         );
         let by_message = json!({ "status": { "state": "TASK_STATE_COMPLETED",
             "message": { "role": "ROLE_AGENT", "parts": [{ "text": "done" }] } } });
         let out = done(step_of_task(&task("", by_message))).unwrap();
-        assert_eq!(out.response, Some(json!("done")));
+        assert_eq!(
+            out.response.as_ref().map(crate::model::JsonText::to_value),
+            Some(json!("done"))
+        );
 
         for state in ["TASK_STATE_SUBMITTED", "TASK_STATE_WORKING", "working"] {
             assert!(
@@ -710,7 +716,10 @@ mod tests {
         let Step::Done(Ok(out)) = step_of_send(result).unwrap() else {
             panic!("not done");
         };
-        assert_eq!(out.response, Some(json!([1, 2])));
+        assert_eq!(
+            out.response.as_ref().map(crate::model::JsonText::to_value),
+            Some(json!([1, 2]))
+        );
         assert!(step_of_send(json!({ "other": 1 })).is_err());
     }
 

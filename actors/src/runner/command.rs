@@ -525,7 +525,7 @@ pub(super) mod test_support {
             tick: 7,
             attempt: 1,
             title: None,
-            inputs,
+            inputs: inputs.into(),
             source: Source::default(),
             env: BTreeMap::from([("AGENT_VAR".to_string(), "from-agent".to_string())]),
             memory: json!({}),
@@ -603,7 +603,7 @@ printf '{"response":{"bytes":%s,"task":"%s","tick":"%s","arg":"%s"}}' "$n" "$TIC
             .await
             .unwrap();
         assert_eq!(
-            out.response,
+            out.response.as_ref().map(crate::model::JsonText::to_value),
             Some(json!({"bytes": expected, "task": tick.task_id, "tick": "7", "arg": "first arg"}))
         );
     }
@@ -625,7 +625,7 @@ printf '{"response":{"secret":"%s","task":"%s","agent_var":"%s","agent":"%s"}}' 
             .await
             .unwrap();
         assert_eq!(
-            out.response,
+            out.response.as_ref().map(crate::model::JsonText::to_value),
             Some(json!({
                 "secret": "absent",
                 "task": tick.task_id,
@@ -706,7 +706,10 @@ printf '{"response":{"secret":"%s","task":"%s","agent_var":"%s","agent":"%s"}}' 
             .tick(&input(json!({ "big": big })), Duration::from_secs(10))
             .await
             .unwrap();
-        assert_eq!(out.response, Some(json!(1)));
+        assert_eq!(
+            out.response.as_ref().map(crate::model::JsonText::to_value),
+            Some(json!(1))
+        );
     }
 
     #[actix_rt::test]
@@ -794,7 +797,10 @@ printf '{"response":{"secret":"%s","task":"%s","agent_var":"%s","agent":"%s"}}' 
             .tick(&input(json!({})), Duration::from_secs(20))
             .await
             .unwrap();
-        assert_eq!(out.response, Some(json!(1)));
+        assert_eq!(
+            out.response.as_ref().map(crate::model::JsonText::to_value),
+            Some(json!(1))
+        );
         assert!(started.elapsed() < Duration::from_secs(15));
         let escaped = read_pid(&pidfile);
         assert!(
@@ -816,7 +822,10 @@ printf '{"response":{"secret":"%s","task":"%s","agent_var":"%s","agent":"%s"}}' 
             .tick(&input(json!({})), Duration::from_secs(20))
             .await
             .unwrap();
-        assert_eq!(out.response, Some(json!(1)));
+        assert_eq!(
+            out.response.as_ref().map(crate::model::JsonText::to_value),
+            Some(json!(1))
+        );
         let dropped = STDERR_DROPPED_BYTES.load(Ordering::Relaxed) - before;
         // 10,000 lines of 100 bytes (+ newline); at most 512 lines were logged.
         assert!(dropped >= 1_010_000 - 512 * 101, "{dropped}");

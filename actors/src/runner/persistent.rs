@@ -499,7 +499,10 @@ done"#;
             .tick(&input(inputs), Duration::from_secs(10))
             .await
             .unwrap();
-        let pid = out.response.as_ref().and_then(|r| r["pid"].as_i64());
+        let pid = out
+            .response
+            .as_ref()
+            .and_then(|r| r.to_value()["pid"].as_i64());
         i32::try_from(pid.expect("a pid in the response")).unwrap()
     }
 
@@ -531,7 +534,7 @@ cat >/dev/null"#,
             .await
             .unwrap();
         assert_eq!(
-            out.response,
+            out.response.as_ref().map(crate::model::JsonText::to_value),
             Some(json!({
                 "secret": "absent",
                 "agent_var": "from-agent",
@@ -635,7 +638,11 @@ done"#,
                 .unwrap();
             // Each answer comes from a fresh process, as its first answer: the leftover of the
             // previous input was never used.
-            assert_eq!(out.response.as_ref().unwrap()["n"], json!(1), "{out:?}");
+            assert_eq!(
+                out.response.as_ref().unwrap().to_value()["n"],
+                json!(1),
+                "{out:?}"
+            );
         }
         runner.shutdown().await;
     }

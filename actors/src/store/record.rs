@@ -22,7 +22,9 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::model::{AgentId, Attempt, Awaiting, Resume, Source, Task, TaskId, TaskStatus};
+use crate::model::{
+    AgentId, Attempt, Awaiting, JsonText, Resume, Source, Task, TaskId, TaskStatus,
+};
 
 /// First byte of a head record of this layout.
 pub(crate) const TASK_V1: u8 = 1;
@@ -155,12 +157,29 @@ impl Out<'_> {
         }
     }
 
+    /// Only the tests write a value this way now (records of the first layout).
+    #[cfg(test)]
     fn opt_json(&mut self, v: Option<&Value>) {
         match v {
             None => self.u8(0),
             Some(v) => {
                 self.u8(1);
                 self.json(v);
+            }
+        }
+    }
+
+    /// JSON kept as text: its bytes, length-prefixed like any other (#16).
+    fn text(&mut self, t: &JsonText) {
+        self.bytes(t.as_str().as_bytes());
+    }
+
+    fn opt_text(&mut self, t: Option<&JsonText>) {
+        match t {
+            None => self.u8(0),
+            Some(t) => {
+                self.u8(1);
+                self.text(t);
             }
         }
     }
@@ -273,6 +292,23 @@ impl<'a> In<'a> {
         })
     }
 
+    /// JSON kept as text, checked (a damaged record is reported, not handed on) but not parsed
+    /// into a tree.
+    fn text(&mut self) -> Result<JsonText, RecordError> {
+        let at = self.at;
+        let text = self.bytes()?;
+        JsonText::from_stored(text)
+            .map_err(|e| RecordError::Invalid(format!("JSON at byte {at}: {e}")))
+    }
+
+    fn opt_text(&mut self) -> Result<Option<JsonText>, RecordError> {
+        Ok(if self.flag()? {
+            Some(self.text()?)
+        } else {
+            None
+        })
+    }
+
     fn map(&mut self) -> Result<BTreeMap<String, String>, RecordError> {
         let n = self.uint()?;
         let mut m = BTreeMap::new();
@@ -303,8 +339,9 @@ const RESPONSE_OWN: u8 = 2;
 fn put_state(o: &mut Out<'_>, t: &Task) {
     put_outcome(o, t);
     // `response` is always the result's now (`Task::response`); the tag stays, so that records
-    // of the first layout with their own `response` still read.
-    o.u8(if t.response().is_some() {
+    // of the first layout with their own `response` still read. Whether the result holds a
+    // `response` is not looked up for it: readers take the result's either way.
+    o.u8(if t.result.is_some() {
         RESPONSE_OF_RESULT
     } else {
         RESPONSE_NONE
@@ -321,7 +358,7 @@ fn put_outcome(o: &mut Out<'_>, t: &Task) {
     o.opt_uint(t.started_at);
     o.opt_uint(t.finished_at);
     o.opt_str(t.error.as_deref());
-    o.opt_json(t.result.as_ref());
+    o.opt_text(t.result.as_ref());
 }
 
 /// The state fields after the `response` tag.
@@ -361,7 +398,9 @@ fn u32_of(v: u64, what: &str) -> Result<u32, RecordError> {
 /// layout wrote, for a task whose two differed) into `result`, where `Task::response` finds it:
 /// callers see the same `response` as before; `result` shows it too.
 fn own_response(t: &mut Task, response: Option<Value>) {
-    match (&mut t.result, response) {
+    // Rare (records of the first layout only): worked on as a tree, then kept as text again.
+    let mut result = t.result.as_ref().map(JsonText::to_value);
+    match (&mut result, response) {
         (Some(Value::Object(map)), Some(r)) => {
             map.insert("response".into(), r);
         }
@@ -378,6 +417,7 @@ fn own_response(t: &mut Task, response: Option<Value>) {
         // tick's result is always an object), so nothing that was ever stored is lost here.
         (_, _) => {}
     }
+    t.result = result.map(JsonText::from);
 }
 
 /// The first fields of the state part, in the order [`put_outcome`] writes them; read by the
@@ -412,7 +452,7 @@ fn get_state(i: &mut In<'_>, t: &mut Task) -> Result<(), RecordError> {
     t.started_at = times.started_at;
     t.finished_at = times.finished_at;
     t.error = i.opt_string()?;
-    t.result = i.opt_json()?;
+    t.result = i.opt_text()?;
     let at = i.at;
     match i.u8()? {
         RESPONSE_NONE | RESPONSE_OF_RESULT => {}
@@ -469,7 +509,7 @@ pub(crate) fn encode_task_into(buf: &mut Vec<u8>, t: &Task) {
     o.0.push(b'/');
     o.0.extend_from_slice(name.as_bytes());
     o.opt_str(t.title.as_deref());
-    o.json(&t.inputs);
+    o.text(&t.inputs);
     let s = &t.source;
     o.str(&s.method);
     o.str(&s.remote_ip);
@@ -523,7 +563,7 @@ fn blank(id: TaskId) -> Task {
         tick: 0,
         attempt: 0,
         title: None,
-        inputs: Value::Null,
+        inputs: JsonText::null(),
         source: Source::default(),
         env: BTreeMap::new(),
         created_at: 0,
@@ -569,7 +609,7 @@ pub(crate) fn decode_task(id: TaskId, raw: &[u8]) -> Result<Task, RecordError> {
         .parse()
         .map_err(|e| RecordError::Invalid(format!("agent {agent:?}: {e}")))?;
     t.title = i.opt_string()?;
-    t.inputs = i.json()?;
+    t.inputs = i.text()?;
     t.source = Source {
         method: i.string()?,
         remote_ip: i.string()?,
@@ -658,7 +698,7 @@ mod tests {
         t.env = BTreeMap::from([("K".into(), "V".into())]);
         t.started_at = Some(5);
         t.finished_at = Some(6);
-        t.result = Some(json!({"response": {"a": 1}, "steps": 3}));
+        t.result = Some(json!({"response": {"a": 1}, "steps": 3}).into());
         t.error = Some("e".into());
         t.idempotency_key = Some("k".into());
         t.attempts = vec![
@@ -695,14 +735,14 @@ mod tests {
         assert_eq!(decode_task(t.id, &encode_task(&t)).unwrap(), t);
         let mut changed = t.clone();
         changed.status = TaskStatus::Success;
-        changed.result = Some(json!({"response": "changed"}));
+        changed.result = Some(json!({"response": "changed"}).into());
         changed.awaiting = None;
         let state = encode_state(&changed);
         assert_eq!(stored_status(&state), Some(TaskStatus::Success));
         let mut read = decode_task(t.id, &encode_task(&t)).unwrap();
         apply_state(&mut read, &state).unwrap();
         assert_eq!(read, changed);
-        assert_eq!(read.response(), Some(&json!("changed")));
+        assert_eq!(read.response_value(), Some(json!("changed")));
     }
 
     /// A state record of the first layout with a `response` of its own (tag `RESPONSE_OWN`).
@@ -725,20 +765,31 @@ mod tests {
             read
         };
         let own = read(&state_with_own_response(&t, Some(&json!("own"))));
-        assert_eq!(own.response(), Some(&json!("own")));
-        assert_eq!(own.result, Some(json!({"response": "own", "steps": 3})));
+        assert_eq!(own.response_value(), Some(json!("own")));
+        assert_eq!(
+            own.result.as_ref().map(JsonText::to_value),
+            Some(json!({"response": "own", "steps": 3}))
+        );
         let none = read(&state_with_own_response(&t, None));
-        assert_eq!(none.response(), None);
-        assert_eq!(none.result, Some(json!({"steps": 3})));
+        assert_eq!(none.response_value(), None);
+        assert_eq!(
+            none.result.as_ref().map(JsonText::to_value),
+            Some(json!({"steps": 3}))
+        );
         let mut bare = t.clone();
         bare.result = None;
         let mut only = decode_task(t.id, &encode_task(&bare)).unwrap();
         apply_state(&mut only, &state_with_own_response(&bare, Some(&json!(1)))).unwrap();
-        assert_eq!(only.result, Some(json!({"response": 1})));
+        assert_eq!(
+            only.result.as_ref().map(JsonText::to_value),
+            Some(json!({"response": 1}))
+        );
         // Written again, the record holds the output once, in `result`.
         let rewritten = encode_state(&own);
         assert_eq!(read(&rewritten), own);
-        assert!(rewritten.len() < state_with_own_response(&own, own.response()).len());
+        assert!(
+            rewritten.len() < state_with_own_response(&own, own.response_value().as_ref()).len()
+        );
     }
 
     #[test]
@@ -805,12 +856,12 @@ mod tests {
             t.started_at = started;
             t.source.headers = headers;
             t.status = status_of(status, 0).unwrap();
-            t.result = Some(json!({"response": n}));
+            t.result = Some(json!({"response": n}).into());
             prop_assert_eq!(decode_task(t.id, &encode_task(&t)).unwrap(), t.clone());
             let mut read = Task::new("b".parse().unwrap(), Value::Null, Source::default());
             apply_state(&mut read, &encode_state(&t)).unwrap();
             prop_assert_eq!(read.status, t.status);
-            prop_assert_eq!(read.response(), t.response());
+            prop_assert_eq!(read.response_value(), t.response_value());
         }
 
         #[test]

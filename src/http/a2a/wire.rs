@@ -540,19 +540,26 @@ pub fn statuses(state: &str) -> Option<&'static [TaskStatus]> {
     })
 }
 
-/// The message a task was created from, when it came through A2A.
-fn origin(task: &Task) -> Option<&Map<String, Value>> {
-    task.inputs.get("message").and_then(Value::as_object)
+/// The message a task was created from, when it came through A2A: read out of the inputs' text
+/// (the A2A edge is the one reader that looks inside them).
+fn origin(task: &Task) -> Option<Map<String, Value>> {
+    let message = task.inputs.members().get("message")?;
+    match serde_json::from_str(message.get()).ok()? {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
 }
 
 /// The task's context: the one its A2A message named, else the task id (a task that came from
 /// elsewhere, or whose client named no context, is a context of its own).
 pub fn context_id(task: &Task) -> String {
     origin(task)
-        .and_then(|m| m.get("contextId"))
-        .and_then(Value::as_str)
-        .filter(|c| !c.is_empty())
-        .map_or_else(|| task.id.to_string(), str::to_string)
+        .and_then(|mut m| m.remove("contextId"))
+        .and_then(|c| match c {
+            Value::String(c) if !c.is_empty() => Some(c),
+            _ => None,
+        })
+        .unwrap_or_else(|| task.id.to_string())
 }
 
 /// A value as one part: a string as a text part, anything else as a data part.
@@ -601,14 +608,14 @@ pub fn status(task: &Task) -> Value {
 
 /// The tick's `response` as the task's one artifact.
 pub fn artifact(task: &Task) -> Option<Value> {
-    let response = task.response()?;
     if task.status != TaskStatus::Success {
         return None;
     }
+    let response = task.response_value()?;
     Some(json!({
         "artifactId": format!("{}-response", task.id),
         "name": "response",
-        "parts": [part(response)],
+        "parts": [part(&response)],
     }))
 }
 
@@ -635,11 +642,7 @@ pub fn task(
     if with_artifacts {
         t["artifacts"] = Value::Array(artifact(task).into_iter().collect());
     }
-    let mut history: Vec<Value> = origin(task)
-        .cloned()
-        .map(Value::Object)
-        .into_iter()
-        .collect();
+    let mut history: Vec<Value> = origin(task).map(Value::Object).into_iter().collect();
     if let Some(answer) = task
         .resume
         .as_ref()
@@ -812,10 +815,10 @@ mod tests {
         assert!(task(&t, Some(0), false, "u").get("history").is_none());
         assert!(task(&t, None, false, "u").get("artifacts").is_none());
         t.status = TaskStatus::Success;
-        t.result = Some(json!({"response": "done"}));
+        t.result = Some(json!({"response": "done"}).into());
         let v = task(&t, None, true, "u");
         assert_eq!(v["artifacts"][0]["parts"], json!([{"text": "done"}]));
-        t.result = Some(json!({"response": {"n": 1}}));
+        t.result = Some(json!({"response": {"n": 1}}).into());
         assert_eq!(
             artifact_update(&t).unwrap()["artifactUpdate"]["artifact"]["parts"],
             json!([{"data": {"n": 1}}])

@@ -1094,7 +1094,7 @@ fn changes_after_acceptance_write_a_small_state_record_and_revocations_survive_r
         let mut finished = t.clone();
         finished.status = TaskStatus::Success;
         finished.finished_at = Some(5);
-        finished.result = Some(serde_json::json!({"response": {"ok": true}}));
+        finished.result = Some(serde_json::json!({"response": {"ok": true}}).into());
         complete(&store, &finished);
         // The head is untouched; the change is a record of its own, holding the output once.
         assert_eq!(db.get(task_key(&t.id)).unwrap().unwrap(), head);

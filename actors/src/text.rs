@@ -1,0 +1,501 @@
+//! JSON kept as the text it arrived as (#16).
+//!
+//! A trigger's payload and a tick's output are opaque to tickgate. It stores them, hands them to
+//! the runner and shows them to callers, but never needs their values as a tree on the hot path.
+//! Held as checked text, a payload is validated once when it enters, copied (not re-encoded) into
+//! the store record, the runner's input and every answer, and freed as one allocation. As a
+//! `serde_json::Value` it was parsed into nodes, encoded again for each of those, and freed node
+//! by node: about a sixth of a fire-and-forget request's instructions.
+//!
+//! The few readers that look inside a payload (a task title from a provider's fields, a delivery
+//! id) use [`Members`], which borrows an object's members from the text without building a tree.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// One JSON value as valid JSON text on one line. Built only by the constructors here, each of
+/// which checks or produces valid JSON, so every holder may hand the text on as it is.
+///
+/// One line: a line break in JSON text can only be whitespace between tokens (strings hold them
+/// escaped), and the persistent runners' protocol is one JSON document per line, so breaks are
+/// turned into spaces on the way in. The value is unchanged.
+#[derive(Clone)]
+pub struct JsonText(Box<RawValue>);
+
+/// Why a text was refused by [`JsonText::parse_limited`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TextError {
+    /// Not JSON, with serde_json's description of where it broke.
+    #[error("{0}")]
+    Invalid(String),
+    /// Valid JSON, but nested deeper than the limit; holds the depth found.
+    #[error("nested {0} levels deep")]
+    TooDeep(usize),
+}
+
+impl JsonText {
+    /// `null`.
+    pub fn null() -> Self {
+        Self(RawValue::NULL.to_owned())
+    }
+
+    /// `{}`: the inputs of a trigger without a body.
+    pub fn empty_object() -> Self {
+        Self(RawValue::from_string("{}".to_string()).unwrap_or_else(|_| RawValue::NULL.to_owned()))
+    }
+
+    /// Encodes a value: for values built in code (a schedule's inputs, an A2A message, a runner's
+    /// answer that was parsed to be checked); a payload that arrives as text is taken with
+    /// [`JsonText::parse_limited`] instead, without a tree.
+    pub fn from_value(value: &Value) -> Self {
+        Self::encode(value)
+    }
+
+    /// Encodes anything serializable as compact JSON, which holds no line breaks; `to_raw_value`
+    /// keeps the text it wrote without checking it again. Serializing a `Value` or tickgate's
+    /// own types cannot fail; should a type refuse, the text is `null`.
+    pub fn encode<T: Serialize + ?Sized>(value: &T) -> Self {
+        serde_json::value::to_raw_value(value)
+            .map(Self)
+            .unwrap_or_else(|_| Self::null())
+    }
+
+    /// Checks `bytes` as one JSON value nested at most `max_depth` arrays and objects deep (`{}`
+    /// is 1) and keeps its text, without the whitespace around it. The check walks the text
+    /// without recursion, so a hostile nesting cannot exhaust the stack; serde_json's own limit
+    /// (128) still applies while it validates.
+    pub fn parse_limited(bytes: &[u8], max_depth: usize) -> Result<Self, TextError> {
+        let raw: &RawValue =
+            serde_json::from_slice(bytes).map_err(|e| TextError::Invalid(e.to_string()))?;
+        let found = depth(raw.get().as_bytes());
+        if found > max_depth {
+            return Err(TextError::TooDeep(found));
+        }
+        Ok(Self::one_line(raw.to_owned()))
+    }
+
+    /// Text read back from the store, which wrote it from a [`JsonText`]; checked again (a
+    /// damaged record must be reported, not handed on), without a nesting limit: what the store
+    /// wrote it must read back, and the parsers in front of it bound the depth.
+    pub fn from_stored(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        de.disable_recursion_limit();
+        let raw = <&RawValue>::deserialize(&mut de)?;
+        de.end()?;
+        // Written on one line (by this module, or compact by serde_json in older records).
+        Ok(Self(raw.to_owned()))
+    }
+
+    fn one_line(raw: Box<RawValue>) -> Self {
+        let text = raw.get();
+        if !text.bytes().any(|b| b == b'\n' || b == b'\r') {
+            return Self(raw);
+        }
+        let flat = text.replace(['\n', '\r'], " ");
+        // Still valid: the breaks were whitespace between tokens, and so is a space.
+        Self(RawValue::from_string(flat).unwrap_or(raw))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The text as serde_json's raw value, which serializes as itself inside a larger document.
+    pub fn raw(&self) -> &RawValue {
+        &self.0
+    }
+
+    /// The value as a tree, for the readers that need one (the admin page, the A2A edge).
+    pub fn to_value(&self) -> Value {
+        let mut de = serde_json::Deserializer::from_str(self.as_str());
+        de.disable_recursion_limit();
+        Value::deserialize(&mut de).unwrap_or(Value::Null)
+    }
+
+    /// Whether the text is a JSON object.
+    pub fn is_object(&self) -> bool {
+        self.as_str().starts_with('{')
+    }
+
+    /// The members of the text if it is an object (none otherwise).
+    pub fn members(&self) -> Members<'_> {
+        Members::of(&self.0)
+    }
+}
+
+impl Default for JsonText {
+    /// `null`, what a payload moved out for a tick leaves behind.
+    fn default() -> Self {
+        Self::null()
+    }
+}
+
+impl From<Value> for JsonText {
+    fn from(value: Value) -> Self {
+        Self::from_value(&value)
+    }
+}
+
+impl From<&Value> for JsonText {
+    fn from(value: &Value) -> Self {
+        Self::from_value(value)
+    }
+}
+
+/// Two texts are equal when they are the same text: a payload is kept as it came, so a copy of
+/// it compares equal and a re-encoding need not.
+impl PartialEq for JsonText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+/// By value: what the text means, whatever its spacing or member order.
+impl PartialEq<Value> for JsonText {
+    fn eq(&self, other: &Value) -> bool {
+        self.to_value() == *other
+    }
+}
+
+impl fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for JsonText {
+    /// Into serde_json's serializer, the text as it is; into any other, the value it holds.
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    /// Through a `Value`, so that it reads from any deserializer, including the buffered one
+    /// serde uses for flattened structs (which a raw value cannot come through). The hot readers
+    /// (the store's records, a trigger's body) build it from bytes instead.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Value::deserialize(deserializer).map(|v| Self::from_value(&v))
+    }
+}
+
+/// Nesting depth of arrays and objects in valid JSON text (a scalar is 0), counted over its bytes:
+/// brackets inside strings do not count, and a backslash in a string escapes the byte after it.
+fn depth(text: &[u8]) -> usize {
+    let (mut level, mut deepest) = (0usize, 0usize);
+    let mut bytes = text.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'"' => {
+                // Skip the string; a backslash takes the next byte with it.
+                while let Some(&c) = bytes.next() {
+                    match c {
+                        b'\\' => {
+                            bytes.next();
+                        }
+                        b'"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                level += 1;
+                deepest = deepest.max(level);
+            }
+            b']' | b'}' => level = level.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// The members of a JSON object, borrowed from its text: a lookup without a tree. Built with one
+/// pass over the text; a member's own value is another raw text, looked into only if asked.
+/// As with serde_json's `Map`, the last of repeated names wins.
+pub struct Members<'a> {
+    /// The whole text, for pointers that start at its root.
+    raw: &'a RawValue,
+    list: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'a> Members<'a> {
+    /// The members of `raw` if it is an object; none otherwise (an array, a scalar).
+    pub fn of(raw: &'a RawValue) -> Self {
+        let list = if raw.get().starts_with('{') {
+            let mut de = serde_json::Deserializer::from_str(raw.get());
+            de.disable_recursion_limit();
+            de.deserialize_map(MembersVisitor).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        Self { raw, list }
+    }
+
+    /// The member named `name`.
+    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.list
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+    }
+
+    /// Whether the text is an object (possibly empty).
+    pub fn is_object(&self) -> bool {
+        self.raw.get().starts_with('{')
+    }
+
+    /// The value at `path` of member names below this object.
+    pub fn path(&self, path: &[&str]) -> Option<&'a RawValue> {
+        let (first, rest) = path.split_first()?;
+        let mut cur = self.get(first)?;
+        for name in rest {
+            cur = Members::of(cur).get(name)?;
+        }
+        Some(cur)
+    }
+
+    /// The value at a JSON Pointer (RFC 6901, `/a/0/b`) from the root of the text, arrays
+    /// included; `""` is the whole text.
+    pub fn pointer(&self, pointer: &str) -> Option<&'a RawValue> {
+        if pointer.is_empty() {
+            return Some(self.raw);
+        }
+        let mut cur = self.raw;
+        for token in pointer.strip_prefix('/')?.split('/') {
+            let token = token.replace("~1", "/").replace("~0", "~");
+            cur = if cur.get().starts_with('[') {
+                let index: usize = token.parse().ok()?;
+                if token.len() > 1 && token.starts_with('0') {
+                    return None;
+                }
+                let items: Vec<&RawValue> = serde_json::from_str(cur.get()).ok()?;
+                *items.get(index)?
+            } else {
+                Members::of(cur).get(&token)?
+            };
+        }
+        Some(cur)
+    }
+}
+
+/// A string or number member as text, the way provider ids and title parts are read: a string
+/// as it is (`None` when empty), a number in its JSON form; anything else is `None`.
+pub fn scalar_text(raw: &RawValue) -> Option<String> {
+    match serde_json::from_str::<Value>(raw.get()).ok()? {
+        Value::String(s) if !s.is_empty() => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+struct MembersVisitor;
+
+impl<'de> Visitor<'de> for MembersVisitor {
+    type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+        while let Some(name) = map.next_key_seed(Name)? {
+            members.push((name, map.next_value::<&RawValue>()?));
+        }
+        Ok(members)
+    }
+}
+
+/// A member name, borrowed from the text unless it holds escapes.
+struct Name;
+
+impl<'de> DeserializeSeed<'de> for Name {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Name {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn tree_depth(v: &Value) -> usize {
+        match v {
+            Value::Array(items) => 1 + items.iter().map(tree_depth).max().unwrap_or(0),
+            Value::Object(map) => 1 + map.values().map(tree_depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            ".{0,8}".prop_map(Value::String),
+            // Strings made of the bytes the depth count and the line check care about.
+            "[\\[\\]{}\"\\\\\n\r]{0,6}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(6, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z\"\\\\]{0,4}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    #[test]
+    fn text_is_kept_without_surrounding_space_and_on_one_line() {
+        let t =
+            JsonText::parse_limited(b"  {\"a\": [1,\n 2],\r\n \"b\": \"x\\ny\"}\n", 64).unwrap();
+        assert_eq!(t.as_str(), "{\"a\": [1,  2],   \"b\": \"x\\ny\"}");
+        assert_eq!(t, json!({"a": [1, 2], "b": "x\ny"}));
+        assert!(t.is_object());
+    }
+
+    #[test]
+    fn bad_and_deep_texts_are_refused() {
+        assert!(matches!(
+            JsonText::parse_limited(b"{", 64),
+            Err(TextError::Invalid(_))
+        ));
+        assert!(matches!(
+            JsonText::parse_limited(b"1 2", 64),
+            Err(TextError::Invalid(_))
+        ));
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        assert_eq!(
+            JsonText::parse_limited(deep.as_bytes(), 64),
+            Err(TextError::TooDeep(65))
+        );
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(JsonText::parse_limited(ok.as_bytes(), 64).is_ok());
+        // Far past serde_json's own limit: refused, and the stack survives.
+        let hostile = "[".repeat(1 << 20);
+        assert!(JsonText::parse_limited(hostile.as_bytes(), 64).is_err());
+    }
+
+    #[test]
+    fn members_find_names_paths_and_pointers() {
+        let t = JsonText::from(json!({
+            "a": {"b": [10, {"c": "deep"}]},
+            "n": 7,
+            "e": "",
+            "we\"ird": true,
+            "x/y": {"~": 1}
+        }));
+        let m = t.members();
+        assert_eq!(m.get("n").map(RawValue::get), Some("7"));
+        assert_eq!(m.get("we\"ird").map(RawValue::get), Some("true"));
+        assert!(m.get("missing").is_none());
+        assert_eq!(scalar_text(m.get("n").unwrap()).as_deref(), Some("7"));
+        assert_eq!(scalar_text(m.get("e").unwrap()), None);
+        assert_eq!(
+            m.path(&["a", "b"]).map(RawValue::get),
+            Some("[10,{\"c\":\"deep\"}]")
+        );
+        let c = t.members().pointer("/a/b/1/c").unwrap();
+        assert_eq!(scalar_text(c).as_deref(), Some("deep"));
+        assert_eq!(
+            t.members().pointer("/x~1y/~0").map(RawValue::get),
+            Some("1")
+        );
+        assert!(t.members().pointer("/a/b/01").is_none());
+        assert!(t.members().pointer("a").is_none());
+        assert!(JsonText::from(json!([1])).members().get("0").is_none());
+        // The last of repeated names, as serde_json's Map keeps it.
+        let dup = JsonText::parse_limited(br#"{"k": 1, "k": 2}"#, 64).unwrap();
+        assert_eq!(dup.members().get("k").map(RawValue::get), Some("2"));
+    }
+
+    #[test]
+    fn serializes_as_itself_inside_a_document_and_as_a_value_elsewhere() {
+        let t = JsonText::parse_limited(br#"{"z": 1, "a": [true]}"#, 64).unwrap();
+        let doc = serde_json::to_string(&json!({"x": 1})).unwrap();
+        assert_eq!(doc, r#"{"x":1}"#);
+        let wrapped = serde_json::to_string(&serde_json::json!({ "v": t.to_value() })).unwrap();
+        assert_eq!(wrapped, r#"{"v":{"a":[true],"z":1}}"#);
+        #[derive(Serialize)]
+        struct Holder<'a> {
+            v: &'a JsonText,
+        }
+        assert_eq!(
+            serde_json::to_string(&Holder { v: &t }).unwrap(),
+            r#"{"v":{"z": 1, "a": [true]}}"#
+        );
+        assert_eq!(
+            serde_json::to_value(Holder { v: &t }).unwrap(),
+            json!({"v": {"z": 1, "a": [true]}})
+        );
+        let back: JsonText = serde_json::from_str(r#" {"q": [1, 2]} "#).unwrap();
+        assert_eq!(back.as_str(), r#"{"q":[1,2]}"#);
+        assert_eq!(JsonText::default().as_str(), "null");
+        assert_eq!(JsonText::empty_object().as_str(), "{}");
+    }
+
+    proptest! {
+        /// The byte count agrees with the depth of the tree, whatever the strings hold.
+        #[test]
+        fn depth_counts_like_the_tree(v in arb_json()) {
+            let text = serde_json::to_string(&v).unwrap();
+            prop_assert_eq!(depth(text.as_bytes()), tree_depth(&v));
+            let pretty = serde_json::to_string_pretty(&v).unwrap();
+            let t = JsonText::parse_limited(pretty.as_bytes(), 64).unwrap();
+            prop_assert!(!t.as_str().contains('\n'));
+            prop_assert_eq!(t.to_value(), v.clone());
+            prop_assert_eq!(JsonText::from_stored(t.as_str().as_bytes()).unwrap(), t);
+        }
+
+        /// Arbitrary bytes never panic, and what is accepted reads back as the same value.
+        #[test]
+        fn arbitrary_bytes_are_refused_or_kept(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(t) = JsonText::parse_limited(&bytes, 64) {
+                let v: Value = serde_json::from_slice(&bytes).unwrap();
+                prop_assert_eq!(t.to_value(), v);
+            }
+        }
+
+        /// Every top-level member is found by name and by pointer, with the value it has.
+        #[test]
+        fn members_agree_with_the_tree(v in arb_json()) {
+            let t = JsonText::from(&v);
+            if let Value::Object(map) = &v {
+                for (k, val) in map {
+                    let raw = t.members().get(k).unwrap();
+                    prop_assert_eq!(&serde_json::from_str::<Value>(raw.get()).unwrap(), val);
+                    let pointer = format!("/{}", k.replace('~', "~0").replace('/', "~1"));
+                    let by_pointer = t.members().pointer(&pointer).unwrap();
+                    prop_assert_eq!(&serde_json::from_str::<Value>(by_pointer.get()).unwrap(), val);
+                }
+            }
+        }
+    }
+}
