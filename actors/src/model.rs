@@ -191,6 +191,15 @@ impl fmt::Display for TaskId {
     }
 }
 
+impl TaskId {
+    /// The id as [`Display`](fmt::Display) writes it, into a buffer of the caller's: for the
+    /// fire-and-forget answer, which writes it twice per request without the formatting
+    /// machinery (#16).
+    pub fn encode<'b>(&self, buf: &'b mut [u8; 36]) -> &'b str {
+        self.0.hyphenated().encode_lower(buf)
+    }
+}
+
 /// The task life cycle of SPEC sections 1 and 8. `SUCCESS`, `FAILURE` and `REVOKED` are terminal;
 /// `AWAITING_INPUT` is a stopping point (a sync wait returns there) but not an end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

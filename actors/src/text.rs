@@ -70,9 +70,27 @@ impl JsonText {
     /// without recursion, so a hostile nesting cannot exhaust the stack; serde_json's own limit
     /// (128) still applies while it validates.
     pub fn parse_limited(bytes: &[u8], max_depth: usize) -> Result<Self, TextError> {
-        let raw: &RawValue =
-            serde_json::from_slice(bytes).map_err(|e| TextError::Invalid(e.to_string()))?;
-        let found = depth(raw.get().as_bytes());
+        // A refused text is read again as a tree, for the message a caller got when the door
+        // built one: a tree reports what it meets first, an unpaired surrogate included.
+        let tree_error = |e: serde_json::Error| {
+            TextError::Invalid(
+                serde_json::from_slice::<Value>(bytes)
+                    .err()
+                    .unwrap_or(e)
+                    .to_string(),
+            )
+        };
+        let raw: &RawValue = serde_json::from_slice(bytes).map_err(tree_error)?;
+        let found = match check(raw.get().as_bytes()) {
+            Some(depth) => depth,
+            // What a tree refuses (an unpaired surrogate, a number out of range) is refused in
+            // serde_json's own words, the message a caller got when the door built a tree. Should
+            // the tree read it after all, serde_json's answer stands and the text is kept.
+            None => match serde_json::from_slice::<Value>(bytes) {
+                Err(e) => return Err(TextError::Invalid(e.to_string())),
+                Ok(v) => tree_depth(&v),
+            },
+        };
         if found > max_depth {
             return Err(TextError::TooDeep(found));
         }
@@ -185,30 +203,101 @@ impl<'de> Deserialize<'de> for JsonText {
     }
 }
 
-/// Nesting depth of arrays and objects in valid JSON text (a scalar is 0), counted over its bytes:
-/// brackets inside strings do not count, and a backslash in a string escapes the byte after it.
-fn depth(text: &[u8]) -> usize {
+/// What serde_json's raw value lets through but a tree refuses, looked for in text it already
+/// checked, in the same pass that counts the nesting: the depth of arrays and objects (a scalar
+/// is 0), or `None` for a `\\u` escape of an unpaired surrogate or a number beyond `f64`. A
+/// payload is read into a tree later (by runners, by the admin page), so what a tree refuses
+/// must be refused at the door, as it was when the door built one.
+fn check(text: &[u8]) -> Option<usize> {
     let (mut level, mut deepest) = (0usize, 0usize);
-    let mut bytes = text.iter();
-    while let Some(&b) = bytes.next() {
-        match b {
-            b'"' => {
-                // Skip the string; a backslash takes the next byte with it.
-                while let Some(&c) = bytes.next() {
-                    match c {
-                        b'\\' => {
-                            bytes.next();
-                        }
-                        b'"' => break,
-                        _ => {}
-                    }
-                }
-            }
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            b'"' => i = past_string(text, i + 1)?,
             b'[' | b'{' => {
                 level += 1;
                 deepest = deepest.max(level);
+                i += 1;
             }
-            b']' | b'}' => level = level.saturating_sub(1),
+            b']' | b'}' => {
+                level = level.saturating_sub(1);
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let end = text[i..]
+                    .iter()
+                    .position(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .map_or(text.len(), |n| i + n);
+                let number = &text[i..end];
+                // Short integers always fit; anything else is read as serde_json reads a float.
+                let plain =
+                    number.len() <= 18 && !number.iter().any(|b| matches!(b, b'.' | b'e' | b'E'));
+                if !plain {
+                    let value: f64 = std::str::from_utf8(number).ok()?.parse().ok()?;
+                    if !value.is_finite() {
+                        return None;
+                    }
+                }
+                i = end;
+            }
+            _ => i += 1,
+        }
+    }
+    Some(deepest)
+}
+
+/// The index just past the string whose contents start at `i`, checking its `\\u` escapes:
+/// a high surrogate must be followed by an escaped low one, and a low one never stands alone.
+fn past_string(text: &[u8], mut i: usize) -> Option<usize> {
+    let hex = |at: usize| -> Option<u16> {
+        let digits = text.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    while i < text.len() {
+        match text[i] {
+            b'"' => return Some(i + 1),
+            b'\\' if text.get(i + 1) == Some(&b'u') => {
+                let unit = hex(i + 2)?;
+                i += 6;
+                match unit {
+                    0xD800..=0xDBFF => {
+                        if text.get(i..i + 2) != Some(b"\\u") {
+                            return None;
+                        }
+                        if !(0xDC00..=0xDFFF).contains(&hex(i + 2)?) {
+                            return None;
+                        }
+                        i += 6;
+                    }
+                    0xDC00..=0xDFFF => return None,
+                    _ => {}
+                }
+            }
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    Some(i)
+}
+
+/// Nesting depth of a tree, walked without recursion: for the rare text [`check`] refused and a
+/// tree read all the same.
+fn tree_depth(value: &Value) -> usize {
+    let container = |v: &&Value| matches!(v, Value::Array(_) | Value::Object(_));
+    let mut deepest = 0;
+    let mut stack: Vec<(&Value, usize)> = Vec::new();
+    if container(&value) {
+        stack.push((value, 1));
+    }
+    while let Some((v, level)) = stack.pop() {
+        deepest = deepest.max(level);
+        match v {
+            Value::Array(items) => {
+                stack.extend(items.iter().filter(container).map(|c| (c, level + 1)))
+            }
+            Value::Object(map) => {
+                stack.extend(map.values().filter(container).map(|c| (c, level + 1)))
+            }
             _ => {}
         }
     }
@@ -346,10 +435,10 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::json;
 
-    fn tree_depth(v: &Value) -> usize {
+    fn nested_depth(v: &Value) -> usize {
         match v {
-            Value::Array(items) => 1 + items.iter().map(tree_depth).max().unwrap_or(0),
-            Value::Object(map) => 1 + map.values().map(tree_depth).max().unwrap_or(0),
+            Value::Array(items) => 1 + items.iter().map(nested_depth).max().unwrap_or(0),
+            Value::Object(map) => 1 + map.values().map(nested_depth).max().unwrap_or(0),
             _ => 0,
         }
     }
@@ -401,6 +490,33 @@ mod tests {
         // Far past serde_json's own limit: refused, and the stack survives.
         let hostile = "[".repeat(1 << 20);
         assert!(JsonText::parse_limited(hostile.as_bytes(), 64).is_err());
+    }
+
+    #[test]
+    fn what_a_tree_refuses_is_refused_in_its_words() {
+        for (text, message) in [
+            (
+                r#"{"a":"\ud800"}"#,
+                "unexpected end of hex escape at line 1 column 13",
+            ),
+            (
+                r#"{"a":"\udc00x"}"#,
+                "lone leading surrogate in hex escape at line 1 column 12",
+            ),
+            (
+                r#"{"a":"\ud800\u0041"}"#,
+                "lone leading surrogate in hex escape at line 1 column 18",
+            ),
+            (r#"{"a":1e400}"#, "number out of range at line 1 column 10"),
+        ] {
+            assert_eq!(
+                JsonText::parse_limited(text.as_bytes(), 64),
+                Err(TextError::Invalid(message.to_string())),
+                "{text}"
+            );
+        }
+        let pair = JsonText::parse_limited(r#"{"a":"\ud83d\ude00","n":-1.5e300}"#.as_bytes(), 64);
+        assert_eq!(pair.unwrap(), json!({"a": "\u{1F600}", "n": -1.5e300}));
     }
 
     #[test]
@@ -466,7 +582,8 @@ mod tests {
         #[test]
         fn depth_counts_like_the_tree(v in arb_json()) {
             let text = serde_json::to_string(&v).unwrap();
-            prop_assert_eq!(depth(text.as_bytes()), tree_depth(&v));
+            prop_assert_eq!(check(text.as_bytes()), Some(nested_depth(&v)));
+            prop_assert_eq!(tree_depth(&v), nested_depth(&v));
             let pretty = serde_json::to_string_pretty(&v).unwrap();
             let t = JsonText::parse_limited(pretty.as_bytes(), 64).unwrap();
             prop_assert!(!t.as_str().contains('\n'));
@@ -480,6 +597,26 @@ mod tests {
             if let Ok(t) = JsonText::parse_limited(&bytes, 64) {
                 let v: Value = serde_json::from_slice(&bytes).unwrap();
                 prop_assert_eq!(t.to_value(), v);
+            }
+        }
+
+        /// The door accepts exactly what a tree accepts, the message included, over texts built
+        /// from the pieces where a raw value and a tree disagree (surrogate escapes, numbers
+        /// beyond `f64`) and the grammar around them.
+        #[test]
+        fn accepts_what_a_tree_accepts(pieces in prop::collection::vec(prop::sample::select(vec![
+            "{", "}", "[", "]", ",", ":", "\"", "\"a\"", "\"\\ud800\"", "\"\\udc00\"",
+            "\"\\ud83d\\ude00\"", "\"\\ud800\\u0041\"", "\\u0041", "\\ud800", "\\udfff", "\\\"",
+            "1", "-0", "1.5", "1e400", "-1e309", "1e-400", "123456789012345678901234567890",
+            "1797693134862315700000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000",
+            "true", "null", " ", "\n", "x",
+        ]), 0..14)) {
+            let text = pieces.concat();
+            let tree = serde_json::from_str::<Value>(&text);
+            match (JsonText::parse_limited(text.as_bytes(), 64), tree) {
+                (Ok(t), Ok(v)) => prop_assert_eq!(t.to_value(), v),
+                (Err(TextError::Invalid(m)), Err(e)) => prop_assert_eq!(m, e.to_string()),
+                (ours, theirs) => prop_assert!(false, "{text:?}: {ours:?} against {theirs:?}"),
             }
         }
 

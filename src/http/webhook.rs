@@ -13,7 +13,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 use tickgate_actors::agent::AgentHandle;
 use tickgate_actors::intake::Accepted;
-use tickgate_actors::model::{AgentId, JsonText, Source, Task, TaskId, TaskStatus};
+use tickgate_actors::model::{AgentId, JsonText, Source, Task, TaskId};
 use tickgate_actors::registry::ResolveError;
 use tickgate_actors::token;
 
@@ -21,7 +21,7 @@ use super::error::ApiError;
 use super::limits;
 use super::tasks::{load, wait_for, wait_for_new, TaskRecord};
 use super::{AgentLabel, AppState};
-use crate::ingress::body::{self, BodyError};
+use crate::ingress::body::{self, BodyError, Controls};
 use crate::ingress::{title, Gate, GateError};
 
 /// `POST /webhooks/{token}` and `POST /api/webhooks/agents/{token}`.
@@ -320,8 +320,8 @@ async fn trigger(
     // The payload's top-level members, read once from its text for the controls, the delivery
     // id and the title (#16). A query-string trigger has no controls.
     let members = inputs.members();
-    let (title, env, body_wait) = if query_inputs_given {
-        (None, BTreeMap::new(), None)
+    let Controls { title, env, wait } = if query_inputs_given {
+        Controls::default()
     } else {
         body::controls(&members).map_err(body_error)?
     };
@@ -332,7 +332,7 @@ async fn trigger(
     {
         return Err(ApiError::EnvNotAllowed(name.clone()));
     }
-    let wait = requested_wait(req, body_wait)?.map(|w| w.min(state.max_wait));
+    let wait = requested_wait(req, wait)?.map(|w| w.min(state.max_wait));
     // Delivery id (configured rule, headers, provider body id): see ingress::delivery.
     let idempotency = gate
         .delivery
@@ -398,30 +398,31 @@ async fn duplicate(
     Ok(finished_or_pending(state, &task, timed_out, true))
 }
 
-/// The fire-and-forget answer's body, serialized straight from borrowed fields (no
-/// intermediate `serde_json::Value` tree on every accept).
-#[derive(serde::Serialize)]
-struct AcceptedBody<'a> {
-    task_id: &'a TaskId,
-    status: TaskStatus,
-    agent: &'a AgentId,
-    poll_url: &'a str,
+/// The fire-and-forget answer: `202`, `Location` and `{"task_id", "status", "agent",
+/// "poll_url"}`. Written field by field into one buffer: the shape is fixed and only the agent
+/// and the URL are strings that may need escaping, which serde_json does for them (#16).
+fn accepted(state: &AppState, id: &TaskId, agent: &AgentId) -> HttpResponse {
+    let mut buf = [0; 36];
+    let id = id.encode(&mut buf);
+    let poll_url = [state.public_url.as_str(), "/tasks/", id].concat();
+    HttpResponse::Accepted()
+        .insert_header((header::LOCATION, poll_url.as_str()))
+        .content_type("application/json")
+        .body(accepted_body(id, agent, &poll_url))
 }
 
-fn accepted(state: &AppState, id: &TaskId, agent: &AgentId) -> HttpResponse {
-    let poll_url = state.poll_url(id);
-    let body = serde_json::to_vec(&AcceptedBody {
-        task_id: id,
-        // A new task is PENDING until its agent starts it.
-        status: TaskStatus::Pending,
-        agent,
-        poll_url: &poll_url,
-    })
-    .unwrap_or_default();
-    HttpResponse::Accepted()
-        .insert_header((header::LOCATION, poll_url))
-        .content_type("application/json")
-        .body(body)
+/// The body of [`accepted`]. A new task is `PENDING` until its agent starts it.
+fn accepted_body(id: &str, agent: &AgentId, poll_url: &str) -> Vec<u8> {
+    let mut body = Vec::with_capacity(96 + poll_url.len());
+    body.extend_from_slice(b"{\"task_id\":\"");
+    body.extend_from_slice(id.as_bytes());
+    body.extend_from_slice(b"\",\"status\":\"PENDING\",\"agent\":");
+    // Serializing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut body, agent);
+    body.extend_from_slice(b",\"poll_url\":");
+    let _ = serde_json::to_writer(&mut body, poll_url);
+    body.push(b'}');
+    body
 }
 
 fn finished_or_pending(
@@ -518,5 +519,46 @@ fn body_error(e: BodyError) -> ApiError {
         BodyError::UnsupportedType(t) => ApiError::UnsupportedMediaType(t),
         BodyError::InvalidJson(m) => ApiError::InvalidJson(m),
         BodyError::InvalidField(m) => ApiError::BadRequest(m),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tickgate_actors::model::TaskStatus;
+
+    /// The body as serde would write it from the same fields, in the same order.
+    #[derive(serde::Serialize)]
+    struct AcceptedBody<'a> {
+        task_id: &'a TaskId,
+        status: TaskStatus,
+        agent: &'a AgentId,
+        poll_url: &'a str,
+    }
+
+    #[test]
+    fn the_accepted_body_is_what_serde_writes() {
+        let agent: AgentId = "github/ci-bot".parse().unwrap();
+        for base in [
+            "http://127.0.0.1:8080",
+            "https://hooks.example/x \"q\" \\ é\u{1}",
+        ] {
+            let id = TaskId::random();
+            let mut buf = [0; 36];
+            let text = id.encode(&mut buf);
+            assert_eq!(text, id.to_string());
+            let poll_url = format!("{base}/tasks/{id}");
+            let expected = serde_json::to_vec(&AcceptedBody {
+                task_id: &id,
+                status: TaskStatus::Pending,
+                agent: &agent,
+                poll_url: &poll_url,
+            })
+            .unwrap();
+            assert_eq!(
+                String::from_utf8(accepted_body(text, &agent, &poll_url)).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
     }
 }

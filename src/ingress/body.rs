@@ -48,7 +48,7 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// type, so `curl -X POST <url>` works. A body without a type is read as JSON.
 pub fn parse(content_type: Option<&str>, body: &[u8]) -> Result<TriggerBody, BodyError> {
     let inputs = inputs(content_type, body)?;
-    let (title, env, wait) = controls(&inputs.members())?;
+    let Controls { title, env, wait } = controls(&inputs.members())?;
     Ok(TriggerBody {
         inputs,
         title,
@@ -149,11 +149,20 @@ pub fn depth(value: &Value) -> usize {
     deepest
 }
 
+/// What a caller may ask for inside a JSON object body, beside the payload.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Controls {
+    /// Caller-supplied task title.
+    pub title: Option<String>,
+    /// Caller environment overrides, still to be checked against `allow_env`.
+    pub env: BTreeMap<String, String>,
+    /// Caller's wait request from the body.
+    pub wait: Option<Duration>,
+}
+
 /// The caller's `title`, `env` and `wait`, read from the top-level members of the payload (none
 /// when it is not an object). Each is a small value, parsed on its own.
-pub fn controls(
-    members: &Members<'_>,
-) -> Result<(Option<String>, BTreeMap<String, String>, Option<Duration>), BodyError> {
+pub fn controls(members: &Members<'_>) -> Result<Controls, BodyError> {
     let value = |name: &str| {
         members
             .get(name)
@@ -178,7 +187,7 @@ pub fn controls(
             ))
         }
     };
-    Ok((title, env, wait))
+    Ok(Controls { title, env, wait })
 }
 
 fn parse_env(v: &Value) -> Result<BTreeMap<String, String>, BodyError> {
