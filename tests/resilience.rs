@@ -362,7 +362,18 @@ fn metrics_parse_as_prometheus_text_and_move_with_ticks() {
             &json!({}),
         );
     }
-    let after = server.get("/metrics").text;
+    // A sync answer comes with the task's outcome; the mailbox slot (and so the queue depth
+    // gauge) is freed just after it, so the gauge is waited for rather than read at once.
+    let mut after = String::new();
+    assert!(
+        wait_until(|| {
+            after = server.get("/metrics").text;
+            after.contains("tickgate_queue_depth{agent=\"default/echo\"} 0")
+                && sample(&after, "tickgate_ticks_total", &["default/echo", "success"])
+                    >= ticks_before + 3.0
+        }),
+        "the queue depth never went back to 0 after three ticks:\n{after}"
+    );
     assert_eq!(
         sample(&after, "tickgate_ticks_total", &["default/echo", "success"]),
         ticks_before + 3.0

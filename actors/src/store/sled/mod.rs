@@ -145,7 +145,7 @@ pub type FlushHook = Arc<dyn Fn(Duration, usize) + Send + Sync>;
 pub enum SyncMode {
     /// sled's flush (write + `sync_file_range`): survives the process being killed (`kill -9`);
     /// power loss or an OS crash can lose what was acknowledged since the writer's last
-    /// `fdatasync`, which follows any flushed write within [`PERIODIC_SYNC`] (50 ms).
+    /// `fdatasync`, which follows any flushed write within 50 ms (the writer's periodic sync).
     #[default]
     Flush,
     /// sled's flush followed by `fdatasync` of its data file (and new blob files): an
@@ -159,7 +159,7 @@ pub trait Observer: Send + Sync {
     /// A group commit ended (successfully or not) after `took`, carrying `requests` writes.
     fn flushed(&self, _took: Duration, _requests: usize) {}
     /// The store was made durable with `fdatasync`: every group commit in [`SyncMode::Fsync`],
-    /// at most every [`PERIODIC_SYNC`] in [`SyncMode::Flush`].
+    /// at most every 50 ms (the writer's periodic sync) in [`SyncMode::Flush`].
     fn fsynced(&self) {}
     /// A record was found that cannot be decoded; reported once per record per process.
     fn unreadable(&self, _record: &str) {}
