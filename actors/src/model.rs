@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-pub use crate::text::{scalar_text, JsonText, Members, TextError};
+pub use crate::text::{scalar_text, value_depth, JsonText, Members, TextError};
 
 /// `namespace/name`, both DNS labels. The id is the stable key for memory, queues and tokens, so it
 /// is validated once at parse time and never re-checked downstream.

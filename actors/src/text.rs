@@ -88,7 +88,7 @@ impl JsonText {
             // the tree read it after all, serde_json's answer stands and the text is kept.
             None => match serde_json::from_slice::<Value>(bytes) {
                 Err(e) => return Err(TextError::Invalid(e.to_string())),
-                Ok(v) => tree_depth(&v),
+                Ok(v) => value_depth(&v),
             },
         };
         if found > max_depth {
@@ -280,9 +280,10 @@ fn past_string(text: &[u8], mut i: usize) -> Option<usize> {
     Some(i)
 }
 
-/// Nesting depth of a tree, walked without recursion: for the rare text [`check`] refused and a
-/// tree read all the same.
-fn tree_depth(value: &Value) -> usize {
+/// Nesting depth of arrays and objects in a tree (`{}` is 1, a scalar 0), walked without
+/// recursion so that measuring a hostile value cannot exhaust the stack: for values that arrive
+/// as trees (a form's `payload` field) and the rare text [`check`] refused and a tree read.
+pub fn value_depth(value: &Value) -> usize {
     let container = |v: &&Value| matches!(v, Value::Array(_) | Value::Object(_));
     let mut deepest = 0;
     let mut stack: Vec<(&Value, usize)> = Vec::new();
@@ -583,7 +584,7 @@ mod tests {
         fn depth_counts_like_the_tree(v in arb_json()) {
             let text = serde_json::to_string(&v).unwrap();
             prop_assert_eq!(check(text.as_bytes()), Some(nested_depth(&v)));
-            prop_assert_eq!(tree_depth(&v), nested_depth(&v));
+            prop_assert_eq!(value_depth(&v), nested_depth(&v));
             let pretty = serde_json::to_string_pretty(&v).unwrap();
             let t = JsonText::parse_limited(pretty.as_bytes(), 64).unwrap();
             prop_assert!(!t.as_str().contains('\n'));

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use tickgate_actors::model::{JsonText, Members, TextError};
+use tickgate_actors::model::{value_depth, JsonText, Members, TextError};
 
 /// A parsed trigger body.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,7 +98,7 @@ fn form_to_object(body: &[u8]) -> Result<Value, BodyError> {
                 BodyError::InvalidJson(format!("the form field `payload` is not valid JSON: {e}"))
             })?;
             // The payload sits inside the form's object, one level down.
-            let depth = depth(&payload);
+            let depth = value_depth(&payload);
             if depth > MAX_DEPTH - 1 {
                 return Err(BodyError::InvalidJson(format!(
                     "the form field `payload` nests arrays and objects {depth} levels deep; at most {} are accepted ({MAX_DEPTH} with the form's own object)",
@@ -121,32 +121,6 @@ fn form_to_object(body: &[u8]) -> Result<Value, BodyError> {
         }
     }
     Ok(Value::Object(obj))
-}
-
-/// Nesting depth of arrays and objects in `value` (a scalar is 0), walked without recursion so
-/// that measuring a hostile value cannot exhaust the stack.
-pub fn depth(value: &Value) -> usize {
-    // Only arrays and objects go on the stack (with their own level), and no iterator is boxed:
-    // this runs on every JSON trigger, so it allocates nothing per node (#16).
-    let container = |v: &&Value| matches!(v, Value::Array(_) | Value::Object(_));
-    let mut deepest = 0;
-    let mut stack: Vec<(&Value, usize)> = Vec::new();
-    if container(&value) {
-        stack.push((value, 1));
-    }
-    while let Some((v, level)) = stack.pop() {
-        deepest = deepest.max(level);
-        match v {
-            Value::Array(items) => {
-                stack.extend(items.iter().filter(container).map(|c| (c, level + 1)))
-            }
-            Value::Object(map) => {
-                stack.extend(map.values().filter(container).map(|c| (c, level + 1)))
-            }
-            _ => {}
-        }
-    }
-    deepest
 }
 
 /// What a caller may ask for inside a JSON object body, beside the payload.
@@ -280,9 +254,9 @@ mod tests {
 
     #[test]
     fn depth_counts_levels() {
-        assert_eq!(depth(&json!(1)), 0);
-        assert_eq!(depth(&json!({})), 1);
-        assert_eq!(depth(&json!({"a": [1, {"b": []}], "c": 2})), 4);
+        assert_eq!(value_depth(&json!(1)), 0);
+        assert_eq!(value_depth(&json!({})), 1);
+        assert_eq!(value_depth(&json!({"a": [1, {"b": []}], "c": 2})), 4);
     }
 
     #[test]
@@ -303,7 +277,7 @@ mod tests {
             form(MAX_DEPTH - 1).as_bytes(),
         )
         .unwrap();
-        assert_eq!(depth(&ok.inputs.to_value()), MAX_DEPTH);
+        assert_eq!(value_depth(&ok.inputs.to_value()), MAX_DEPTH);
         let Err(BodyError::InvalidJson(msg)) = parse(
             Some("application/x-www-form-urlencoded"),
             form(MAX_DEPTH).as_bytes(),
@@ -323,7 +297,7 @@ mod tests {
             for i in 0..levels {
                 v = if i % 2 == 0 { json!([v]) } else { json!({"k": v, "w": vec![0; wide]}) };
             }
-            prop_assert_eq!(depth(&v), levels);
+            prop_assert_eq!(value_depth(&v), levels);
         }
 
         #[test]
