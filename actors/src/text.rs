@@ -361,10 +361,12 @@ impl<'a> Members<'a> {
         for token in pointer.strip_prefix('/')?.split('/') {
             let token = token.replace("~1", "/").replace("~0", "~");
             cur = if cur.get().starts_with('[') {
-                let index: usize = token.parse().ok()?;
-                if token.len() > 1 && token.starts_with('0') {
+                // Digits only, without a leading zero, as serde_json's `Value::pointer` reads an
+                // index (`usize::from_str` alone would take `+1`).
+                if token.starts_with('+') || (token.len() > 1 && token.starts_with('0')) {
                     return None;
                 }
+                let index: usize = token.parse().ok()?;
                 let items: Vec<&RawValue> = serde_json::from_str(cur.get()).ok()?;
                 *items.get(index)?
             } else {
@@ -546,6 +548,7 @@ mod tests {
             Some("1")
         );
         assert!(t.members().pointer("/a/b/01").is_none());
+        assert!(t.members().pointer("/a/b/+1").is_none());
         assert!(t.members().pointer("a").is_none());
         assert!(JsonText::from(json!([1])).members().get("0").is_none());
         // The last of repeated names, as serde_json's Map keeps it.
