@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 /// Every request allocates and frees many small values (the parsed body, the task, its record,
 /// the answer) across threads; glibc's malloc spent a quarter of the HTTP threads' time
 /// consolidating and unlinking free chunks, mimalloc's per-thread free lists do not (#16,
-/// docs/benchmarks.md).
+/// docs/benchmarks.md). Built without transparent huge pages (the `no_thp` feature): the kernel
+/// zeroing a fresh 2 MiB page in the middle of a request was the fire-and-forget p99.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
