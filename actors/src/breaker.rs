@@ -9,7 +9,9 @@
 //! agent: it is the single place the HTTP edge asks before queueing and the agents report to after
 //! every tick, so admissions and outcomes are seen in one order.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

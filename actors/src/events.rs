@@ -8,7 +8,7 @@
 //! publisher that already shares its task (the store writer's answers do) hands out a reference,
 //! not a deep copy of the payload, however many watchers there are.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -14,7 +14,7 @@
 //! trial is a [`TrialPermit`] that reports [`TrialAbandoned`] when dropped unless the task it
 //! admitted was accepted. A refusal at any step therefore undoes exactly what was taken.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -125,8 +125,8 @@ pub struct TokenIndex {
 
 #[derive(Default)]
 struct Digests {
-    by_digest: HashMap<[u8; 32], AgentId>,
-    of_agent: HashMap<AgentId, [u8; 32]>,
+    by_digest: foldhash::HashMap<[u8; 32], AgentId>,
+    of_agent: foldhash::HashMap<AgentId, [u8; 32]>,
 }
 
 impl TokenIndex {
@@ -186,7 +186,7 @@ impl Registry {
     ) -> Self {
         let tokens = Digests {
             by_digest: digests.iter().map(|(a, d)| (*d, a.clone())).collect(),
-            of_agent: digests,
+            of_agent: digests.into_iter().collect(),
         };
         Self {
             index: Arc::new(TokenIndex {

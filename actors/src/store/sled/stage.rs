@@ -3,7 +3,7 @@
 //! dispatch over every write, idempotency keys, the retention purge and cancellation. Separate
 //! from the writer thread, which only decides when a batch is committed.
 
-use std::collections::HashSet;
+use foldhash::HashSet;
 use std::sync::{Arc, PoisonError};
 
 use serde::{Deserialize, Serialize};
@@ -91,7 +91,7 @@ pub(super) fn stage(
             // Tasks purged by this write: a task of the release before this one can have both
             // a finished entry and a state record, and the batch does not hide it from the
             // second walk.
-            let mut gone = HashSet::new();
+            let mut gone = HashSet::default();
             // First the finished entries (`f/`) that earlier releases wrote, oldest first.
             let mut end = FINISHED.to_vec();
             end.extend_from_slice(&finished_before_ms.to_be_bytes());

@@ -3,7 +3,9 @@
 //! own, below the staging code of each record kind, so that those parts and the dispatch in
 //! `stage` all depend on it and not on each other.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use foldhash::{HashMap, HashSet};
 
 use crate::model::{AgentId, Task, TaskId, TaskStatus};
 use crate::outbox::Delivery;
@@ -74,7 +76,7 @@ impl Staged {
         self.listing.clear();
         self.list_new.clear();
         if self.list_tail.len() > LIST_TAILS_KEPT {
-            self.list_tail = HashMap::new();
+            self.list_tail = HashMap::default();
         }
     }
 }

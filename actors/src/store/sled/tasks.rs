@@ -3,7 +3,7 @@
 //! read back over each other, and the revoked markers (`rv/`) that keep a cancelled task from
 //! running. Separate because every other part reads or writes tasks through these.
 
-use std::collections::HashSet;
+use foldhash::HashSet;
 
 use super::staged::Staged;
 use super::{backend, encode, key, outbox_key, Shared, REVOKED, STATE, TASK};
@@ -179,7 +179,7 @@ pub(super) fn is_revoked(revoked: &HashSet<TaskId>, staged: &Staged, id: &TaskId
 
 /// Every revoked marker in the store, for the writer's in-memory set.
 pub(super) fn load_revoked(db: &sled::Db) -> Result<HashSet<TaskId>, StoreError> {
-    let mut set = HashSet::new();
+    let mut set = HashSet::default();
     for entry in db.scan_prefix(REVOKED) {
         let (k, _) = entry.map_err(backend)?;
         if let Ok(bytes) = <[u8; 16]>::try_from(&k[REVOKED.len()..]) {

@@ -2,7 +2,7 @@
 //! once (a submit is staged, queued, listed and read back), so they are kept together rather than
 //! beside any one part; the few that stage a batch by hand reach `stage` and the key builders.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use super::listed::{list_agent_prefix, listing_key};
 use super::queued::{queue_key, queue_prefix};
@@ -891,7 +891,7 @@ fn a_purge_leaves_a_task_changed_earlier_in_its_batch() {
     // Staged by hand, as the writer would if the two writes met in one group commit.
     let db = store.shared.db().unwrap();
     let (mut batch, mut staged, revoked) =
-        (sled::Batch::default(), Staged::default(), HashSet::new());
+        (sled::Batch::default(), Staged::default(), foldhash::HashSet::default());
     let mut again = done.clone();
     again.status = TaskStatus::Started;
     again.finished_at = None;
@@ -1158,7 +1158,7 @@ fn write_async_resolves() {
 fn one_commit(store: &SledStore, writes: Vec<Write>) -> Vec<Written> {
     let db = store.shared.db().unwrap();
     let (mut batch, mut staged) = (sled::Batch::default(), Staged::default());
-    let revoked = HashSet::new();
+    let revoked = foldhash::HashSet::default();
     let written = writes
         .into_iter()
         .map(|w| stage(&db, &store.shared, &revoked, &mut batch, &mut staged, w).unwrap())

@@ -113,7 +113,7 @@ pub(super) struct Writer {
     pub(super) db: Option<sled::Db>,
     /// Every revoked task still stored (its `rv/` marker), so `Start` and `Complete` check it
     /// without a tree read; loaded at open and at every reopen, updated after each commit.
-    pub(super) revoked: HashSet<TaskId>,
+    pub(super) revoked: foldhash::HashSet<TaskId>,
     /// `fdatasync` of sled's files: after every group commit in [`SyncMode::Fsync`], at most every
     /// [`PERIODIC_SYNC`] in [`SyncMode::Flush`]. `None` after a failure until a reopen succeeds.
     pub(super) durable: Option<Durable>,
