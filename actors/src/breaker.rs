@@ -10,13 +10,12 @@
 //! every tick, so admissions and outcomes are seen in one order.
 
 use std::collections::BTreeMap;
-
-use foldhash::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use foldhash::HashMap;
 use serde::Serialize;
 
 use crate::events::TickOutcome;

@@ -8,10 +8,10 @@
 //! publisher that already shares its task (the store writer's answers do) hands out a reference,
 //! not a deep copy of the payload, however many watchers there are.
 
-use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use foldhash::HashMap;
 use tokio::sync::broadcast;
 
 use crate::model::{AgentId, Task, TaskId, TaskStatus};

@@ -14,11 +14,11 @@
 //! trial is a [`TrialPermit`] that reports [`TrialAbandoned`] when dropped unless the task it
 //! admitted was accepted. A refusal at any step therefore undoes exactly what was taken.
 
-use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use foldhash::HashMap;
 
 use crate::agent::{AgentHandle, Lifecycle, RunStored, RunTask};
 use crate::breaker::{Admission, Admit, BreakerActor, ClosedBreakers, TrialAbandoned};

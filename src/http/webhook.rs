@@ -497,11 +497,33 @@ fn source(req: &HttpRequest, client: IpAddr, gate: &Gate) -> Source {
     }
     Source {
         method: req.method().as_str().to_string(),
-        remote_ip: client.to_string(),
+        remote_ip: ip_text(client),
         event: None,
         headers,
         ..Source::default()
     }
+}
+
+/// An address as `Display` writes it; an IPv4 one (the common case) without the formatting
+/// machinery, which cost a webhook request about 1.4k instructions (#16).
+fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut s = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        if octet >= 100 {
+            s.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            s.push(char::from(b'0' + octet / 10 % 10));
+        }
+        s.push(char::from(b'0' + octet % 10));
+    }
+    s
 }
 
 fn gate_error(e: GateError) -> ApiError {
@@ -534,6 +556,24 @@ mod tests {
         status: TaskStatus,
         agent: &'a AgentId,
         poll_url: &'a str,
+    }
+
+    #[test]
+    fn every_octet_is_written_as_display_writes_it() {
+        for o in 0..=255u8 {
+            let ip = IpAddr::from([o, 0, o, 255]);
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
+
+    proptest::proptest! {
+        /// The IPv4 fast path writes what `Display` writes; IPv6 goes through `Display`.
+        #[test]
+        fn addresses_are_written_as_display_writes_them(v4 in proptest::prelude::any::<[u8; 4]>(), v6 in proptest::prelude::any::<[u8; 16]>()) {
+            for ip in [IpAddr::from(v4), IpAddr::from(v6)] {
+                proptest::prop_assert_eq!(ip_text(ip), ip.to_string());
+            }
+        }
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! dispatch over every write, idempotency keys, the retention purge and cancellation. Separate
 //! from the writer thread, which only decides when a batch is committed.
 
-use foldhash::HashSet;
 use std::sync::{Arc, PoisonError};
 
+use foldhash::HashSet;
 use serde::{Deserialize, Serialize};
 
 use super::listed::{list, list_key, unlist};

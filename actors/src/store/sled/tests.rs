@@ -890,8 +890,11 @@ fn a_purge_leaves_a_task_changed_earlier_in_its_batch() {
     complete(&store, &done);
     // Staged by hand, as the writer would if the two writes met in one group commit.
     let db = store.shared.db().unwrap();
-    let (mut batch, mut staged, revoked) =
-        (sled::Batch::default(), Staged::default(), foldhash::HashSet::default());
+    let (mut batch, mut staged, revoked) = (
+        sled::Batch::default(),
+        Staged::default(),
+        foldhash::HashSet::default(),
+    );
     let mut again = done.clone();
     again.status = TaskStatus::Started;
     again.finished_at = None;
