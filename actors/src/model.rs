@@ -181,7 +181,7 @@ fn random_id_bytes() -> [u8; 16] {
 
 impl TaskId {
     /// A fresh id from the OS CSPRNG. The bytes are taken from a per-thread block read from the
-    /// OS [`ID_BLOCK`] bytes at a time: one `getrandom` system call per id was a fifth of the
+    /// OS [`ID_BLOCK`] bytes at a time: one `getrandom` system call per id was one of the 8.7
     /// system calls of a fire-and-forget request (#16). The bytes are the OS's own, used once.
     pub fn random() -> Self {
         Self(uuid::Builder::from_random_bytes(random_id_bytes()).into_uuid())
