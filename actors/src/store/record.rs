@@ -2,21 +2,24 @@
 //! the free-form values (`inputs`, the tick output, `await` requests and answers), which are kept
 //! as the JSON text they are anyway.
 //!
-//! A task is two records:
-//! - the **head** (`t/<id>`, version [`TASK_V1`]), written once when the task is accepted: what
-//!   never changes (agent, inputs, source, env, title, times of creation, idempotency key) plus
-//!   the state it was accepted in;
-//! - the **state** (`u/<id>`, version [`STATE_V1`]), rewritten by every later change (start,
-//!   completion, retry, park, resume, cancel): status, times, attempts, the tick output, the error.
+//! A task is one record, the **whole head** (`t/<id>`, version [`TASK_V2`]): the task's state
+//! (status, times, attempts, the tick output, the error) first, then what never changes (agent,
+//! inputs, source, env, title, time of creation, idempotency key). Every change (start,
+//! completion, retry, park, resume, cancel) rewrites it. One key per task is what the single
+//! writer can afford: each key a task adds to the tree costs it a leaf insert and a share of a
+//! leaf split, more than the bytes of the inputs written again (#16). The tick output is stored
+//! once: `response` is derived from `result` (`result.response`) unless a record says otherwise.
 //!
-//! A read merges the two. The completion therefore writes a small record instead of rewriting the
-//! inputs and headers, and the tick output is stored once: `response` is derived from `result`
-//! (`result.response`) unless a record says otherwise.
+//! Records of earlier releases are read as they are:
+//! - a head of version [`TASK_V1`] (`t/<id>`) holds the state the task was accepted in, and a
+//!   **state record** (version [`STATE_V1`], `u/<created_at><id>` or `u/<id>`) beside it, when
+//!   there is one, holds the state since; a read merges the two;
+//! - a JSON object (first byte `{`), the release before the binary layout, read the same way.
 //!
-//! Records of the previous release are JSON objects (first byte `{`); they are read as they are,
-//! forever, and never rewritten: a change of such a task writes a state record beside it. The
-//! status is the second byte of both new records, so the writer's outbox check (what was the
-//! previous status?) does not decode the rest.
+//! The next change of such a task writes a whole head, and the state records beside it are from
+//! then on stale: a whole head is never read together with one (they go with the task's purge).
+//! The status is the second byte of every binary record, so the writer's outbox check (what was
+//! the previous status?) does not decode the rest.
 
 use std::collections::BTreeMap;
 
@@ -26,10 +29,13 @@ use crate::model::{
     AgentId, Attempt, Awaiting, JsonText, Resume, Source, Task, TaskId, TaskStatus,
 };
 
-/// First byte of a head record of this layout.
+/// First byte of a head record of the first binary layout, which a state record may supersede.
 pub(crate) const TASK_V1: u8 = 1;
-/// First byte of a state record of this layout.
+/// First byte of a state record (the first binary layout; no longer written).
 pub(crate) const STATE_V1: u8 = 2;
+/// First byte of a whole head: the same layout as [`TASK_V1`], holding the task's current state,
+/// so that no state record applies to it.
+pub(crate) const TASK_V2: u8 = 3;
 /// First byte of a record of the previous release (a JSON object).
 const JSON_OBJECT: u8 = b'{';
 
@@ -496,11 +502,17 @@ fn get_state(i: &mut In<'_>, t: &mut Task) -> Result<(), RecordError> {
     Ok(())
 }
 
-/// The head record of a newly accepted task: version, state, then what never changes. Appended
-/// to `buf`, so that the writer encodes every record into one reused buffer.
+/// The whole head of a task, as it is now: version, state, then what never changes. Appended to
+/// `buf`, so that the writer encodes every record into one reused buffer.
 pub(crate) fn encode_task_into(buf: &mut Vec<u8>, t: &Task) {
+    encode_head_into(buf, t, TASK_V2);
+}
+
+/// A head record with the given version byte; [`TASK_V1`] only in tests, which write what the
+/// earlier layout did.
+fn encode_head_into(buf: &mut Vec<u8>, t: &Task, version: u8) {
     let mut o = Out(buf);
-    o.u8(TASK_V1);
+    o.u8(version);
     put_state(&mut o, t);
     // `namespace/name`, written without building the string.
     let (ns, name) = (t.agent.namespace(), t.agent.name());
@@ -529,11 +541,21 @@ pub(crate) fn encode_task_into(buf: &mut Vec<u8>, t: &Task) {
     }
 }
 
-/// The state record of a task that changed after acceptance, appended to `buf`.
+/// The state record of the first binary layout, as a task that changed after acceptance had
+/// one; only tests write it now, to build a store of that layout.
+#[cfg(test)]
 pub(crate) fn encode_state_into(buf: &mut Vec<u8>, t: &Task) {
     let mut o = Out(buf);
     o.u8(STATE_V1);
     put_state(&mut o, t);
+}
+
+/// The head record of the first binary layout ([`TASK_V1`]), which a state record supersedes.
+#[cfg(test)]
+pub(crate) fn encode_task_v1(t: &Task) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode_head_into(&mut buf, t, TASK_V1);
+    buf
 }
 
 /// [`encode_task_into`] a buffer of its own.
@@ -580,10 +602,16 @@ fn blank(id: TaskId) -> Task {
     }
 }
 
-/// Reads a head record of either format (this layout or the previous release's JSON).
+/// Whether a head record holds the task's current state: a whole head ([`TASK_V2`]). Any other
+/// head may have a state record beside it that supersedes its state.
+pub(crate) fn is_whole(raw: &[u8]) -> bool {
+    raw.first() == Some(&TASK_V2)
+}
+
+/// Reads a head record of any layout (whole, the first binary one, or the JSON one before).
 pub(crate) fn decode_task(id: TaskId, raw: &[u8]) -> Result<Task, RecordError> {
     match raw.first() {
-        Some(&TASK_V1) => {}
+        Some(&(TASK_V1 | TASK_V2)) => {}
         Some(&JSON_OBJECT) => {
             let mut de = serde_json::Deserializer::from_slice(raw);
             de.disable_recursion_limit();
@@ -642,10 +670,11 @@ pub(crate) fn apply_state(t: &mut Task, raw: &[u8]) -> Result<(), RecordError> {
     i.end()
 }
 
-/// A reader placed after the version byte of a state record, which must be one.
+/// A reader placed after the version byte of a record whose state comes first and is current: a
+/// state record or a whole head.
 fn state_reader(raw: &[u8]) -> Result<In<'_>, RecordError> {
     match raw.first() {
-        Some(&STATE_V1) => Ok(In { raw, at: 1 }),
+        Some(&(STATE_V1 | TASK_V2)) => Ok(In { raw, at: 1 }),
         Some(&value) => Err(RecordError::Unknown {
             what: "state record version",
             value,
@@ -655,18 +684,18 @@ fn state_reader(raw: &[u8]) -> Result<In<'_>, RecordError> {
     }
 }
 
-/// The status and `finished_at` of a state record, read without decoding the rest: what the
-/// retention purge needs to tell whether a task is due, for every state record it walks.
+/// The status and `finished_at` of a state record or a whole head, read without decoding the
+/// rest: what the retention purge needs to tell whether a task is due, for every task it walks.
 pub(crate) fn state_finished(raw: &[u8]) -> Result<(TaskStatus, Option<u64>), RecordError> {
     let times = get_times(&mut state_reader(raw)?)?;
     Ok((times.status, times.finished_at))
 }
 
-/// The status in a state or head record of this layout, from its second byte; `None` for a
-/// record of the previous format (which needs a full decode).
+/// The status in a binary record (head or state), from its second byte; `None` for a JSON record
+/// (which needs a full decode).
 pub(crate) fn stored_status(raw: &[u8]) -> Option<TaskStatus> {
     match raw {
-        [TASK_V1 | STATE_V1, s, ..] => status_of(*s, 1).ok(),
+        [TASK_V1 | STATE_V1 | TASK_V2, s, ..] => status_of(*s, 1).ok(),
         _ => None,
     }
 }
@@ -730,19 +759,37 @@ mod tests {
     }
 
     #[test]
-    fn a_task_reads_back_from_its_head_and_its_state() {
+    fn a_task_reads_back_from_its_whole_head() {
         let t = full();
-        assert_eq!(decode_task(t.id, &encode_task(&t)).unwrap(), t);
+        let head = encode_task(&t);
+        assert!(is_whole(&head));
+        assert_eq!(decode_task(t.id, &head).unwrap(), t);
+        let mut changed = t.clone();
+        changed.status = TaskStatus::Success;
+        changed.awaiting = None;
+        let rewritten = encode_task(&changed);
+        assert_eq!(stored_status(&rewritten), Some(TaskStatus::Success));
+        assert_eq!(decode_task(t.id, &rewritten).unwrap(), changed);
+    }
+
+    #[test]
+    fn a_task_of_the_first_layout_reads_back_from_its_head_and_its_state() {
+        let t = full();
+        let head = encode_task_v1(&t);
+        assert!(!is_whole(&head));
+        assert_eq!(decode_task(t.id, &head).unwrap(), t);
         let mut changed = t.clone();
         changed.status = TaskStatus::Success;
         changed.result = Some(json!({"response": "changed"}).into());
         changed.awaiting = None;
         let state = encode_state(&changed);
         assert_eq!(stored_status(&state), Some(TaskStatus::Success));
-        let mut read = decode_task(t.id, &encode_task(&t)).unwrap();
+        let mut read = decode_task(t.id, &head).unwrap();
         apply_state(&mut read, &state).unwrap();
         assert_eq!(read, changed);
         assert_eq!(read.response_value(), Some(json!("changed")));
+        // The two layouts differ in their version byte only.
+        assert_eq!(head[1..], encode_task(&t)[1..]);
     }
 
     /// A state record of the first layout with a `response` of its own (tag `RESPONSE_OWN`).
@@ -760,7 +807,7 @@ mod tests {
     fn a_response_stored_apart_from_the_result_is_read_as_the_results() {
         let t = full();
         let read = |state: &[u8]| {
-            let mut read = decode_task(t.id, &encode_task(&t)).unwrap();
+            let mut read = decode_task(t.id, &encode_task_v1(&t)).unwrap();
             apply_state(&mut read, state).unwrap();
             read
         };
@@ -778,7 +825,7 @@ mod tests {
         );
         let mut bare = t.clone();
         bare.result = None;
-        let mut only = decode_task(t.id, &encode_task(&bare)).unwrap();
+        let mut only = decode_task(t.id, &encode_task_v1(&bare)).unwrap();
         apply_state(&mut only, &state_with_own_response(&bare, Some(&json!(1)))).unwrap();
         assert_eq!(
             only.result.as_ref().map(JsonText::to_value),
@@ -793,7 +840,7 @@ mod tests {
     }
 
     #[test]
-    fn the_purge_reads_status_and_finish_time_from_a_state_record_alone() {
+    fn the_purge_reads_status_and_finish_time_without_decoding_the_rest() {
         let t = full();
         assert_eq!(
             state_finished(&encode_state(&t)).unwrap(),
@@ -806,9 +853,14 @@ mod tests {
             state_finished(&encode_state(&open)).unwrap(),
             (TaskStatus::Started, None)
         );
+        assert_eq!(
+            state_finished(&encode_task(&t)).unwrap(),
+            (TaskStatus::AwaitingInput, Some(6)),
+            "a whole head holds the current state"
+        );
         assert!(
-            state_finished(&encode_task(&t)).is_err(),
-            "a head is not a state"
+            state_finished(&encode_task_v1(&t)).is_err(),
+            "the state of a first-layout head may be superseded"
         );
         assert!(state_finished(&encode_state(&t)[..4]).is_err());
     }

@@ -106,8 +106,20 @@ pub(super) fn unlist(
     task: &Task,
 ) -> Result<(), StoreError> {
     let e = listing::entry(task.created_at, &task.id);
-    if let Some(entries) = holding_key(db, shared, staged, &list_agent_prefix(&task.agent), &e)? {
-        entries.remove(&e);
+    unlist_entry(db, shared, staged, &list_agent_prefix(&task.agent), &e)
+}
+
+/// Takes an entry out of the listing index under `prefix` (an agent's `la/<agent>\0`): for the
+/// purge, which meets entries whose task is gone.
+pub(super) fn unlist_entry(
+    db: &sled::Db,
+    shared: &Shared,
+    staged: &mut Staged,
+    prefix: &[u8],
+    e: &Entry,
+) -> Result<(), StoreError> {
+    if let Some(entries) = holding_key(db, shared, staged, prefix, e)? {
+        entries.remove(e);
     }
     Ok(())
 }
@@ -166,7 +178,12 @@ fn stored_list_tail(
 
 /// Every entry of one listing key, ascending; `None` (reported once) for a key or value that
 /// cannot be read.
-fn listed_entries(shared: &Shared, prefix: &[u8], key: &[u8], value: &[u8]) -> Option<Vec<Entry>> {
+pub(super) fn listed_entries(
+    shared: &Shared,
+    prefix: &[u8],
+    key: &[u8],
+    value: &[u8],
+) -> Option<Vec<Entry>> {
     let decoded = <Entry>::try_from(&key[prefix.len()..])
         .map_err(|_| "a listing key ends in a 24-byte entry".to_string())
         .and_then(|first| listing::decode(&first, value));

@@ -28,8 +28,8 @@
 //!   keys, the retention purge and cancellation;
 //! - `staged`: the state of a batch in progress (`Staged`), which every staging part reads and
 //!   none owns;
-//! - `tasks`: task head and state records, the outbox hook that rides on them, revoked markers,
-//!   and the task reader;
+//! - `tasks`: task records (and the state records earlier layouts kept beside them), the outbox
+//!   hook that rides on them, revoked markers, and the task reader;
 //! - `queued`: the agents' queues as stored (segments under `q/`): staging and reading;
 //! - `listed`: the per-agent listing index (`la/`): staging and the listing reader;
 //! - `reads`: the readers of the other records (agent state, retry and await timers, schedule
@@ -73,13 +73,15 @@ use staged::Staged;
 use tasks::{load_revoked, read_task};
 use writer::{Durable, Job, Writer};
 
-/// Task head records: `t/<task id>` → what the task was accepted with (see `record`).
+/// Task records: `t/<task id>` → the task as it is now, rewritten by every change (a whole head,
+/// see `record`), or for a task not changed since an earlier layout wrote it, the head it was
+/// accepted with.
 const TASK: &[u8] = b"t/";
-/// Task state records: `u/<created_at ms BE><task id>` → the task's state since its last change
-/// after acceptance, read over its head. Keyed by creation time so that completions, which come
-/// in roughly acceptance order, are written next to each other at the end of the range rather
-/// than at random places in the tree (5 % less writer CPU per task, #16). Stores written before
-/// keyed them `u/<task id>`: reads fall back to that key, purges remove both.
+/// State records of the first binary layout: `u/<created_at ms BE><task id>` (and before that
+/// `u/<task id>`) → a task's state since its last change, read over a head of that layout. No
+/// longer written: a second key per task cost the single writer more than rewriting the head
+/// (#16). Reads of such a task fall back to both keys; its next change makes them stale; the
+/// purge removes them with the task.
 const STATE: &[u8] = b"u/";
 /// Queue entries: `q/<agent>\0<position BE>`, in queue order. A key holds the tasks one group
 /// commit queued for the agent (a segment, see `queue`), or for positions handed out by earlier
@@ -90,9 +92,9 @@ const AGENT_TOKEN: &[u8] = b"d/";
 const AGENT: &[u8] = b"a/";
 /// Finished entries, `f/<finished_at ms BE>\0<task id>` → task id, written by earlier releases
 /// beside every finished task for the retention purge. No longer written: the purge walks the
-/// state records, which are in creation order and hold `finished_at`, so a finished task costs
-/// one key less (#16: about 8 % of the instructions of a fire-and-forget request). The purge
-/// still reads and removes the entries it finds.
+/// per-agent listing index, which is in creation order, and reads `finished_at` from the head,
+/// so a finished task costs one key less (#16: about 8 % of the instructions of a
+/// fire-and-forget request). The purge still reads and removes the entries it finds.
 const FINISHED: &[u8] = b"f/";
 const SCHEDULE: &[u8] = b"s/";
 /// Retry timers: `r/<due ms big-endian>\0<task id>` → agent id; earliest first in a scan.
@@ -119,7 +121,7 @@ const PROBE: &[u8] = b"p/probe";
 /// submissions are never held behind a long one.
 const PURGE_CHUNK: usize = if cfg!(test) { 50 } else { 1000 };
 
-/// How many state records one purge write looks at, in [`PURGE_CHUNK`]s: a bound on the write
+/// How many tasks one purge write looks at, in [`PURGE_CHUNK`]s: a bound on the write
 /// when many tasks created before the cutoff are not due (still running, parked, retrying).
 const PURGE_LOOK_FACTOR: usize = 4;
 
@@ -193,7 +195,7 @@ struct Shared {
     unreadable: Mutex<BTreeSet<String>>,
     observer: Option<Arc<dyn Observer>>,
     outbox: Option<Arc<Outbox>>,
-    /// Where the retention purge in progress resumes its walk of the state records: set by
+    /// Where the retention purge in progress resumes its walk of the listing index: set by
     /// [`SledStore::purge`] when it starts, moved on by each of its writes, `None` once the walk
     /// is done.
     purge_cursor: Mutex<Option<Vec<u8>>>,
@@ -607,7 +609,7 @@ impl Store for SledStore {
             .shared
             .purge_cursor
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(STATE.to_vec());
+            .unwrap_or_else(PoisonError::into_inner) = Some(LIST_AGENT.to_vec());
         loop {
             let write = Write::Purge {
                 finished_before_ms,

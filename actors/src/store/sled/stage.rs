@@ -8,20 +8,20 @@ use std::sync::{Arc, PoisonError};
 use foldhash::HashSet;
 use serde::{Deserialize, Serialize};
 
-use super::listed::{list, list_key, unlist};
+use super::listed::{list, list_key, listed_entries, unlist, unlist_entry};
 use super::queued::{dequeue, enqueue_fresh, requeue};
 use super::staged::Staged;
 use super::tasks::{
-    is_revoked, legacy_state_key, put_task, revoked_key, staged_task, state_key, state_key_id,
-    task_key, Part,
+    is_revoked, legacy_state_key, put_task, revoked_key, staged_task, state_key, task_key, Part,
 };
 use super::{
     agent_key, agent_state_key, await_timer_key, backend, decode, encode, hex, key, notify_off_key,
-    outbox_key, retry_key, schedule_key, Shared, AGENT_TOKEN, FINISHED, IDEM, OUTBOX,
-    PURGE_LOOK_FACTOR, STATE,
+    outbox_key, retry_key, schedule_key, Shared, AGENT_TOKEN, FINISHED, IDEM, LIST_AGENT, OUTBOX,
+    PURGE_LOOK_FACTOR,
 };
 use crate::model::{now_ms, AgentId, TaskId, TaskStatus};
 use crate::outbox::Delivery;
+use crate::store::listing::Entry;
 use crate::store::record;
 use crate::store::{CancelOutcome, StoreError, Write, Written};
 
@@ -88,9 +88,8 @@ pub(super) fn stage(
             limit,
         } => {
             let mut purged = 0;
-            // Tasks purged by this write: a task of the release before this one can have both
-            // a finished entry and a state record, and the batch does not hide it from the
-            // second walk.
+            // Tasks purged by this write: a task of an earlier release can have both a finished
+            // entry and a listing entry, and the batch does not hide it from the second walk.
             let mut gone = HashSet::default();
             // First the finished entries (`f/`) that earlier releases wrote, oldest first.
             let mut end = FINISHED.to_vec();
@@ -107,60 +106,24 @@ pub(super) fn stage(
                     purged += 1;
                 }
             }
-            // Then the state records, in creation order: a task that finished before the cutoff
-            // was created before it, so the walk ends there. It resumes where the previous write
-            // of this purge stopped, and looks at a bounded number of records per write, so that
-            // tasks still running (or parked) before the cutoff cannot make one write long.
+            // Then every agent's listing index, in creation order: a task that finished before
+            // the cutoff was created before it, so each agent's walk ends there. It resumes
+            // where the previous write of this purge stopped, and looks at a bounded number of
+            // tasks per write, so that tasks still running (or parked) before the cutoff cannot
+            // make one write long.
             if purged < limit {
                 let mut cursor = shared
                     .purge_cursor
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 if let Some(from) = cursor.take() {
-                    let mut end = STATE.to_vec();
-                    end.extend_from_slice(&finished_before_ms.to_be_bytes());
-                    for (looked, entry) in db.range(from..end).enumerate() {
-                        let (k, raw) = entry.map_err(backend)?;
-                        if purged == limit || looked == limit * PURGE_LOOK_FACTOR {
-                            *cursor = Some(k.to_vec());
-                            break;
-                        }
-                        // Keys of the earlier layout (`u/<id>`) are not in creation order; the
-                        // finished entries written beside them cover those tasks.
-                        let Some(id) = state_key_id(&k) else {
-                            continue;
-                        };
-                        let due = match record::state_finished(&raw) {
-                            // As for the finished entries, which were written with the time
-                            // of writing when a task had no `finished_at`.
-                            Ok((status, finished)) => {
-                                status.is_terminal()
-                                    && finished.is_none_or(|f| f < finished_before_ms)
-                            }
-                            // Left as it is (reported once): its task may still be running.
-                            Err(e) => {
-                                shared.report_unreadable(format!("task {id}"), &e.into_json());
-                                false
-                            }
-                        };
-                        if due
-                            && !gone.contains(&id)
-                            && purge_task(
-                                db,
-                                shared,
-                                revoked,
-                                batch,
-                                staged,
-                                id,
-                                finished_before_ms,
-                            )?
-                        {
-                            // Also when the head is gone or unreadable, so no state outlives it.
-                            batch.remove(k);
-                            gone.insert(id);
-                            purged += 1;
-                        }
-                    }
+                    let mut walk = PurgeWalk {
+                        finished_before_ms,
+                        limit,
+                        purged: &mut purged,
+                        gone: &mut gone,
+                    };
+                    *cursor = walk.listed(db, shared, revoked, batch, staged, from)?;
                 }
             }
             // Finished callback deliveries go with the same retention (ids grow with creation
@@ -275,6 +238,124 @@ pub(super) fn stage(
     }
 }
 
+/// One purge write's walk of the listing index (`la/`): what it may do and what it did so far.
+struct PurgeWalk<'w> {
+    finished_before_ms: u64,
+    limit: usize,
+    purged: &'w mut usize,
+    /// Tasks this write purged already (through a finished entry of an earlier release, whose
+    /// listing entry the tree still shows until the batch is applied).
+    gone: &'w mut HashSet<TaskId>,
+}
+
+impl PurgeWalk<'_> {
+    /// Walks the listing keys from `from`, agent by agent, up to each agent's first key created
+    /// after the cutoff, and purges the due tasks among their entries. A key is walked whole,
+    /// so every write moves on by at least one key however many of its tasks are not due.
+    /// Returns the key the next write resumes at, or `None` when the walk is done.
+    fn listed(
+        &mut self,
+        db: &sled::Db,
+        shared: &Shared,
+        revoked: &HashSet<TaskId>,
+        batch: &mut sled::Batch,
+        staged: &mut Staged,
+        mut from: Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let cutoff = self.finished_before_ms.to_be_bytes();
+        let mut looked = 0;
+        'agents: loop {
+            for entry in db.range(from.clone()..) {
+                let (k, v) = entry.map_err(backend)?;
+                if !k.starts_with(LIST_AGENT) {
+                    return Ok(None);
+                }
+                // Agent names are URL-safe, so the first NUL after the tag ends the prefix.
+                let Some(nul) = k[LIST_AGENT.len()..].iter().position(|&b| b == 0) else {
+                    return Ok(None);
+                };
+                let prefix = &k[..LIST_AGENT.len() + nul + 1];
+                if k[prefix.len()..]
+                    .get(..8)
+                    .is_none_or(|created| created >= &cutoff[..])
+                {
+                    // The agent's keys from here on hold tasks created after the cutoff.
+                    from = prefix.to_vec();
+                    *from.last_mut().expect("ends with the NUL") = 1;
+                    continue 'agents;
+                }
+                if *self.purged >= self.limit || looked >= self.limit * PURGE_LOOK_FACTOR {
+                    return Ok(Some(k.to_vec()));
+                }
+                let Some(entries) = listed_entries(shared, prefix, &k, &v) else {
+                    continue;
+                };
+                for e in entries.iter().filter(|e| e[..8] < cutoff[..]) {
+                    looked += 1;
+                    let id = TaskId::from_bytes(e[8..].try_into().expect("a 24-byte entry"));
+                    if self.gone.contains(&id) {
+                        continue;
+                    }
+                    if self.task(db, shared, revoked, batch, staged, prefix, e)? {
+                        self.gone.insert(id);
+                        *self.purged += 1;
+                    }
+                }
+            }
+            return Ok(None);
+        }
+    }
+
+    /// Purges the task of a listing entry if it is due; whether it did. A whole head tells from
+    /// its first bytes; a head of an earlier layout is read with its state record. A task whose
+    /// record cannot be read is left (reported once): it may still be running. An entry whose
+    /// task is gone (left behind by the purge of an unreadable record) goes.
+    #[allow(clippy::too_many_arguments)]
+    fn task(
+        &mut self,
+        db: &sled::Db,
+        shared: &Shared,
+        revoked: &HashSet<TaskId>,
+        batch: &mut sled::Batch,
+        staged: &mut Staged,
+        prefix: &[u8],
+        e: &Entry,
+    ) -> Result<bool, StoreError> {
+        let id = TaskId::from_bytes(e[8..].try_into().expect("a 24-byte entry"));
+        let Some(head) = db.get(task_key(&id)).map_err(backend)? else {
+            unlist_entry(db, shared, staged, prefix, e)?;
+            return Ok(false);
+        };
+        let state = if record::is_whole(&head) {
+            match record::state_finished(&head) {
+                Ok(state) => state,
+                Err(err) => {
+                    shared.report_unreadable(format!("task {id}"), &err.into_json());
+                    return Ok(false);
+                }
+            }
+        } else {
+            // Reported by the read when it fails.
+            match shared.load_task(db, id) {
+                Ok(Some(t)) => (t.status, t.finished_at),
+                Ok(None) | Err(_) => return Ok(false),
+            }
+        };
+        let (status, finished) = state;
+        let due = status.is_terminal() && finished.is_none_or(|f| f < self.finished_before_ms);
+        Ok(due
+            && purge_task(
+                db,
+                shared,
+                revoked,
+                batch,
+                staged,
+                id,
+                self.finished_before_ms,
+            )?)
+    }
+}
+
 /// Stages the removal of a task and of every key that belongs to it, if it is due: terminal
 /// and finished before `finished_before_ms`. Returns whether it was removed. A task whose head
 /// is gone counts as removed (its leftover keys go), and so does one whose record cannot be
@@ -336,7 +417,7 @@ fn purge_task(
 }
 
 /// Revokes a task if its status (as of this point in the batch) allows it: the record becomes
-/// REVOKED with `finished_at` (which the retention purge reads from its state record), it
+/// REVOKED with `finished_at` (which the retention purge reads from its head), it
 /// leaves its agent's queue, and it gets a revoked marker (so a later `Start` or `Complete`
 /// of it is refused). Timers of other states (retry, await expiry) are left: they re-read the
 /// task when they fire and ignore a task no longer in their state.

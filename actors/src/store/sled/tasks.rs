@@ -1,7 +1,8 @@
-//! Task records: the head (`t/`, what a task was accepted with) and the state (`u/`, what changed
-//! since), how they are staged (with the status callbacks a change plans, the outbox hook) and
-//! read back over each other, and the revoked markers (`rv/`) that keep a cancelled task from
-//! running. Separate because every other part reads or writes tasks through these.
+//! Task records: the whole head (`t/`, the task as it is now, see `record`) and the state records
+//! (`u/`) that earlier layouts kept beside a head; how a task is staged (with the status callbacks
+//! a change plans, the outbox hook) and read back, and the revoked markers (`rv/`) that keep a
+//! cancelled task from running. Separate because every other part reads or writes tasks through
+//! these.
 
 use foldhash::HashSet;
 
@@ -15,23 +16,15 @@ pub(super) fn task_key(id: &TaskId) -> Vec<u8> {
     key(TASK, &[id.as_bytes()])
 }
 
+/// Where the first binary layout kept a task's state record: no longer written, read for a task
+/// whose head is not whole, removed with the task.
 pub(super) fn state_key(task: &Task) -> Vec<u8> {
     key(STATE, &[&task.created_at.to_be_bytes(), task.id.as_bytes()])
 }
 
-/// Where the release before this one kept a task's state record.
+/// Where the release before the `u/<created_at><id>` keys kept a task's state record.
 pub(super) fn legacy_state_key(id: &TaskId) -> Vec<u8> {
     key(STATE, &[id.as_bytes()])
-}
-
-/// The task id in a state key of the current layout (`u/<created_at>\0<id>`, see [`state_key`]);
-/// `None` for the earlier layout (`u/<id>`).
-pub(super) fn state_key_id(key: &[u8]) -> Option<TaskId> {
-    let rest = key.strip_prefix(STATE)?;
-    if rest.len() != 8 + 1 + 16 || rest[8] != 0 {
-        return None;
-    }
-    Some(TaskId::from_bytes(rest[9..].try_into().ok()?))
 }
 
 /// A task's state record: under its key, or for a task last changed by an older release, under
@@ -44,8 +37,9 @@ fn get_state(db: &sled::Db, task: &Task) -> Result<Option<sled::IVec>, StoreErro
 }
 
 impl Shared {
-    /// Reads a task: its head record and, if it changed since acceptance, its state record over
-    /// it. `None` when there is no head (never accepted, or purged).
+    /// Reads a task: its head record and, for a head that is not whole (an earlier layout), its
+    /// state record over it if it has one. `None` when there is no head (never accepted, or
+    /// purged).
     pub(super) fn load_task(&self, db: &sled::Db, id: TaskId) -> Result<Option<Task>, StoreError> {
         let Some(head) = db.get(task_key(&id)).map_err(backend)? else {
             return Ok(None);
@@ -56,6 +50,9 @@ impl Shared {
             StoreError::Backend(format!("the stored {what} cannot be decoded"))
         };
         let mut task = record::decode_task(id, &head).map_err(unreadable)?;
+        if record::is_whole(&head) {
+            return Ok(Some(task));
+        }
         if let Some(state) = get_state(db, &task)? {
             record::apply_state(&mut task, &state).map_err(unreadable)?;
         }
@@ -94,17 +91,24 @@ thread_local! {
 /// payload) is given back.
 const SCRATCH_KEEP: usize = 64 * 1024;
 
-/// Whether [`put_task`] writes a task's head (a newly accepted task) or only its state (any later
-/// change: the head already holds what never changes).
+/// Whether [`put_task`] writes a newly accepted task or a change of a stored one. Both rewrite
+/// the whole head; they differ in what the outbox compares the status with (nothing, or the
+/// stored status).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Part {
     Head,
     State,
 }
 
-/// Stages a task record, and with it the status callbacks its status change causes (the outbox
-/// hook): when the task is new or its status differs from the stored (or earlier staged) one,
-/// the outbox plans deliveries, which go into the same batch under [`OUTBOX`](super::OUTBOX).
+/// Stages a task's whole head, and with it the status callbacks its status change causes (the
+/// outbox hook): when the task is new or its status differs from the stored (or earlier staged)
+/// one, the outbox plans deliveries, which go into the same batch under
+/// [`OUTBOX`](super::OUTBOX).
+///
+/// A change rewrites the head, inputs and headers included, rather than writing a small state
+/// record under a key of its own: measured, the second key per task cost the writer more (its
+/// leaf insert and its share of leaf splits) than the bytes written again (#16). A state record
+/// an earlier layout left beside the head is stale from then on and goes with the purge.
 pub(super) fn put_task(
     db: &sled::Db,
     shared: &Shared,
@@ -116,19 +120,10 @@ pub(super) fn put_task(
     SCRATCH.with(|scratch| {
         let mut buf = scratch.borrow_mut();
         buf.clear();
-        let key = match part {
-            Part::Head => {
-                record::encode_task_into(&mut buf, task);
-                task_key(&task.id)
-            }
-            Part::State => {
-                record::encode_state_into(&mut buf, task);
-                state_key(task)
-            }
-        };
+        record::encode_task_into(&mut buf, task);
         // sled copies the value into a shared slice of its own either way; from a borrowed
         // buffer that is the only allocation.
-        batch.insert(key, &buf[..]);
+        batch.insert(task_key(&task.id), &buf[..]);
         if buf.capacity() > SCRATCH_KEEP {
             *buf = Vec::with_capacity(SCRATCH_KEEP);
         }
@@ -151,14 +146,19 @@ pub(super) fn put_task(
     Ok(())
 }
 
-/// A stored task's status, read from the second byte of its state (or head) record; only a
-/// head in the previous release's JSON is decoded whole. An unreadable record has none.
+/// A stored task's status, read from the second byte of its whole head (or, for an earlier
+/// layout, of its state record, else its head); only a head in the JSON layout is decoded whole.
+/// An unreadable record has none.
 fn stored_status(db: &sled::Db, task: &Task) -> Result<Option<TaskStatus>, StoreError> {
     let id = task.id;
+    let head = db.get(task_key(&id)).map_err(backend)?;
+    if let Some(raw) = head.as_ref().filter(|h| record::is_whole(h)) {
+        return Ok(record::stored_status(raw));
+    }
     if let Some(raw) = get_state(db, task)? {
         return Ok(record::stored_status(&raw));
     }
-    let Some(raw) = db.get(task_key(&id)).map_err(backend)? else {
+    let Some(raw) = head else {
         return Ok(None);
     };
     Ok(

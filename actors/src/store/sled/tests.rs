@@ -869,11 +869,8 @@ fn the_purge_walks_past_tasks_that_are_not_due_and_still_reads_finished_entries(
         .all(|id| store.task_blocking(*id).unwrap().is_some()));
     let db = store.shared.db().unwrap();
     assert!(db.scan_prefix(FINISHED).next().is_none());
-    assert_eq!(
-        db.scan_prefix(STATE).count(),
-        wall,
-        "only the running tasks' states"
-    );
+    assert_eq!(db.scan_prefix(TASK).count(), wall, "only the running tasks");
+    assert!(db.scan_prefix(STATE).next().is_none(), "no state records");
     // Nothing left to do: the next purge finds nothing and ends.
     assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 0);
 }
@@ -901,7 +898,7 @@ fn a_purge_leaves_a_task_changed_earlier_in_its_batch() {
     let shared = &store.shared;
     let start = Write::Start(Arc::new(again));
     stage(&db, shared, &revoked, &mut batch, &mut staged, start).unwrap();
-    *shared.purge_cursor.lock().unwrap() = Some(STATE.to_vec());
+    *shared.purge_cursor.lock().unwrap() = Some(LIST_AGENT.to_vec());
     let purge = Write::Purge {
         finished_before_ms: now_ms(),
         limit: 10,
@@ -1055,36 +1052,111 @@ fn complete(store: &SledStore, task: &Task) {
 }
 
 #[test]
-fn state_records_of_the_previous_layout_are_read_superseded_and_purged() {
+fn state_records_of_earlier_layouts_are_read_superseded_and_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent: AgentId = "a".parse().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let db = store.shared.db().unwrap();
+    // What the first binary layout left for two started tasks: the head as accepted, and the
+    // state beside it under either key it used (`u/<task id>`, then `u/<created_at><task id>`).
+    let (old, newer) = (submit_at(&store, &agent, 1), submit_at(&store, &agent, 2));
+    let started = |t: &Task| {
+        let mut s = t.clone();
+        s.status = TaskStatus::Started;
+        s.attempt = 1;
+        s
+    };
+    for (t, state_key) in [
+        (&old, legacy_state_key(&old.id)),
+        (&newer, state_key(&newer)),
+    ] {
+        db.insert(task_key(&t.id), record::encode_task_v1(t))
+            .unwrap();
+        db.insert(state_key, record::encode_state(&started(t)))
+            .unwrap();
+        assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), started(t));
+    }
+    // The next change writes a whole head, which the stale state records do not override.
+    for t in [&old, &newer] {
+        let mut finished = started(t);
+        finished.status = TaskStatus::Success;
+        finished.finished_at = Some(5);
+        complete(&store, &finished);
+        let head = db.get(task_key(&t.id)).unwrap().unwrap();
+        assert_eq!(head[0], record::TASK_V2);
+        assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), finished);
+    }
+    assert_eq!(
+        db.scan_prefix(STATE).count(),
+        2,
+        "stale, left until the purge"
+    );
+    // A purge takes them with their tasks.
+    assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 2);
+    assert!(db.scan_prefix(STATE).next().is_none());
+    assert!(db.scan_prefix(TASK).next().is_none());
+    assert!(store.task_blocking(old.id).unwrap().is_none());
+    store.close().unwrap();
+}
+
+#[test]
+fn a_first_layout_task_not_changed_since_is_purged_by_its_state_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent: AgentId = "a".parse().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let db = store.shared.db().unwrap();
+    let (done, running) = (submit_at(&store, &agent, 1), submit_at(&store, &agent, 2));
+    let mut finished = done.clone();
+    finished.status = TaskStatus::Success;
+    finished.finished_at = Some(3);
+    let mut started = running.clone();
+    started.status = TaskStatus::Started;
+    for (t, state) in [(&done, &finished), (&running, &started)] {
+        db.insert(task_key(&t.id), record::encode_task_v1(t))
+            .unwrap();
+        db.insert(state_key(t), record::encode_state(state))
+            .unwrap();
+    }
+    // Only the finished one is due: its head says PENDING, its state record SUCCESS.
+    assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 1);
+    assert!(store.task_blocking(done.id).unwrap().is_none());
+    assert_eq!(store.task_blocking(running.id).unwrap().unwrap(), started);
+    assert_eq!(db.scan_prefix(STATE).count(), 1);
+    store.close().unwrap();
+}
+
+#[test]
+fn the_purge_drops_listing_entries_whose_task_is_gone_and_counts_them_not() {
     let dir = tempfile::tempdir().unwrap();
     let agent: AgentId = "a".parse().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     let db = store.shared.db().unwrap();
     let t = submit_at(&store, &agent, 1);
-    let mut started = t.clone();
-    started.status = TaskStatus::Started;
-    started.attempt = 1;
-    blocking(&store, Write::Start(Arc::new(started.clone()))).unwrap();
-    // What the previous release wrote: the state under `u/<task id>`.
-    let record = db.remove(state_key(&t)).unwrap().unwrap();
-    db.insert(legacy_state_key(&t.id), record).unwrap();
-    assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), started);
-    // The next change goes under the new key and wins over the stale legacy record.
-    let mut finished = started.clone();
-    finished.status = TaskStatus::Success;
-    finished.finished_at = Some(5);
-    complete(&store, &finished);
-    assert!(db.get(legacy_state_key(&t.id)).unwrap().is_some());
-    assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), finished);
-    // A purge takes both.
-    assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 1);
-    assert!(db.scan_prefix(STATE).next().is_none());
-    assert!(store.task_blocking(t.id).unwrap().is_none());
+    // What the purge of an unreadable record leaves: the listing entry without its head.
+    db.remove(task_key(&t.id)).unwrap();
+    assert_eq!(db.scan_prefix(LIST_AGENT).count(), 1);
+    assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 0);
+    assert!(db.scan_prefix(LIST_AGENT).next().is_none());
     store.close().unwrap();
 }
 
 #[test]
-fn changes_after_acceptance_write_a_small_state_record_and_revocations_survive_reopen() {
+fn an_unreadable_whole_head_is_left_by_the_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent: AgentId = "a".parse().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let db = store.shared.db().unwrap();
+    let t = submit_at(&store, &agent, 1);
+    db.insert(task_key(&t.id), vec![record::TASK_V2, 0xff])
+        .unwrap();
+    assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 0);
+    assert!(db.get(task_key(&t.id)).unwrap().is_some(), "may still run");
+    assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 0);
+    store.close().unwrap();
+}
+
+#[test]
+fn changes_rewrite_the_whole_head_and_revocations_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let agent: AgentId = "a".parse().unwrap();
     let (done, revoked);
@@ -1093,17 +1165,19 @@ fn changes_after_acceptance_write_a_small_state_record_and_revocations_survive_r
         let t = submit_at(&store, &agent, 1);
         let db = store.shared.db().unwrap();
         let head = db.get(task_key(&t.id)).unwrap().unwrap();
-        assert_eq!(head[0], record::TASK_V1);
+        assert_eq!(head[0], record::TASK_V2);
         let mut finished = t.clone();
         finished.status = TaskStatus::Success;
         finished.finished_at = Some(5);
-        finished.result = Some(serde_json::json!({"response": {"ok": true}}).into());
+        finished.result = Some(serde_json::json!({"response": {"once": true}}).into());
         complete(&store, &finished);
-        // The head is untouched; the change is a record of its own, holding the output once.
-        assert_eq!(db.get(task_key(&t.id)).unwrap().unwrap(), head);
-        let state = db.get(state_key(&t)).unwrap().unwrap();
-        assert_eq!(state[0], record::STATE_V1);
-        assert!(state.len() < 64, "{} bytes", state.len());
+        // One record per task: the head, rewritten, holding the output once.
+        let head = db.get(task_key(&t.id)).unwrap().unwrap();
+        assert_eq!(head[0], record::TASK_V2);
+        let once = br#"{"once":true}"#;
+        let seen = head.windows(once.len()).filter(|w| w == once).count();
+        assert_eq!(seen, 1);
+        assert!(db.scan_prefix(STATE).next().is_none());
         assert_eq!(store.task_blocking(t.id).unwrap().unwrap(), finished);
         done = finished;
         let r = submit_at(&store, &agent, 2);
