@@ -1,9 +1,14 @@
-//! A store written by the previous release (JSON records, before the versioned binary records)
-//! still opens: `fixtures/old_store.json` is a dump of every sled tree of a store that the
-//! previous binary left with tasks in every state (see `fixtures/make_old_store.sh`). The test
-//! writes the dump into a fresh sled directory, starts the current binary on it, and checks that
-//! every task is found with its status, that interrupted and queued ones run, that the retry, the
-//! parked task, the idempotency keys and the pending callback delivery carry on.
+//! Stores written by earlier releases still open. Each fixture is a dump of every sled tree of a
+//! store that an earlier binary left with tasks in every state (see `fixtures/make_old_store.sh`):
+//! - `fixtures/old_store.json`: JSON records (commit 8c2f9fe, before the binary records);
+//! - `fixtures/old_store_v1.json`: the first binary layout, a head written once and a state
+//!   record beside it for every change (commit 8babe44, before a change rewrote the head).
+//!
+//! The test writes a dump into a fresh sled directory, starts the current binary on it, and
+//! checks that every task is found with its status, that interrupted and queued ones run, that
+//! the retry, the parked task, the idempotency keys and the pending callback delivery carry on,
+//! that the changes survive a restart, and that retention purges the finished tasks and leaves
+//! the others.
 
 mod common;
 
@@ -12,7 +17,8 @@ use std::collections::BTreeMap;
 use common::*;
 use serde_json::{json, Value};
 
-const FIXTURE: &str = include_str!("fixtures/old_store.json");
+const FIXTURE_JSON: &str = include_str!("fixtures/old_store.json");
+const FIXTURE_V1: &str = include_str!("fixtures/old_store_v1.json");
 
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len())
@@ -72,6 +78,7 @@ const ADMIN: &str = "fixture-admin-token-0123456789";
 fn config() -> String {
     format!(
         r#"
+{{retention}}
 [[agent]]
 name = "echo"
 runner = {{ kind = "command", program = "{{dir}}/echo.sh" }}
@@ -119,8 +126,20 @@ enabled = false
 }
 
 fn start(env: &Env) -> Server {
+    start_config(env, &config().replace("{retention}", ""))
+}
+
+/// With a retention short enough for a test to see the purge.
+fn start_purging(env: &Env) -> Server {
+    start_config(
+        env,
+        &config().replace("{retention}", "[store]\ntask_retention = \"1s\"\n"),
+    )
+}
+
+fn start_config(env: &Env, config: &str) -> Server {
     env.start_with(
-        &config(),
+        config,
         &[
             ("ECHO_TOKEN", ECHO_TOKEN),
             ("FAIL_TOKEN", "fixture-fail-token-0123456789abcdef"),
@@ -184,8 +203,17 @@ fn restore(env: &Env, dump: &Value) {
 }
 
 #[test]
-fn a_store_written_by_the_previous_release_opens_and_every_task_carries_on() {
-    let mut dump: Value = serde_json::from_str(FIXTURE).unwrap();
+fn a_store_of_json_records_opens_and_every_task_carries_on() {
+    carries_on(FIXTURE_JSON);
+}
+
+#[test]
+fn a_store_of_the_first_binary_layout_opens_and_every_task_carries_on() {
+    carries_on(FIXTURE_V1);
+}
+
+fn carries_on(fixture: &str) {
+    let mut dump: Value = serde_json::from_str(fixture).unwrap();
     postpone_timers(&mut dump);
     let tasks = dump["tasks"].as_object().unwrap().clone();
     assert_eq!(tasks.len(), 7, "the fixture has a task in every state");
@@ -299,5 +327,34 @@ fn a_store_written_by_the_previous_release_opens_and_every_task_carries_on() {
         "{}",
         parked.text
     );
+    assert_eq!(server.terminate().code(), Some(0));
+
+    // Retention purges every finished task, whichever layout wrote it and whether or not it
+    // changed since, and leaves the retrying and the parked one.
+    let server = start_purging(&env);
+    for name in ["echo_keyed", "echo_plain", "failed", "started", "pending"] {
+        assert!(
+            wait_until(|| server.get(&format!("/tasks/{}", id(name))).status == 404),
+            "{name} was not purged"
+        );
+    }
+    for name in ["retry", "awaiting"] {
+        let read = server.get(&format!("/tasks/{}", id(name)));
+        assert_eq!(read.status, 200, "{name}: {}", read.text);
+    }
+    // The listing entries go with their tasks.
+    let listed = admin_get(&server, "/admin/tasks?limit=100");
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    let listed: Vec<&str> = listed.json["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task_id"].as_str().or(t["id"].as_str()).unwrap())
+        .collect();
+    for name in tasks.keys() {
+        let kept = name == "retry" || name == "awaiting";
+        assert_eq!(listed.contains(&id(name).as_str()), kept, "{name}");
+    }
+    assert_eq!(server.get("/ready").json["store"]["unreadable_records"], 0);
     assert_eq!(server.terminate().code(), Some(0));
 }
