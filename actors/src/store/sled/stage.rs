@@ -275,10 +275,11 @@ impl PurgeWalk<'_> {
                     return Ok(None);
                 };
                 let prefix = &k[..LIST_AGENT.len() + nul + 1];
-                if k[prefix.len()..]
-                    .get(..8)
-                    .is_none_or(|created| created >= &cutoff[..])
-                {
+                // A key too short to hold an entry is damaged; the listing reports it.
+                let Some(created) = k[prefix.len()..].get(..8) else {
+                    continue;
+                };
+                if created >= &cutoff[..] {
                     // The agent's keys from here on hold tasks created after the cutoff.
                     from = prefix.to_vec();
                     *from.last_mut().expect("ends with the NUL") = 1;

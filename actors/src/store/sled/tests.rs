@@ -1141,6 +1141,40 @@ fn the_purge_drops_listing_entries_whose_task_is_gone_and_counts_them_not() {
 }
 
 #[test]
+fn a_damaged_listing_key_does_not_end_its_agents_purge_walk() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent: AgentId = "a".parse().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let db = store.shared.db().unwrap();
+    let finished = |created| {
+        let mut t = submit_at(&store, &agent, created);
+        t.status = TaskStatus::Success;
+        t.finished_at = Some(300);
+        complete(&store, &t);
+        t
+    };
+    let (early, late) = (finished(1), finished(256));
+    // Seven bytes after the agent's prefix: between the two keys, too short for an entry.
+    let mut damaged = list_agent_prefix(&agent);
+    damaged.extend_from_slice(&[0, 0, 0, 0, 0, 0, 1]);
+    db.insert(damaged, vec![]).unwrap();
+    let keys: Vec<_> = db
+        .scan_prefix(LIST_AGENT)
+        .keys()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(keys.len(), 3);
+    assert!(
+        keys[0].len() > keys[1].len() && keys[1].len() < keys[2].len(),
+        "in between"
+    );
+    assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 2);
+    assert!(store.task_blocking(early.id).unwrap().is_none());
+    assert!(store.task_blocking(late.id).unwrap().is_none());
+    store.close().unwrap();
+}
+
+#[test]
 fn an_unreadable_whole_head_is_left_by_the_purge() {
     let dir = tempfile::tempdir().unwrap();
     let agent: AgentId = "a".parse().unwrap();
