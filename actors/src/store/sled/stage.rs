@@ -12,7 +12,8 @@ use super::listed::{list, list_key, listed_entries, unlist, unlist_entry};
 use super::queued::{dequeue, enqueue_fresh, requeue};
 use super::staged::Staged;
 use super::tasks::{
-    is_revoked, legacy_state_key, put_task, revoked_key, staged_task, state_key, task_key, Part,
+    is_revoked, legacy_state_key, put_task, revoked_key, staged_task, state_key, state_key_at,
+    task_key, Part,
 };
 use super::{
     agent_key, agent_state_key, await_timer_key, backend, decode, encode, hex, key, notify_off_key,
@@ -310,7 +311,8 @@ impl PurgeWalk<'_> {
     /// Purges the task of a listing entry if it is due; whether it did. A whole head tells from
     /// its first bytes; a head of an earlier layout is read with its state record. A task whose
     /// record cannot be read is left (reported once): it may still be running. An entry whose
-    /// task is gone (left behind by the purge of an unreadable record) goes.
+    /// task is gone (left behind by the purge of an unreadable record) goes, and so does a state
+    /// record an earlier layout left beside the head.
     #[allow(clippy::too_many_arguments)]
     fn task(
         &mut self,
@@ -324,6 +326,10 @@ impl PurgeWalk<'_> {
     ) -> Result<bool, StoreError> {
         let id = TaskId::from_bytes(e[8..].try_into().expect("a 24-byte entry"));
         let Some(head) = db.get(task_key(&id)).map_err(backend)? else {
+            // With any state record an earlier layout left, so that nothing of it outlives it.
+            let created = u64::from_be_bytes(e[..8].try_into().expect("a 24-byte entry"));
+            batch.remove(state_key_at(created, &id));
+            batch.remove(legacy_state_key(&id));
             unlist_entry(db, shared, staged, prefix, e)?;
             return Ok(false);
         };

@@ -19,7 +19,12 @@ pub(super) fn task_key(id: &TaskId) -> Vec<u8> {
 /// Where the first binary layout kept a task's state record: no longer written, read for a task
 /// whose head is not whole, removed with the task.
 pub(super) fn state_key(task: &Task) -> Vec<u8> {
-    key(STATE, &[&task.created_at.to_be_bytes(), task.id.as_bytes()])
+    state_key_at(task.created_at, &task.id)
+}
+
+/// [`state_key`] of a task known by its creation time and id (a listing entry).
+pub(super) fn state_key_at(created_ms: u64, id: &TaskId) -> Vec<u8> {
+    key(STATE, &[&created_ms.to_be_bytes(), id.as_bytes()])
 }
 
 /// Where the release before the `u/<created_at><id>` keys kept a task's state record.

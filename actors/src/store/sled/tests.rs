@@ -1132,11 +1132,16 @@ fn the_purge_drops_listing_entries_whose_task_is_gone_and_counts_them_not() {
     let store = SledStore::open(dir.path()).unwrap();
     let db = store.shared.db().unwrap();
     let t = submit_at(&store, &agent, 1);
-    // What the purge of an unreadable record leaves: the listing entry without its head.
+    // What the purge of an unreadable record leaves: the listing entry without its head (and,
+    // for a task of the first binary layout, state records).
     db.remove(task_key(&t.id)).unwrap();
+    let state = record::encode_state(&t);
+    db.insert(state_key(&t), state.clone()).unwrap();
+    db.insert(legacy_state_key(&t.id), state).unwrap();
     assert_eq!(db.scan_prefix(LIST_AGENT).count(), 1);
     assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 0);
     assert!(db.scan_prefix(LIST_AGENT).next().is_none());
+    assert!(db.scan_prefix(STATE).next().is_none());
     store.close().unwrap();
 }
 
