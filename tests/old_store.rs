@@ -163,6 +163,24 @@ fn admin_get(server: &Server, path: &str) -> Response {
     )
 }
 
+/// The ids of the first page of the admin listing (the fixtures hold fewer tasks than a page).
+fn listed_ids(server: &Server) -> Vec<String> {
+    let listed = admin_get(server, "/admin/tasks?limit=100");
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    listed.json["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            t["task_id"]
+                .as_str()
+                .or(t["id"].as_str())
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// Moves the fixture's timers (the retry's due time, the parked task's expiry) a day past now, in
 /// the timer keys and in the task records alike, so that what the previous release left waiting
 /// is still waiting whenever the test runs.
@@ -281,16 +299,9 @@ fn carries_on(fixture: &str) {
     });
 
     // The listing finds every task, the outbox its deliveries.
-    let listed = admin_get(&server, "/admin/tasks?limit=100");
-    assert_eq!(listed.status, 200, "{}", listed.text);
-    let listed: Vec<&str> = listed.json["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["task_id"].as_str().or(t["id"].as_str()).unwrap())
-        .collect();
+    let listed = listed_ids(&server);
     for name in tasks.keys() {
-        assert!(listed.contains(&id(name).as_str()), "{name} not listed");
+        assert!(listed.contains(&id(name)), "{name} not listed");
     }
     let deliveries = admin_get(&server, "/admin/deliveries");
     assert_eq!(deliveries.status, 200, "{}", deliveries.text);
@@ -343,17 +354,10 @@ fn carries_on(fixture: &str) {
         assert_eq!(read.status, 200, "{name}: {}", read.text);
     }
     // The listing entries go with their tasks.
-    let listed = admin_get(&server, "/admin/tasks?limit=100");
-    assert_eq!(listed.status, 200, "{}", listed.text);
-    let listed: Vec<&str> = listed.json["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["task_id"].as_str().or(t["id"].as_str()).unwrap())
-        .collect();
+    let listed = listed_ids(&server);
     for name in tasks.keys() {
         let kept = name == "retry" || name == "awaiting";
-        assert_eq!(listed.contains(&id(name).as_str()), kept, "{name}");
+        assert_eq!(listed.contains(&id(name)), kept, "{name}");
     }
     assert_eq!(server.get("/ready").json["store"]["unreadable_records"], 0);
     assert_eq!(server.terminate().code(), Some(0));

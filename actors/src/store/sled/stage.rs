@@ -119,12 +119,15 @@ pub(super) fn stage(
                     .unwrap_or_else(PoisonError::into_inner);
                 if let Some(from) = cursor.take() {
                     let mut walk = PurgeWalk {
+                        db,
+                        shared,
+                        revoked,
                         finished_before_ms,
                         limit,
                         purged: &mut purged,
                         gone: &mut gone,
                     };
-                    *cursor = walk.listed(db, shared, revoked, batch, staged, from)?;
+                    *cursor = walk.listed(batch, staged, from)?;
                 }
             }
             // Finished callback deliveries go with the same retention (ids grow with creation
@@ -239,8 +242,12 @@ pub(super) fn stage(
     }
 }
 
-/// One purge write's walk of the listing index (`la/`): what it may do and what it did so far.
+/// One purge write's walk of the listing index (`la/`): what it reads, what it may do and what
+/// it did so far.
 struct PurgeWalk<'w> {
+    db: &'w sled::Db,
+    shared: &'w Shared,
+    revoked: &'w HashSet<TaskId>,
     finished_before_ms: u64,
     limit: usize,
     purged: &'w mut usize,
@@ -256,13 +263,11 @@ impl PurgeWalk<'_> {
     /// Returns the key the next write resumes at, or `None` when the walk is done.
     fn listed(
         &mut self,
-        db: &sled::Db,
-        shared: &Shared,
-        revoked: &HashSet<TaskId>,
         batch: &mut sled::Batch,
         staged: &mut Staged,
         mut from: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
+        let (db, shared) = (self.db, self.shared);
         let cutoff = self.finished_before_ms.to_be_bytes();
         let mut looked = 0;
         'agents: loop {
@@ -298,7 +303,7 @@ impl PurgeWalk<'_> {
                     if self.gone.contains(&id) {
                         continue;
                     }
-                    if self.task(db, shared, revoked, batch, staged, prefix, e)? {
+                    if self.task(batch, staged, prefix, e)? {
                         self.gone.insert(id);
                         *self.purged += 1;
                     }
@@ -313,17 +318,14 @@ impl PurgeWalk<'_> {
     /// record cannot be read is left (reported once): it may still be running. An entry whose
     /// task is gone (left behind by the purge of an unreadable record) goes, and so does a state
     /// record an earlier layout left beside the head.
-    #[allow(clippy::too_many_arguments)]
     fn task(
         &mut self,
-        db: &sled::Db,
-        shared: &Shared,
-        revoked: &HashSet<TaskId>,
         batch: &mut sled::Batch,
         staged: &mut Staged,
         prefix: &[u8],
         e: &Entry,
     ) -> Result<bool, StoreError> {
+        let (db, shared) = (self.db, self.shared);
         let id = TaskId::from_bytes(e[8..].try_into().expect("a 24-byte entry"));
         let Some(head) = db.get(task_key(&id)).map_err(backend)? else {
             // With any state record an earlier layout left, so that nothing of it outlives it.
@@ -354,7 +356,7 @@ impl PurgeWalk<'_> {
             && purge_task(
                 db,
                 shared,
-                revoked,
+                self.revoked,
                 batch,
                 staged,
                 id,
