@@ -12,8 +12,8 @@ use super::listed::{list, list_key, listed_entries, unlist, unlist_entry};
 use super::queued::{dequeue, enqueue_fresh, requeue};
 use super::staged::Staged;
 use super::tasks::{
-    is_revoked, legacy_state_key, put_task, revoked_key, staged_task, state_key, state_key_at,
-    task_key, Part,
+    is_revoked, legacy_state_key, list_if_old, put_task, revoked_key, staged_task, state_key,
+    state_key_at, task_key, Part,
 };
 use super::{
     agent_key, agent_state_key, await_timer_key, backend, decode, encode, hex, key, notify_off_key,
@@ -200,6 +200,8 @@ pub(super) fn stage(
             let Some(mut next) = crate::awaiting::resume(&task, response) else {
                 return Ok(Written::Unchanged(Some(Box::new(task))));
             };
+            // Before it takes a new queue position, which no longer tells its age.
+            list_if_old(db, shared, batch, staged, &task)?;
             // Behind everything its agent has queued so far.
             next.seq = enqueue_fresh(db, staged, &next.agent, id)?;
             put_task(db, shared, batch, staged, &next, Part::State)?;

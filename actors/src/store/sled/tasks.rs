@@ -6,11 +6,12 @@
 
 use foldhash::HashSet;
 
+use super::listed::list;
 use super::staged::Staged;
 use super::{backend, encode, key, outbox_key, Shared, REVOKED, STATE, TASK};
 use crate::model::{now_ms, Task, TaskId, TaskStatus};
 use crate::store::record;
-use crate::store::StoreError;
+use crate::store::{queue, StoreError};
 
 pub(super) fn task_key(id: &TaskId) -> Vec<u8> {
     key(TASK, &[id.as_bytes()])
@@ -122,6 +123,9 @@ pub(super) fn put_task(
     task: &Task,
     part: Part,
 ) -> Result<(), StoreError> {
+    if part == Part::State {
+        list_if_old(db, shared, batch, staged, task)?;
+    }
     SCRATCH.with(|scratch| {
         let mut buf = scratch.borrow_mut();
         buf.clear();
@@ -147,6 +151,25 @@ pub(super) fn put_task(
         d.id = db.generate_id().map_err(backend)?;
         batch.insert(outbox_key(d.id), encode(&d)?);
         staged.deliveries.push(d);
+    }
+    Ok(())
+}
+
+/// Lists a task accepted by a release older than the segmented queue (its queue position lacks
+/// [`queue::SEGMENTED`]), which may be older than the listing index too and so have no entry:
+/// the retention purge walks the listing, so an unlisted task that finishes now would never be
+/// purged (its release wrote a finished entry only when a task finished). Listing it again is
+/// harmless when it is listed already (its key is rewritten as it is), and such tasks are only
+/// the ones still in flight across the upgrade; every later task is listed on acceptance.
+pub(super) fn list_if_old(
+    db: &sled::Db,
+    shared: &Shared,
+    batch: &mut sled::Batch,
+    staged: &mut Staged,
+    task: &Task,
+) -> Result<(), StoreError> {
+    if task.seq & queue::SEGMENTED == 0 {
+        list(db, shared, batch, staged, task)?;
     }
     Ok(())
 }

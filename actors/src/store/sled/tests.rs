@@ -1180,6 +1180,103 @@ fn a_damaged_listing_key_does_not_end_its_agents_purge_walk() {
 }
 
 #[test]
+fn a_task_of_a_release_before_the_listing_is_listed_at_its_next_change_and_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent: AgentId = "a".parse().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let db = store.shared.db().unwrap();
+    // What releases before the segmented queue left: queue positions without its top bit and
+    // JSON heads; the oldest of them (before the listing index) no listing entry either.
+    let (unlisted, listed) = (submit_at(&store, &agent, 1), submit_at(&store, &agent, 2));
+    let unlisted_key = listing_key(
+        &list_agent_prefix(&agent),
+        &listing::entry(unlisted.created_at, &unlisted.id),
+    );
+    db.remove(unlisted_key).unwrap();
+    for k in db.scan_prefix(QUEUE).keys() {
+        db.remove(k.unwrap()).unwrap();
+    }
+    let old = |t: &Task, seq| {
+        let mut t = t.clone();
+        t.seq = seq;
+        db.insert(task_key(&t.id), serde_json::to_vec(&t).unwrap())
+            .unwrap();
+        t
+    };
+    let (unlisted, listed) = (old(&unlisted, 7), old(&listed, 8));
+    let all = ListQuery {
+        limit: 10,
+        scan_limit: 10,
+        ..ListQuery::default()
+    };
+    let ids = |store: &SledStore| -> Vec<TaskId> {
+        page(store, all.clone())
+            .tasks
+            .iter()
+            .map(|t| t.id)
+            .collect()
+    };
+    assert_eq!(ids(&store), vec![listed.id]);
+    for t in [&unlisted, &listed] {
+        let mut done = t.clone();
+        done.status = TaskStatus::Success;
+        done.finished_at = Some(3);
+        complete(&store, &done);
+    }
+    // Listed by its change, the other one still once.
+    assert_eq!(ids(&store), vec![listed.id, unlisted.id]);
+    assert_eq!(store.purge(Duration::ZERO).unwrap().tasks, 2);
+    assert!(store.task_blocking(unlisted.id).unwrap().is_none());
+    assert!(db.scan_prefix(LIST_AGENT).next().is_none());
+    store.close().unwrap();
+}
+
+#[test]
+fn a_parked_task_of_a_release_before_the_listing_is_listed_when_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent: AgentId = "a".parse().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let db = store.shared.db().unwrap();
+    let mut t = submit_at(&store, &agent, 1);
+    for k in db
+        .scan_prefix(LIST_AGENT)
+        .keys()
+        .chain(db.scan_prefix(QUEUE).keys())
+    {
+        db.remove(k.unwrap()).unwrap();
+    }
+    t.seq = 7;
+    t.status = TaskStatus::AwaitingInput;
+    t.awaiting = Some(crate::model::Awaiting {
+        request: serde_json::json!({"q": 1}),
+        since: 1,
+        expires_at: u64::MAX,
+    });
+    db.insert(task_key(&t.id), serde_json::to_vec(&t).unwrap())
+        .unwrap();
+    let answer = Write::Resume {
+        id: t.id,
+        response: serde_json::json!({"a": 1}),
+    };
+    assert!(matches!(
+        blocking(&store, answer).unwrap(),
+        Written::Updated(_)
+    ));
+    // Answered, it took a new queue position; it was listed under its old one first.
+    let listed = page(
+        &store,
+        ListQuery {
+            limit: 10,
+            scan_limit: 10,
+            ..ListQuery::default()
+        },
+    );
+    assert_eq!(listed.tasks.len(), 1);
+    assert_eq!(listed.tasks[0].id, t.id);
+    store.close().unwrap();
+}
+
+#[test]
 fn an_unreadable_whole_head_is_left_by_the_purge() {
     let dir = tempfile::tempdir().unwrap();
     let agent: AgentId = "a".parse().unwrap();
